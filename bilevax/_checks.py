@@ -1,0 +1,80 @@
+"""Trace-time checks of the primitives' arguments: each error names the argument at fault."""
+
+import numbers
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import PyTree
+
+
+def check_callable(name: str, fn) -> None:
+    if not callable(fn):
+        raise TypeError(f"`{name}` must be a callable, got {type(fn).__name__}.")
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+
+
+def check_nonnegative(name: str, value) -> None:
+    if isinstance(value, numbers.Real) and not value >= 0:
+        raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+
+
+def check_mode(mode) -> None:
+    if mode not in ("reverse", "forward"):
+        raise ValueError(f'`mode` must be "reverse" or "forward", got {mode!r}.')
+
+
+def split_params(params: PyTree, name: str) -> tuple[PyTree, PyTree]:
+    """Splits parameters into the floating-point arrays that are optimised and the rest."""
+    float_params, static_params = eqx.partition(params, eqx.is_inexact_array)
+    if not jax.tree.leaves(float_params):
+        raise TypeError(
+            f"`{name}` must be a pytree with at least one floating-point JAX array to optimise "
+            f"(e.g. `jnp.zeros(d)`); got {_describe(params)}."
+        )
+    return float_params, static_params
+
+
+def check_scalar_loss(name: str, loss, params, hparams, data, params_name: str) -> None:
+    """Traces `loss(params, hparams, data)` once (no FLOPs) and checks it returns a float
+    scalar, re-raising a failure inside it with the arguments named."""
+    try:
+        out = eqx.filter_eval_shape(loss, params, hparams, data)
+    except Exception as error:
+        raise type(error)(
+            f"calling `{name}({params_name}, hparams, data)` failed; check that `{params_name}`, "
+            f"`hparams` and the data have the structure and shapes `{name}` expects. The error "
+            f"was: {error}"
+        ) from error
+    if not (
+        isinstance(out, jax.ShapeDtypeStruct)
+        and out.shape == ()
+        and jnp.issubdtype(out.dtype, jnp.inexact)
+    ):
+        raise ValueError(f"`{name}` must return a floating-point scalar, got {_describe(out)}.")
+
+
+def check_same_structure(name: str, tree: PyTree, reference: PyTree, reference_name: str) -> None:
+    """Checks that `tree` has the pytree structure, shapes and dtypes of `reference`."""
+    shape = lambda t: jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), t)
+    if jax.tree.structure(tree) != jax.tree.structure(reference):
+        raise ValueError(
+            f"`{name}` must have the pytree structure of `{reference_name}`: got "
+            f"{jax.tree.structure(tree)}, expected {jax.tree.structure(reference)}."
+        )
+    if shape(tree) != shape(reference):
+        raise ValueError(
+            f"`{name}` must have the shapes and dtypes of `{reference_name}`: got "
+            f"{shape(tree)}, expected {shape(reference)}."
+        )
+
+
+def _describe(tree: PyTree) -> str:
+    described = jax.tree.map(
+        lambda x: f"{x.dtype}{list(x.shape)}" if hasattr(x, "shape") else type(x).__name__, tree
+    )
+    return str(described)

@@ -1,0 +1,70 @@
+import equinox as eqx
+
+from ._adjoint import AbstractAdjoint, ImplicitAdjoint
+from ._checks import check_callable, check_int, check_nonnegative, check_scalar_loss, split_params
+from ._custom_types import Data, HParams, Params
+from ._solution import RESULTS, Solution
+from ._solvers import GradientDescent, SolverLike, as_inner_solver
+
+
+def inner_solve(
+    inner_loss,
+    init: Params,
+    hparams: HParams,
+    data: Data = None,
+    *,
+    solver: SolverLike = GradientDescent(0.1),
+    max_steps: int = 1000,
+    tol=1e-6,
+    adjoint: AbstractAdjoint = ImplicitAdjoint(),
+    throw: bool = False,
+) -> Solution:
+    r"""Approximately solves the inner problem $\min_w L(w, \lambda)$.
+
+    Steps `solver` from `init` until $\|\nabla_w L\|_2 \le$ `tol` or `max_steps` steps.
+    Under `jax.vmap` each task stops on its own test. The solution is differentiable with
+    respect to `hparams` and `data` as `adjoint` says: by the implicit function theorem
+    ([`bilevax.ImplicitAdjoint`][], the default) or through the steps
+    ([`bilevax.UnrolledAdjoint`][], which always takes exactly `max_steps` steps).
+
+    **Arguments:**
+
+    - `inner_loss`: `(params, hparams, data) -> scalar`, the training objective $L$.
+    - `init`: the initial parameters, a pytree (arrays, dicts, Equinox modules). Its
+        floating-point arrays are optimised; other leaves are kept as they are.
+    - `hparams`: the hyperparameters $\lambda$, any pytree.
+    - `data`: any pytree passed to `inner_loss` (pass data here rather than closing over it,
+        so that `jax.vmap` can map over tasks).
+    - `solver`: a [`bilevax.GradientDescent`][], any `optax.GradientTransformation`, an
+        `optimistix` minimiser (e.g. `optx.BFGS(rtol, atol)`), or a callable
+        `hparams -> solver`.
+    - `max_steps`: the most steps to take.
+    - `tol`: stop once the 2-norm of the gradient (all leaves together) is at most this.
+    - `adjoint`: how to differentiate the solution.
+    - `throw`: raise (through `eqx.error_if`) when the result is not successful.
+
+    **Returns:**
+
+    A [`bilevax.Solution`][] with `params`, `result` ([`bilevax.RESULTS`][]) and `stats`
+    (`"num_steps"`, `"grad_norm"`).
+    """
+    check_callable("inner_loss", inner_loss)
+    check_int("max_steps", max_steps, 0)
+    check_nonnegative("tol", tol)
+    if not isinstance(adjoint, AbstractAdjoint):
+        raise TypeError(
+            "`adjoint` must be `bx.ImplicitAdjoint(...)` or `bx.UnrolledAdjoint(...)`, "
+            f"got {type(adjoint).__name__}."
+        )
+    float_init, static_init = split_params(init, "init")
+    check_scalar_loss("inner_loss", inner_loss, init, hparams, data, "init")
+    inner_solver = as_inner_solver(solver, hparams)
+    # Arrays that `inner_loss` closes over become explicit, so the implicit adjoint can
+    # differentiate with respect to them too.
+    inner_loss = eqx.filter_closure_convert(inner_loss, init, hparams, data)
+    params, result, stats = adjoint.solve(
+        inner_loss, float_init, hparams, data, inner_solver, max_steps, tol, static_init
+    )
+    if throw:
+        params = result.error_if(params, result != RESULTS.successful)
+    return Solution(params=eqx.combine(params, static_init), result=result, stats=stats)

@@ -1,0 +1,112 @@
+"""The two drivers of an inner solver: a `while_loop` to a tolerance, and a fixed-length unroll."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, PyTree, Scalar
+
+from ._misc import stop_gradient, tree_isfinite, tree_norm
+from ._solution import RESULTS
+from ._solvers import AbstractInnerSolver, Loss
+
+
+def solve_to_tolerance(
+    fn: Loss,
+    params: PyTree[Array],
+    args,
+    solver: AbstractInnerSolver,
+    max_steps: int,
+    tol,
+) -> tuple[PyTree[Array], RESULTS, dict[str, Array]]:
+    """Steps `solver` until `‖∇fn‖ <= tol`, a non-finite value, or `max_steps` steps.
+
+    Not differentiable in reverse mode (it is a `while_loop`): callers attach derivatives
+    with the implicit function theorem. Under `vmap` each batch element stops on its own
+    test, because a batched `while_loop` freezes the elements whose condition is false.
+    """
+    value_and_grad = jax.value_and_grad(fn)
+    state = solver.init(fn, params, args)
+    loss, grad = value_and_grad(params, args)
+    dynamic_state, static_state = eqx.partition(state, eqx.is_array)
+
+    def finite(loss, grad):
+        return jnp.isfinite(loss) & tree_isfinite(grad)
+
+    def cond(carry):
+        _, _, loss, grad, num_steps = carry
+        return (num_steps < max_steps) & (tree_norm(grad) > tol) & finite(loss, grad)
+
+    def body(carry):
+        params, dynamic_state, _, grad, num_steps = carry
+        state = eqx.combine(dynamic_state, static_state)
+        params, state = solver.step(fn, params, grad, state, args)
+        loss, grad = value_and_grad(params, args)
+        dynamic_state, _ = eqx.partition(state, eqx.is_array)
+        return params, dynamic_state, loss, grad, num_steps + 1
+
+    init_carry = (params, dynamic_state, loss, grad, jnp.asarray(0))
+    params, _, loss, grad, num_steps = jax.lax.while_loop(cond, body, init_carry)
+    grad_norm = tree_norm(grad)
+    result = result_from(loss, grad, grad_norm, tol)
+    return params, result, {"num_steps": num_steps, "grad_norm": grad_norm}
+
+
+def result_from(loss: Scalar, grad: PyTree[Array], grad_norm: Scalar, tol) -> RESULTS:
+    is_finite = jnp.isfinite(loss) & tree_isfinite(grad)
+    converged = RESULTS.where(grad_norm <= tol, RESULTS.successful, RESULTS.max_steps_reached)
+    return RESULTS.where(is_finite, converged, RESULTS.nonfinite)
+
+
+def unroll(
+    fn: Loss,
+    params: PyTree[Array],
+    args,
+    solver: AbstractInnerSolver,
+    num_steps: int,
+    *,
+    checkpoints: int | None = None,
+    truncate: int | None = None,
+) -> PyTree[Array]:
+    """Exactly `num_steps` solver steps, written so JAX can differentiate through them.
+
+    - `checkpoints=k` stores the state at `k` segment boundaries and recomputes each segment
+        during the backward pass (`jax.checkpoint`): one extra forward pass, and memory for `k`
+        states plus one segment's worth, `num_steps // k` steps.
+    - `truncate=K` cuts the derivative before the last `K` steps (Shaban et al. 2019).
+    """
+    grad_fn = jax.grad(fn)
+    state = solver.init(fn, params, args)
+    dynamic_state, static_state = eqx.partition(state, eqx.is_array)
+
+    def step(carry):
+        params, dynamic_state = carry
+        state = eqx.combine(dynamic_state, static_state)
+        params, state = solver.step(fn, params, grad_fn(params, args), state, args)
+        dynamic_state, _ = eqx.partition(state, eqx.is_array)
+        return params, dynamic_state
+
+    carry = (params, dynamic_state)
+    if truncate is not None and truncate < num_steps:
+        carry = stop_gradient(_repeat(step, carry, num_steps - truncate, checkpoints))
+        num_steps = truncate
+    params, _ = _repeat(step, carry, num_steps, checkpoints)
+    return params
+
+
+def _repeat(step, carry, num_steps: int, checkpoints: int | None):
+    if checkpoints is None or checkpoints >= num_steps:
+        return _scan(step, carry, num_steps)
+    segment = num_steps // checkpoints
+    # `prevent_cse=False` is safe (and faster) inside `scan`, which already stops CSE.
+    run_segment = jax.checkpoint(lambda c: _scan(step, c, segment), prevent_cse=False)
+    carry = _scan(run_segment, carry, checkpoints)
+    return _scan(step, carry, num_steps - segment * checkpoints)
+
+
+def _scan(step, carry, length: int):
+    if length == 0:
+        return carry
+    carry, _ = jax.lax.scan(lambda c, _: (step(c), None), carry, length=length)
+    return carry
+
+

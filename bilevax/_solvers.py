@@ -1,0 +1,134 @@
+import abc
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+import optimistix as optx
+from jaxtyping import Array, ArrayLike, PyTree, Scalar
+
+from ._custom_types import HParams
+
+
+_State = TypeVar("_State")
+Loss = Callable[[PyTree[Array], Any], Scalar]
+
+
+class AbstractInnerSolver(eqx.Module, Generic[_State]):
+    """Base class of the iterative solvers used by [`bilevax.inner_solve`][] and
+    [`bilevax.unrolled_hypergrad`][].
+
+    A solver sees a loss `fn(params, args) -> scalar` on a pytree of floating-point arrays,
+    and the gradient at the current point (the driver computes it once per step, for the
+    stopping test too). Its state is returned, never mutated, so that steps can be scanned,
+    differentiated and vmapped.
+    """
+
+    @abc.abstractmethod
+    def init(self, fn: Loss, params: PyTree[Array], args: Any) -> _State:
+        """The solver state before the first step."""
+
+    @abc.abstractmethod
+    def step(
+        self, fn: Loss, params: PyTree[Array], grad: PyTree[Array], state: _State, args: Any
+    ) -> tuple[PyTree[Array], _State]:
+        """One step from `params`, where `grad = ∇fn(params, args)`; returns `(params, state)`."""
+
+
+class GradientDescent(AbstractInnerSolver[PyTree[Array]]):
+    r"""Gradient descent with optional heavy-ball momentum:
+    $v_{t+1} = \mu v_t + \nabla L(w_t)$, $w_{t+1} = w_t - \eta v_{t+1}$.
+
+    With `momentum=0` this is exactly $w_{t+1} = w_t - \eta \nabla L(w_t)$. Both
+    `learning_rate` and `momentum` may be traced arrays (for instance a learned step size,
+    as in Franceschi et al. 2018), so they can be hyperparameters.
+
+    **Arguments:**
+
+    - `learning_rate`: the step size $\eta$.
+    - `momentum`: the momentum $\mu \in [0, 1)$.
+    """
+
+    learning_rate: ArrayLike
+    momentum: ArrayLike = 0.0
+
+    def init(self, fn, params, args):
+        del fn, args
+        return jax.tree.map(jnp.zeros_like, params)
+
+    def step(self, fn, params, grad, state, args):
+        del fn, args
+        velocity = jax.tree.map(lambda v, g: self.momentum * v + g, state, grad)
+        params = jax.tree.map(lambda w, v: w - self.learning_rate * v, params, velocity)
+        return params, velocity
+
+
+class _OptaxSolver(AbstractInnerSolver[optax.OptState]):
+    """Any `optax.GradientTransformation`, stepped on the driver's gradient."""
+
+    optimizer: optax.GradientTransformation
+
+    def init(self, fn, params, args):
+        del fn, args
+        return self.optimizer.init(params)
+
+    def step(self, fn, params, grad, state, args):
+        del fn, args
+        updates, state = self.optimizer.update(grad, state, params)
+        return optax.apply_updates(params, updates), state
+
+
+class _OptimistixSolver(AbstractInnerSolver[Any]):
+    """An `optimistix` minimiser, stepped through its `init`/`step` interface.
+
+    The driver's stopping test ($\\|\\nabla L\\| \\le$ `tol`) replaces the minimiser's own, so
+    that every solver stops on the same criterion.
+    """
+
+    minimiser: optx.AbstractMinimiser
+
+    def init(self, fn, params, args):
+        loss_struct = jax.eval_shape(fn, params, args)
+        return self.minimiser.init(
+            _with_aux(fn), params, args, {}, loss_struct, None, frozenset()
+        )
+
+    def step(self, fn, params, grad, state, args):
+        del grad
+        params, state, _ = self.minimiser.step(_with_aux(fn), params, args, {}, state, frozenset())
+        return params, state
+
+
+def _with_aux(fn: Loss):
+    return lambda params, args: (fn(params, args), None)
+
+
+SolverLike = (
+    AbstractInnerSolver
+    | optax.GradientTransformation
+    | optx.AbstractMinimiser
+    | Callable[[HParams], Any]
+)
+
+
+def as_inner_solver(solver: SolverLike, hparams: HParams) -> AbstractInnerSolver:
+    """Turns the `solver` argument of the primitives into an [`AbstractInnerSolver`][].
+
+    A callable that is not itself a solver is called on `hparams` first (a learned step size).
+    """
+    if not isinstance(solver, AbstractInnerSolver | optax.GradientTransformation):
+        if not isinstance(solver, optx.AbstractMinimiser) and callable(solver):
+            solver = solver(hparams)
+    if isinstance(solver, AbstractInnerSolver):
+        return solver
+    if isinstance(solver, optx.AbstractMinimiser):
+        return _OptimistixSolver(solver)
+    if isinstance(solver, optax.GradientTransformation):
+        return _OptaxSolver(solver)
+    raise TypeError(
+        "`solver` must be a `bilevax.GradientDescent` (or another `bilevax.AbstractInnerSolver`), "
+        "an `optax.GradientTransformation`, an `optimistix` minimiser, or a callable "
+        f"`hparams -> solver` returning one of those; got {type(solver).__name__}."
+    )

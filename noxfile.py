@@ -1,0 +1,75 @@
+"""Sessions a user and CI run: `nox -s demo`, `nox -s tests`, `nox -s slow`, `nox -s lint`, ..."""
+
+import os
+import pathlib
+
+import nox
+
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.sessions = ["tests", "lint"]
+
+ROOT = pathlib.Path(__file__).parent
+CONTRACT = ROOT.parent / "shared" / "contract"
+CPU_ENV = {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+
+
+def _pytest(session: nox.Session, *args: str) -> None:
+    # pytest exits 5 when it collects no test; that must fail the session, never pass.
+    session.run("pytest", *args, *session.posargs, env=CPU_ENV)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The default test suite and the shared contract tests (`../shared/contract`)."""
+    session.install("-e", ".[test,experiments]")
+    paths = ["tests"]
+    if CONTRACT.is_dir():
+        paths.append(str(CONTRACT))
+    else:
+        session.warn(f"{CONTRACT} not found: running the project's own tests only.")
+    _pytest(session, "-q", "-ra", *paths)
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """Tests marked `@pytest.mark.slow`: the experiments' `--quick` runs with accuracy targets."""
+    session.install("-e", ".[test,experiments]")
+    _pytest(session, "-q", "-ra", "-m", "slow", "tests")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff format --check and ruff check."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "format", "--check", ".")
+    session.run("ruff", "check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """pyright on the library."""
+    session.install("-e", ".[dev]")
+    session.run("pyright", "bilevax")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation in strict mode."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks against peers (`experiments/benchmarks/`); pass `-- --full` for full size."""
+    session.install("-e", ".[test,experiments]")
+    quick = [] if "--full" in session.posargs else ["--quick"]
+    session.run("python", "-m", "experiments.benchmarks", *quick, env=CPU_ENV)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main demo: per-feature L2 hyperparameter optimisation for ridge regression."""
+    session.install("-e", ".[experiments]")
+    session.run("python", "-m", "experiments.ridge_l2", *(session.posargs or ["--quick"]))
