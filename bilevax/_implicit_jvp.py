@@ -72,6 +72,11 @@ def _implicit(params_star, inputs, *, static_params, linear_solver):
 def _implicit_jvp(primals, tangents, *, static_params, linear_solver):
     params_star, inputs = primals
     _, inputs_tangent = tangents
+    # Re-attach the implicit derivative to the primal point, so that differentiating this
+    # rule again (`jax.hessian`) sees w* move with λ, as it does.
+    params_star = _implicit(
+        params_star, inputs, static_params=static_params, linear_solver=linear_solver
+    )
     _, mixed = eqx.filter_jvp(
         lambda inputs: _inner_grad(params_star, inputs, static_params),
         (inputs,),
