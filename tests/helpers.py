@@ -1,0 +1,219 @@
+"""The problem zoo the tests parametrise over, and comparison helpers.
+
+Each problem has an inner loss `L(w, λ, inner_data)`, an outer loss `E(w, λ, outer_data)`, a
+starting point, a safe gradient-descent step size, and where one exists a closed form for the
+solution and the hypergradient. References are float64.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def relerr(a, b) -> float:
+    """Relative error of pytree `a` against pytree `b` (2-norm over all leaves)."""
+    a_leaves = [np.asarray(x, dtype=np.float64).ravel() for x in jax.tree.leaves(a)]
+    b_leaves = [np.asarray(x, dtype=np.float64).ravel() for x in jax.tree.leaves(b)]
+    a_flat, b_flat = np.concatenate(a_leaves), np.concatenate(b_leaves)
+    return float(np.linalg.norm(a_flat - b_flat) / max(np.linalg.norm(b_flat), 1e-300))
+
+
+def tree_allclose(a, b, rtol=1e-8, atol=1e-12) -> bool:
+    if jax.tree.structure(a) != jax.tree.structure(b):
+        return False
+    return all(
+        np.allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+def random_direction(tree, seed=0):
+    """A random unit direction with the structure of the floating-point part of `tree`."""
+    leaves, treedef = jax.tree.flatten(eqx.filter(tree, eqx.is_inexact_array))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    direction = [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    norm = np.sqrt(sum(float(jnp.sum(d**2)) for d in direction))
+    return jax.tree.unflatten(treedef, [d / norm for d in direction])
+
+
+def central_difference(f: Callable, x, direction, eps: float = 1e-5) -> float:
+    """(f(x + eps d) - f(x - eps d)) / 2 eps, in float64."""
+    shift = lambda s: eqx.apply_updates(x, jax.tree.map(lambda d: s * eps * d, direction))
+    return float((f(shift(1.0)) - f(shift(-1.0))) / (2 * eps))
+
+
+def directional(grad, direction) -> float:
+    """⟨grad, direction⟩ over the floating-point leaves."""
+    grad = eqx.filter(grad, eqx.is_inexact_array)
+    return float(sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction))))
+
+
+@dataclass(frozen=True)
+class Problem:
+    name: str
+    inner: Callable
+    outer: Callable
+    init: Any
+    hparams: Any
+    inner_data: Any
+    outer_data: Any
+    learning_rate: float
+    exact_params: Callable | None = None  # hparams -> w*(λ)
+    exact_hypergrad: Callable | None = None  # hparams -> dE(w*(λ), λ)/dλ
+    strongly_convex: bool = True
+
+
+def _mse(w, X, y):
+    return 0.5 * jnp.mean((X @ w - y) ** 2)
+
+
+def ridge(n=60, d=5, seed=0) -> Problem:
+    """Per-feature L2: L = ½‖Xw − y‖²/n + ½ Σ exp(λ_i) w_i², E = ½‖X_v w − y_v‖²/n_v."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n + 40, d))
+    y = X @ rng.normal(size=d) + 0.3 * rng.normal(size=n + 40)
+    train = (jnp.asarray(X[:n]), jnp.asarray(y[:n]))
+    val = (jnp.asarray(X[n:]), jnp.asarray(y[n:]))
+
+    def inner(w, lam, data):
+        return _mse(w, *data) + 0.5 * jnp.sum(jnp.exp(lam) * w**2)
+
+    def outer(w, lam, data):
+        del lam
+        return _mse(w, *data)
+
+    def system(lam):
+        Xt, yt = train
+        return Xt.T @ Xt / n + jnp.diag(jnp.exp(lam)), Xt.T @ yt / n
+
+    def exact_params(lam):
+        A, b = system(lam)
+        return jnp.linalg.solve(A, b)
+
+    def exact_hypergrad(lam):
+        A, _ = system(lam)
+        w = exact_params(lam)
+        Xv, yv = val
+        g = Xv.T @ (Xv @ w - yv) / Xv.shape[0]
+        return -jnp.linalg.solve(A, g) * jnp.exp(lam) * w
+
+    lam = jnp.log(jnp.linspace(0.1, 1.0, d))
+    lmax = float(np.linalg.eigvalsh(X[:n].T @ X[:n] / n).max()) + 1.0
+    return Problem("ridge", inner, outer, jnp.zeros(d), lam, train, val, 1.0 / lmax,
+                   exact_params, exact_hypergrad)
+
+
+def logistic(n=80, d=6, seed=1) -> Problem:
+    """L2-regularised binary logistic regression, λ = log of the L2 strength; the outer loss is
+    the validation log-loss. No closed form: references come from `reference_solution`."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n + 50, d))
+    y = (X @ rng.normal(size=d) + 0.5 * rng.normal(size=n + 50) > 0).astype(np.float64)
+    train = (jnp.asarray(X[:n]), jnp.asarray(y[:n]))
+    val = (jnp.asarray(X[n:]), jnp.asarray(y[n:]))
+
+    def log_loss(w, X, y):
+        z = X @ w
+        return jnp.mean(jnp.logaddexp(0.0, z) - y * z)
+
+    def inner(w, lam, data):
+        return log_loss(w, *data) + 0.5 * jnp.exp(lam) * jnp.sum(w**2)
+
+    def outer(w, lam, data):
+        del lam
+        return log_loss(w, *data)
+
+    lmax = float(np.linalg.eigvalsh(X[:n].T @ X[:n] / n).max()) / 4 + 1.0
+    return Problem("logistic", inner, outer, jnp.zeros(d), jnp.log(jnp.asarray(0.1)), train,
+                   val, 1.0 / lmax)
+
+
+def quadratic(d=8, condition=1e3, seed=2) -> Problem:
+    """Ill-conditioned quadratic: L = ½ wᵀAw − (Bλ)ᵀw with cond(A) = `condition`;
+    E = ½‖w − c‖² + ½‖λ‖²·0.01, so w* = A⁻¹Bλ and dE/dλ = BᵀA⁻¹(w* − c) + 0.01 λ."""
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    A = jnp.asarray(Q @ np.diag(np.geomspace(1.0, condition, d)) @ Q.T)
+    A = (A + A.T) / 2
+    B = jnp.asarray(rng.normal(size=(d, 3)))
+    c = jnp.asarray(rng.normal(size=d))
+
+    def inner(w, lam, data):
+        A, B = data
+        return 0.5 * w @ A @ w - (B @ lam) @ w
+
+    def outer(w, lam, c):
+        return 0.5 * jnp.sum((w - c) ** 2) + 0.005 * jnp.sum(lam**2)
+
+    def exact_params(lam):
+        return jnp.linalg.solve(A, B @ lam)
+
+    def exact_hypergrad(lam):
+        return B.T @ jnp.linalg.solve(A, exact_params(lam) - c) + 0.01 * lam
+
+    return Problem("quadratic", inner, outer, jnp.zeros(d), jnp.asarray([1.0, -0.5, 0.3]),
+                   (A, B), c, 1.0 / condition, exact_params, exact_hypergrad)
+
+
+def mlp(seed=3) -> Problem:
+    """A tiny tanh MLP (an Equinox module as the parameters) with per-layer-free L2 strength
+    exp(λ); non-convex, so only finite differences and independent loops are references."""
+    key_data, key_model = jax.random.split(jax.random.key(seed))
+    X = jax.random.normal(key_data, (40, 2))
+    y = jnp.sin(X[:, :1] * 2) + X[:, 1:] ** 2
+    model = eqx.nn.MLP(2, 1, width_size=6, depth=1, activation=jnp.tanh, key=key_model)
+
+    def inner(model, lam, data):
+        X, y = data
+        params = eqx.filter(model, eqx.is_inexact_array)
+        l2 = sum(jnp.sum(p**2) for p in jax.tree.leaves(params))
+        return jnp.mean((jax.vmap(model)(X) - y) ** 2) + 0.5 * jnp.exp(lam) * l2
+
+    def outer(model, lam, data):
+        del lam
+        X, y = data
+        return jnp.mean((jax.vmap(model)(X) - y) ** 2)
+
+    return Problem("mlp", inner, outer, model, jnp.log(jnp.asarray(1e-2)), (X[:25], y[:25]),
+                   (X[25:], y[25:]), 0.2, strongly_convex=False)
+
+
+def reference_solution(problem: Problem, hparams=None):
+    """w*(λ) by Newton's method on the flattened parameters (dense Hessian, plain JAX): an
+    implementation independent of bilevax's solvers, for problems without closed forms."""
+    from jax.flatten_util import ravel_pytree
+
+    hparams = problem.hparams if hparams is None else hparams
+    if problem.exact_params is not None:
+        return problem.exact_params(hparams)
+    flat, unravel = ravel_pytree(problem.init)
+    f = lambda v: problem.inner(unravel(v), hparams, problem.inner_data)
+    for _ in range(50):
+        flat = flat - jnp.linalg.solve(jax.hessian(f)(flat), jax.grad(f)(flat))
+    return unravel(flat)
+
+
+def reference_hypergrad(problem: Problem, hparams=None):
+    """The implicit hypergradient with a dense Hessian and a direct solve (plain JAX)."""
+    from jax.flatten_util import ravel_pytree
+
+    hparams = problem.hparams if hparams is None else hparams
+    if problem.exact_hypergrad is not None:
+        return problem.exact_hypergrad(hparams)
+    w = reference_solution(problem, hparams)
+    flat, unravel = ravel_pytree(w)
+    L = lambda v, h: problem.inner(unravel(v), h, problem.inner_data)
+    E = lambda v, h: problem.outer(unravel(v), h, problem.outer_data)
+    H = jax.hessian(L)(flat, hparams)
+    v = jnp.linalg.solve(H, jax.grad(E)(flat, hparams))
+    mixed_vjp = jax.grad(lambda h: jnp.vdot(jax.grad(L)(flat, h), v))(hparams)
+    return jax.grad(E, argnums=1)(flat, hparams) - mixed_vjp
+
+
+CONVEX = [ridge, logistic, quadratic]
+ALL = [ridge, logistic, quadratic, mlp]
