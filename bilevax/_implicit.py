@@ -68,7 +68,11 @@ def implicit_hypergrad(
 
     def objective(hparams):
         params = implicit_solution(
-            float_params, inner_loss, hparams, inner_data, linear_solver,
+            float_params,
+            inner_loss,
+            hparams,
+            inner_data,
+            linear_solver,
             static_params=static_params,
         )
         return outer_loss(eqx.combine(params, static_params), hparams, outer_data)

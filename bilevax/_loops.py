@@ -108,5 +108,3 @@ def _scan(step, carry, length: int):
         return carry
     carry, _ = jax.lax.scan(lambda c, _: (step(c), None), carry, length=length)
     return carry
-
-

@@ -12,7 +12,9 @@ class RESULTS(eqx.Enumeration):
         "The inner solve reached `max_steps` before the gradient norm fell to `tol`. Raise "
         "`max_steps`, loosen `tol`, or pick a better `solver`."
     )
-    nonfinite = "The inner loss or its gradient became non-finite (NaN or inf) during the inner solve."
+    nonfinite = (
+        "The inner loss or its gradient became non-finite (NaN or inf) during the inner solve."
+    )
 
 
 class Solution(eqx.Module):

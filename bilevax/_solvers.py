@@ -91,9 +91,7 @@ class _OptimistixSolver(AbstractInnerSolver[Any]):
 
     def init(self, fn, params, args):
         loss_struct = jax.eval_shape(fn, params, args)
-        return self.minimiser.init(
-            _with_aux(fn), params, args, {}, loss_struct, None, frozenset()
-        )
+        return self.minimiser.init(_with_aux(fn), params, args, {}, loss_struct, None, frozenset())
 
     def step(self, fn, params, grad, state, args):
         del grad

@@ -13,6 +13,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 
 def relerr(a, b) -> float:
@@ -50,7 +51,9 @@ def central_difference(f: Callable, x, direction, eps: float = 1e-5) -> float:
 def directional(grad, direction) -> float:
     """⟨grad, direction⟩ over the floating-point leaves."""
     grad = eqx.filter(grad, eqx.is_inexact_array)
-    return float(sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction))))
+    return float(
+        sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+    )
 
 
 @dataclass(frozen=True)
@@ -104,8 +107,18 @@ def ridge(n=60, d=5, seed=0) -> Problem:
 
     lam = jnp.log(jnp.linspace(0.1, 1.0, d))
     lmax = float(np.linalg.eigvalsh(X[:n].T @ X[:n] / n).max()) + 1.0
-    return Problem("ridge", inner, outer, jnp.zeros(d), lam, train, val, 1.0 / lmax,
-                   exact_params, exact_hypergrad)
+    return Problem(
+        "ridge",
+        inner,
+        outer,
+        jnp.zeros(d),
+        lam,
+        train,
+        val,
+        1.0 / lmax,
+        exact_params,
+        exact_hypergrad,
+    )
 
 
 def logistic(n=80, d=6, seed=1) -> Problem:
@@ -129,8 +142,9 @@ def logistic(n=80, d=6, seed=1) -> Problem:
         return log_loss(w, *data)
 
     lmax = float(np.linalg.eigvalsh(X[:n].T @ X[:n] / n).max()) / 4 + 1.0
-    return Problem("logistic", inner, outer, jnp.zeros(d), jnp.log(jnp.asarray(0.1)), train,
-                   val, 1.0 / lmax)
+    return Problem(
+        "logistic", inner, outer, jnp.zeros(d), jnp.log(jnp.asarray(0.1)), train, val, 1.0 / lmax
+    )
 
 
 def quadratic(d=8, condition=1e3, seed=2) -> Problem:
@@ -156,8 +170,18 @@ def quadratic(d=8, condition=1e3, seed=2) -> Problem:
     def exact_hypergrad(lam):
         return B.T @ jnp.linalg.solve(A, exact_params(lam) - c) + 0.01 * lam
 
-    return Problem("quadratic", inner, outer, jnp.zeros(d), jnp.asarray([1.0, -0.5, 0.3]),
-                   (A, B), c, 1.0 / condition, exact_params, exact_hypergrad)
+    return Problem(
+        "quadratic",
+        inner,
+        outer,
+        jnp.zeros(d),
+        jnp.asarray([1.0, -0.5, 0.3]),
+        (A, B),
+        c,
+        1.0 / condition,
+        exact_params,
+        exact_hypergrad,
+    )
 
 
 def mlp(seed=3) -> Problem:
@@ -179,36 +203,46 @@ def mlp(seed=3) -> Problem:
         X, y = data
         return jnp.mean((jax.vmap(model)(X) - y) ** 2)
 
-    return Problem("mlp", inner, outer, model, jnp.log(jnp.asarray(1e-2)), (X[:25], y[:25]),
-                   (X[25:], y[25:]), 0.2, strongly_convex=False)
+    return Problem(
+        "mlp",
+        inner,
+        outer,
+        model,
+        jnp.log(jnp.asarray(1e-2)),
+        (X[:25], y[:25]),
+        (X[25:], y[25:]),
+        0.2,
+        strongly_convex=False,
+    )
 
 
-def reference_solution(problem: Problem, hparams=None):
-    """w*(λ) by Newton's method on the flattened parameters (dense Hessian, plain JAX): an
-    implementation independent of bilevax's solvers, for problems without closed forms."""
-    from jax.flatten_util import ravel_pytree
-
+def reference_solution(problem: Problem, hparams=None, start=None):
+    """w*(λ) by Newton's method on the flattened parameters (dense Hessian, plain JAX) from
+    `start` (default `problem.init`): an implementation independent of bilevax's solvers,
+    for problems without closed forms."""
     hparams = problem.hparams if hparams is None else hparams
     if problem.exact_params is not None:
         return problem.exact_params(hparams)
-    flat, unravel = ravel_pytree(problem.init)
-    f = lambda v: problem.inner(unravel(v), hparams, problem.inner_data)
-    for _ in range(50):
+    start = problem.init if start is None else start
+    float_start, static = eqx.partition(start, eqx.is_inexact_array)
+    flat, unravel = ravel_pytree(float_start)
+    f = lambda v: problem.inner(eqx.combine(unravel(v), static), hparams, problem.inner_data)
+    for _ in range(30):
         flat = flat - jnp.linalg.solve(jax.hessian(f)(flat), jax.grad(f)(flat))
-    return unravel(flat)
+    return eqx.combine(unravel(flat), static)
 
 
-def reference_hypergrad(problem: Problem, hparams=None):
-    """The implicit hypergradient with a dense Hessian and a direct solve (plain JAX)."""
-    from jax.flatten_util import ravel_pytree
-
+def reference_hypergrad(problem: Problem, hparams=None, params_star=None):
+    """The implicit hypergradient with a dense Hessian and a direct solve (plain JAX), at
+    `params_star` (default: `reference_solution`)."""
     hparams = problem.hparams if hparams is None else hparams
-    if problem.exact_hypergrad is not None:
+    if problem.exact_hypergrad is not None and params_star is None:
         return problem.exact_hypergrad(hparams)
-    w = reference_solution(problem, hparams)
-    flat, unravel = ravel_pytree(w)
-    L = lambda v, h: problem.inner(unravel(v), h, problem.inner_data)
-    E = lambda v, h: problem.outer(unravel(v), h, problem.outer_data)
+    w = reference_solution(problem, hparams) if params_star is None else params_star
+    float_w, static = eqx.partition(w, eqx.is_inexact_array)
+    flat, unravel = ravel_pytree(float_w)
+    L = lambda v, h: problem.inner(eqx.combine(unravel(v), static), h, problem.inner_data)
+    E = lambda v, h: problem.outer(eqx.combine(unravel(v), static), h, problem.outer_data)
     H = jax.hessian(L)(flat, hparams)
     v = jnp.linalg.solve(H, jax.grad(E)(flat, hparams))
     mixed_vjp = jax.grad(lambda h: jnp.vdot(jax.grad(L)(flat, h), v))(hparams)
