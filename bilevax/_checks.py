@@ -19,7 +19,7 @@ def check_int(name: str, value, minimum: int) -> None:
 
 
 def check_nonnegative(name: str, value) -> None:
-    if isinstance(value, numbers.Real) and not value >= 0:
+    if isinstance(value, int | float) and not value >= 0:
         raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
 
 
