@@ -44,7 +44,9 @@ def solve_to_tolerance(
         dynamic_state, _ = eqx.partition(state, eqx.is_array)
         return params, dynamic_state, loss, grad, num_steps + 1
 
-    init_carry = (params, dynamic_state, loss, grad, jnp.asarray(0))
+    # A step counter made from `loss` (not a fresh constant) takes the batch's sharding when
+    # vmapped over tasks on an `Explicit` mesh; `jnp.asarray(0)` has no mesh and fails there.
+    init_carry = (params, dynamic_state, loss, grad, jnp.zeros_like(loss, dtype=int))
     params, _, loss, grad, num_steps = jax.lax.while_loop(cond, body, init_carry)
     grad_norm = tree_norm(grad)
     result = result_from(loss, grad, grad_norm, tol)

@@ -76,7 +76,10 @@ class _OptaxSolver(AbstractInnerSolver[optax.OptState]):
 
     def step(self, fn, params, grad, state, args):
         del fn, args
-        updates, state = self.optimizer.update(grad, state, params)
+        # Some optax transformations (Adam's bias correction) mix an int32 step count with
+        # floats, which a user's `jax_numpy_dtype_promotion="strict"` would refuse.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, state = self.optimizer.update(grad, state, params)
         return optax.apply_updates(params, updates), state
 
 

@@ -145,16 +145,15 @@ def test_mlp_hypergradient_against_dense_reference():
     # Non-convex inner problem: polish a local minimiser with Newton's method, then compare
     # with a dense-Hessian implicit hypergradient written in plain JAX.
     problem = mlp()
-    with jax.numpy_dtype_promotion("standard"):
-        start = bx.inner_solve(
-            problem.inner,
-            problem.init,
-            problem.hparams,
-            problem.inner_data,
-            solver=optax.adam(1e-2),
-            max_steps=20_000,
-            tol=1e-5,
-        ).params
+    start = bx.inner_solve(
+        problem.inner,
+        problem.init,
+        problem.hparams,
+        problem.inner_data,
+        solver=optax.adam(1e-2),
+        max_steps=20_000,
+        tol=1e-5,
+    ).params
     w_star = reference_solution(problem, start=start)
     reference = reference_hypergrad(problem, params_star=w_star)
     for linear_solver in (lx.GMRES(rtol=1e-12, atol=1e-12), lx.LU()):

@@ -9,11 +9,6 @@ from helpers import ALL, CONVEX, logistic, mlp, reference_solution, relerr, ridg
 import bilevax as bx
 
 
-def _optax_promotion():
-    # optax's Adam mixes its int32 step count with floats, which strict promotion refuses.
-    return jax.numpy_dtype_promotion("standard")
-
-
 def _solvers(lr):
     return {
         "gd": (bx.GradientDescent(lr), 1e-10),
@@ -33,16 +28,15 @@ def _solvers(lr):
 def test_solution_matches_reference(make_problem, name):
     problem = make_problem()
     solver, tol = _solvers(problem.learning_rate)[name]
-    with _optax_promotion():
-        sol = bx.inner_solve(
-            problem.inner,
-            problem.init,
-            problem.hparams,
-            problem.inner_data,
-            solver=solver,
-            max_steps=50_000,
-            tol=tol,
-        )
+    sol = bx.inner_solve(
+        problem.inner,
+        problem.init,
+        problem.hparams,
+        problem.inner_data,
+        solver=solver,
+        max_steps=50_000,
+        tol=tol,
+    )
     assert sol.result == bx.RESULTS.successful
     assert float(sol.stats["grad_norm"]) <= tol
     assert 0 < int(sol.stats["num_steps"]) < 50_000
@@ -73,16 +67,15 @@ def test_gradient_descent_is_the_plain_iteration():
 
 def test_equinox_module_params():
     problem = mlp()
-    with _optax_promotion():
-        sol = bx.inner_solve(
-            problem.inner,
-            problem.init,
-            problem.hparams,
-            problem.inner_data,
-            solver=optax.adam(1e-2),
-            max_steps=20_000,
-            tol=1e-5,
-        )
+    sol = bx.inner_solve(
+        problem.inner,
+        problem.init,
+        problem.hparams,
+        problem.inner_data,
+        solver=optax.adam(1e-2),
+        max_steps=20_000,
+        tol=1e-5,
+    )
     assert sol.result == bx.RESULTS.successful
     assert isinstance(sol.params, eqx.nn.MLP)
     grad = eqx.filter_grad(problem.inner)(sol.params, problem.hparams, problem.inner_data)
@@ -182,16 +175,15 @@ def test_problem_zoo_reference_solutions_are_minimisers(make_problem):
     problem = make_problem()
     start = problem.init
     if not problem.strongly_convex:
-        with _optax_promotion():
-            start = bx.inner_solve(
-                problem.inner,
-                problem.init,
-                problem.hparams,
-                problem.inner_data,
-                solver=optax.adam(1e-2),
-                max_steps=20_000,
-                tol=1e-5,
-            ).params
+        start = bx.inner_solve(
+            problem.inner,
+            problem.init,
+            problem.hparams,
+            problem.inner_data,
+            solver=optax.adam(1e-2),
+            max_steps=20_000,
+            tol=1e-5,
+        ).params
     w = reference_solution(problem, start=start)
     grad = eqx.filter_grad(problem.inner)(w, problem.hparams, problem.inner_data)
     assert float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grad)))) < 1e-10
