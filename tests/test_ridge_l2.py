@@ -131,3 +131,13 @@ def test_write_results_converts_arrays(tmp_path):
         tmp_path, {"a": jnp.asarray(1.5), "b": np.float32(2.0), "c": np.arange(3)}
     )
     assert json.loads(path.read_text()) == {"a": 1.5, "b": 2.0, "c": [0, 1, 2]}
+
+
+@pytest.mark.slow
+def test_full_run_reaches_the_closed_form_optimum(tmp_path):
+    results = ridge_l2.main(["--out", str(tmp_path), "--seed", "0"])
+    optimum = results["closed_form"]["val_loss"]
+    for name in ("hgd_implicit", "hgd_unrolled"):
+        assert results[name]["val_loss"] <= (1 + 1e-3) * optimum
+        for search in ("grid", "random", "tpe"):
+            assert results[name]["val_loss"] < results[search]["val_loss"]
