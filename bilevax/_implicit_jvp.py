@@ -89,5 +89,10 @@ def _implicit_jvp(primals, tangents, *, static_params, linear_solver):
         tags=HESSIAN_TAGS,
     )
     rhs = jax.tree.map(jnp.negative, mixed)
-    params_tangent = lx.linear_solve(hessian, rhs, linear_solver, throw=False).value
+    hessian = lx.linearise(hessian)
+    # `lax.custom_linear_solve` transposes to our own solve (H is symmetric). Transposing
+    # `lx.linear_solve` directly would re-bind it with `throw=True`, so reverse mode would
+    # raise on a solve that did not converge instead of returning what it has.
+    solve = lambda _, b: lx.linear_solve(hessian, b, linear_solver, throw=False).value
+    params_tangent = jax.lax.custom_linear_solve(hessian.mv, rhs, solve, symmetric=True)
     return params_star, params_tangent

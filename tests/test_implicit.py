@@ -218,3 +218,23 @@ def test_vmap_of_implicit_hypergrad_equals_loop():
     batched = jax.vmap(f)(ws, hs)
     for i in range(3):
         assert relerr(batched[i], problem.exact_hypergrad(hs[i])) < 1e-8
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_unconverged_linear_solve_returns_its_approximation(mode):
+    # A linear solve stopped early must not raise (in reverse mode JAX transposes it, which
+    # must keep `throw=False`): it returns its iterate, close to but not at the answer.
+    problem = logistic()
+    w_star = reference_solution(problem)
+    _, hgrad = bx.implicit_hypergrad(
+        problem.outer,
+        problem.inner,
+        w_star,
+        problem.hparams,
+        problem.inner_data,
+        problem.outer_data,
+        linear_solver=lx.CG(rtol=1e-14, atol=1e-14, max_steps=2),
+        mode=mode,
+    )
+    error = relerr(hgrad, reference_hypergrad(problem))
+    assert 1e-8 < error < 0.1

@@ -1,0 +1,3 @@
+"""Benchmarks against peers: `python -m experiments.benchmarks [--quick] [--out DIR]` runs them
+all; `python -m experiments.benchmarks.<name>` runs one. Each reports speed as ratios measured in
+one run, and writes `<name>.json` and `<name>.png` to `--out` (default `runs/benchmarks`)."""

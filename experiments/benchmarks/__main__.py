@@ -1,0 +1,26 @@
+"""`python -m experiments.benchmarks [--quick] [--out DIR]`: every benchmark in `BENCHMARKS`,
+one after another, with the same arguments (`nox -s bench` passes `--quick`)."""
+
+import importlib
+import sys
+import time
+
+from ._timing import parser
+
+
+# Module names under `experiments.benchmarks`; each has `main(argv)`.
+BENCHMARKS = ["implicit_vs_jaxopt"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser("", "run every benchmark").parse_args(argv)  # validates; --help lists the options
+    for name in BENCHMARKS:
+        print(f"== experiments.benchmarks.{name} ==", flush=True)
+        start = time.perf_counter()
+        importlib.import_module(f"experiments.benchmarks.{name}").main(argv)
+        print(f"== {name}: {time.perf_counter() - start:.0f} s ==\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
