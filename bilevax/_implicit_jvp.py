@@ -29,8 +29,9 @@ def implicit_solution(
 
     At a minimiser, $\nabla_w L(w^*(\lambda), \lambda) = 0$, so
     $\mathrm{d}w^* = -H^{-1}\,\partial_\lambda \nabla_w L \cdot \mathrm{d}\lambda$ with
-    $H = \nabla^2_w L$. This is the JVP; JAX transposes it for reverse mode (`lineax`
-    transposes the linear solve), and differentiates it again for Hessians. `H` is applied
+    $H = \nabla^2_w L$. This is the JVP; JAX transposes it for reverse mode (through
+    `lax.custom_linear_solve`, whose transpose is the same solve since $H$ is symmetric), and
+    differentiates it again for Hessians. `H` is applied
     through Hessian-vector products only (forward-over-reverse), never formed, unless
     `linear_solver` is a dense one such as `lx.LU`.
 
