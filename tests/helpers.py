@@ -249,5 +249,32 @@ def reference_hypergrad(problem: Problem, hparams=None, params_star=None):
     return jax.grad(E, argnums=1)(flat, hparams) - mixed_vjp
 
 
+def solve(problem: Problem, **kwargs):
+    """`bx.inner_solve` on a zoo problem (Adam to ‖∇L‖ ≤ 1e-5 unless told otherwise)."""
+    import optax
+
+    import bilevax as bx
+
+    kwargs = {"solver": optax.adam(1e-2), "max_steps": 20_000, "tol": 1e-5, **kwargs}
+    return bx.inner_solve(
+        problem.inner, problem.init, problem.hparams, problem.inner_data, **kwargs
+    )
+
+
+def implicit(problem: Problem, params_star, **kwargs):
+    """`bx.implicit_hypergrad` on a zoo problem at `params_star`."""
+    import bilevax as bx
+
+    return bx.implicit_hypergrad(
+        problem.outer,
+        problem.inner,
+        params_star,
+        problem.hparams,
+        problem.inner_data,
+        problem.outer_data,
+        **kwargs,
+    )
+
+
 CONVEX = [ridge, logistic, quadratic]
 ALL = [ridge, logistic, quadratic, mlp]

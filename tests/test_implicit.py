@@ -1,12 +1,12 @@
 import jax
 import jax.numpy as jnp
 import lineax as lx
-import optax
 import pytest
 from helpers import (
     CONVEX,
     central_difference,
     directional,
+    implicit,
     logistic,
     mlp,
     quadratic,
@@ -15,6 +15,7 @@ from helpers import (
     reference_solution,
     relerr,
     ridge,
+    solve,
 )
 
 import bilevax as bx
@@ -37,13 +38,9 @@ LINEAR_SOLVERS = {
 def test_implicit_hypergrad_matches_reference(make_problem, mode):
     problem = make_problem()
     w_star = reference_solution(problem)
-    value, hgrad = bx.implicit_hypergrad(
-        problem.outer,
-        problem.inner,
+    value, hgrad = implicit(
+        problem,
         w_star,
-        problem.hparams,
-        problem.inner_data,
-        problem.outer_data,
         linear_solver=TIGHT_CG,
         mode=mode,
     )
@@ -58,13 +55,9 @@ def test_implicit_hypergrad_matches_reference(make_problem, mode):
 def test_linear_solvers_agree_with_closed_form(name):
     problem = ridge()
     w_star = problem.exact_params(problem.hparams)
-    _, hgrad = bx.implicit_hypergrad(
-        problem.outer,
-        problem.inner,
+    _, hgrad = implicit(
+        problem,
         w_star,
-        problem.hparams,
-        problem.inner_data,
-        problem.outer_data,
         linear_solver=LINEAR_SOLVERS[name],
     )
     assert relerr(hgrad, problem.exact_hypergrad(problem.hparams)) < 1e-8
@@ -145,25 +138,13 @@ def test_mlp_hypergradient_against_dense_reference():
     # Non-convex inner problem: polish a local minimiser with Newton's method, then compare
     # with a dense-Hessian implicit hypergradient written in plain JAX.
     problem = mlp()
-    start = bx.inner_solve(
-        problem.inner,
-        problem.init,
-        problem.hparams,
-        problem.inner_data,
-        solver=optax.adam(1e-2),
-        max_steps=20_000,
-        tol=1e-5,
-    ).params
+    start = solve(problem).params
     w_star = reference_solution(problem, start=start)
     reference = reference_hypergrad(problem, params_star=w_star)
     for linear_solver in (lx.GMRES(rtol=1e-12, atol=1e-12), lx.LU()):
-        _, hgrad = bx.implicit_hypergrad(
-            problem.outer,
-            problem.inner,
+        _, hgrad = implicit(
+            problem,
             w_star,
-            problem.hparams,
-            problem.inner_data,
-            problem.outer_data,
             linear_solver=linear_solver,
         )
         assert relerr(hgrad, reference) < 1e-8
@@ -226,13 +207,9 @@ def test_unconverged_linear_solve_returns_its_approximation(mode):
     # must keep `throw=False`): it returns its iterate, close to but not at the answer.
     problem = logistic()
     w_star = reference_solution(problem)
-    _, hgrad = bx.implicit_hypergrad(
-        problem.outer,
-        problem.inner,
+    _, hgrad = implicit(
+        problem,
         w_star,
-        problem.hparams,
-        problem.inner_data,
-        problem.outer_data,
         linear_solver=lx.CG(rtol=1e-14, atol=1e-14, max_steps=2),
         mode=mode,
     )

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import optax
 import optimistix as optx
 import pytest
-from helpers import ALL, CONVEX, logistic, mlp, reference_solution, relerr, ridge
+from helpers import ALL, CONVEX, logistic, mlp, reference_solution, relerr, ridge, solve
 
 import bilevax as bx
 
@@ -67,15 +67,7 @@ def test_gradient_descent_is_the_plain_iteration():
 
 def test_equinox_module_params():
     problem = mlp()
-    sol = bx.inner_solve(
-        problem.inner,
-        problem.init,
-        problem.hparams,
-        problem.inner_data,
-        solver=optax.adam(1e-2),
-        max_steps=20_000,
-        tol=1e-5,
-    )
+    sol = solve(problem)
     assert sol.result == bx.RESULTS.successful
     assert isinstance(sol.params, eqx.nn.MLP)
     grad = eqx.filter_grad(problem.inner)(sol.params, problem.hparams, problem.inner_data)
@@ -175,15 +167,7 @@ def test_problem_zoo_reference_solutions_are_minimisers(make_problem):
     problem = make_problem()
     start = problem.init
     if not problem.strongly_convex:
-        start = bx.inner_solve(
-            problem.inner,
-            problem.init,
-            problem.hparams,
-            problem.inner_data,
-            solver=optax.adam(1e-2),
-            max_steps=20_000,
-            tol=1e-5,
-        ).params
+        start = solve(problem).params
     w = reference_solution(problem, start=start)
     grad = eqx.filter_grad(problem.inner)(w, problem.hparams, problem.inner_data)
     assert float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grad)))) < 1e-10

@@ -4,7 +4,16 @@ import jax.numpy as jnp
 import lineax as lx
 import optax
 import pytest
-from helpers import ALL, CONVEX, logistic, reference_hypergrad, reference_solution, relerr, ridge
+from helpers import (
+    ALL,
+    CONVEX,
+    implicit,
+    logistic,
+    reference_hypergrad,
+    reference_solution,
+    relerr,
+    ridge,
+)
 
 import bilevax as bx
 
@@ -80,16 +89,8 @@ def test_unrolled_converges_to_implicit(make_problem):
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 1e-8
     w_star = reference_solution(problem)
-    _, implicit = bx.implicit_hypergrad(
-        problem.outer,
-        problem.inner,
-        w_star,
-        problem.hparams,
-        problem.inner_data,
-        problem.outer_data,
-        linear_solver=lx.CG(1e-12, 1e-12),
-    )
-    assert relerr(_unrolled(problem, num_steps=1000)[1], implicit) < 1e-8
+    _, implicit_hgrad = implicit(problem, w_star, linear_solver=lx.CG(1e-12, 1e-12))
+    assert relerr(_unrolled(problem, num_steps=1000)[1], implicit_hgrad) < 1e-8
 
 
 def test_learned_initialisation_and_step_size():

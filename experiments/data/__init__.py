@@ -1,0 +1,25 @@
+"""Data loaders for the experiments: MNIST (IDX), Omniglot (npz, official PNG zips, Lake's
+one-shot runs), seeded splits and few-shot episodes.
+
+Files are found in `--data-dir`, then `$BILEVAX_DATA`, then `../shared/data`, and checked
+against the `SHA256SUMS` there; preprocessed arrays are cached in `cache_dir()`.
+"""
+
+from ._files import (
+    ChecksumError as ChecksumError,
+    cache_dir as cache_dir,
+    find as find,
+    sha256 as sha256,
+)
+from ._split import split as split
+from .episodes import Episodes as Episodes, episodes as episodes, sample_episodes as sample_episodes
+from .mnist import load_mnist as load_mnist, read_idx as read_idx
+from .omniglot import (
+    Characters as Characters,
+    load_omniglot as load_omniglot,
+    load_omniglot_zip as load_omniglot_zip,
+    preprocess as preprocess,
+    rotate as rotate,
+    split_characters as split_characters,
+)
+from .omniglot_runs import OneShotRuns as OneShotRuns, load_one_shot_runs as load_one_shot_runs
