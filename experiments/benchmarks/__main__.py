@@ -9,7 +9,7 @@ from ._timing import parser
 
 
 # Module names under `experiments.benchmarks`; each has `main(argv)`.
-BENCHMARKS = ["implicit_vs_jaxopt"]
+BENCHMARKS = ["accuracy", "implicit_vs_jaxopt"]
 
 
 def main(argv: list[str] | None = None) -> None:
