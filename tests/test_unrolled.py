@@ -183,3 +183,27 @@ def test_checkpointing_reduces_stored_residuals():
 
     full, checkpointed = saved(None), saved(20)
     assert checkpointed < 0.25 * full
+
+
+def test_forward_mode_with_more_hyperparameters_than_one_chunk():
+    # 300 scalar hyperparameters: forward mode pushes them in chunks, never all at once.
+    B = jax.random.normal(jax.random.key(0), (4, 300))
+    inner = lambda w, lam, B: 0.5 * jnp.sum(w**2) - (B @ lam) @ w
+    outer = lambda w, lam, c: 0.5 * jnp.sum((w - c) ** 2) + 0.01 * jnp.sum(lam**2)
+    lam, c = jnp.linspace(-1.0, 1.0, 300), jnp.ones(4)
+    results = [
+        bx.unrolled_hypergrad(
+            outer,
+            inner,
+            jnp.zeros(4),
+            lam,
+            B,
+            c,
+            solver=bx.GradientDescent(0.5),
+            num_steps=20,
+            mode=mode,
+        )
+        for mode in ("reverse", "forward")
+    ]
+    assert float(results[0][0]) == pytest.approx(float(results[1][0]), rel=1e-14)
+    assert relerr(results[1][1], results[0][1]) < 1e-12
