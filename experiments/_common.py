@@ -114,7 +114,7 @@ def data_dir(
     )
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+def atomic_write(path: pathlib.Path, data: bytes) -> None:
     # Write beside the target and rename: a run killed mid-write leaves the old file intact.
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -152,7 +152,7 @@ class Checkpoints:
     def save(self, name: str, state: Any) -> None:
         """Stores the pytree `state` under `name`."""
         state = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, state)
-        _atomic_write(self._path(name), pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+        atomic_write(self._path(name), pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
 
     def load(self, name: str, default: Any = None) -> Any:
         """The state saved under `name` when resuming and one exists, else `default`."""
@@ -197,5 +197,5 @@ def write_results(out: pathlib.Path, results: dict) -> pathlib.Path:
     """
     path = pathlib.Path(out) / "results.json"
     text = json.dumps(results, indent=2, default=_to_json, allow_nan=True)
-    _atomic_write(path, (text + "\n").encode())
+    atomic_write(path, (text + "\n").encode())
     return path

@@ -11,12 +11,11 @@ import io
 import json
 import os
 import pathlib
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
 
-from .._common import DEFAULT_DATA
+from .._common import DEFAULT_DATA, atomic_write
 
 
 PathLike = str | os.PathLike[str]
@@ -47,20 +46,6 @@ def data_roots(data_dir: PathLike | None = None) -> list[pathlib.Path]:
     return [pathlib.Path(r) for r in roots if r is not None]
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    # Rename over the target, so that a killed process or a concurrent reader never sees half a
-    # file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_digests() -> dict:
     try:
         return json.loads((cache_dir() / _DIGESTS).read_text())
@@ -85,7 +70,7 @@ def sha256(path: PathLike) -> str:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
         digests[key[0]] = {"size": key[1], "mtime_ns": key[2], "sha256": digest}
         try:
-            _atomic_write(cache_dir() / _DIGESTS, json.dumps(digests, indent=0).encode())
+            atomic_write(cache_dir() / _DIGESTS, json.dumps(digests, indent=0).encode())
         except OSError:
             pass  # A read-only cache only costs the hashing again next time.
     _memo[key] = digest
@@ -163,6 +148,6 @@ def save_cached(name: str, arrays: Mapping[str, np.ndarray]) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     try:
-        _atomic_write(cache_dir() / name, buffer.getvalue())
+        atomic_write(cache_dir() / name, buffer.getvalue())
     except OSError:
         pass  # Without a writable cache every load preprocesses afresh; still correct.
