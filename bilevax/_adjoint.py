@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, PyTree
 
+from ._checks import check_linear_solver
 from ._custom_types import Data, HParams
 from ._implicit_jvp import implicit_solution
 from ._loops import result_from, solve_to_tolerance, unroll
@@ -35,14 +36,6 @@ class AbstractAdjoint(eqx.Module):
         adjoint says."""
 
 
-def _check_linear_solver(linear_solver) -> None:
-    if not isinstance(linear_solver, lx.AbstractLinearSolver):
-        raise TypeError(
-            "`linear_solver` must be a `lineax` linear solver (e.g. `lx.CG(rtol, atol)`, "
-            f"`lx.GMRES`, `lx.LU()`) or `bx.Neumann(steps, scale)`; got {linear_solver!r}."
-        )
-
-
 class ImplicitAdjoint(AbstractAdjoint):
     r"""Differentiate the inner solution by the implicit function theorem.
 
@@ -63,7 +56,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     linear_solver: lx.AbstractLinearSolver = lx.CG(rtol=1e-6, atol=1e-6)
 
     def __check_init__(self):
-        _check_linear_solver(self.linear_solver)
+        check_linear_solver(self.linear_solver)
 
     def solve(self, inner_loss, init, hparams, data, solver, max_steps, tol, static_params):
         loss = _flat_loss(stop_gradient(inner_loss), static_params)

@@ -5,6 +5,7 @@ import numbers
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import lineax as lx
 from jaxtyping import PyTree
 
 
@@ -78,3 +79,11 @@ def _describe(tree: PyTree) -> str:
         lambda x: f"{x.dtype}{list(x.shape)}" if hasattr(x, "shape") else type(x).__name__, tree
     )
     return str(described)
+
+
+def check_linear_solver(linear_solver) -> None:
+    if not isinstance(linear_solver, lx.AbstractLinearSolver):
+        raise TypeError(
+            "`linear_solver` must be a `lineax` linear solver (e.g. `lx.CG(rtol, atol)`, "
+            f"`lx.GMRES`, `lx.LU()`) or `bx.Neumann(steps, scale)`; got {linear_solver!r}."
+        )

@@ -3,9 +3,9 @@ from typing import Literal
 import equinox as eqx
 import lineax as lx
 
-from ._adjoint import _check_linear_solver
 from ._checks import (
     check_callable,
+    check_linear_solver,
     check_mode,
     check_same_structure,
     check_scalar_loss,
@@ -58,7 +58,7 @@ def implicit_hypergrad(
     check_callable("outer_loss", outer_loss)
     check_callable("inner_loss", inner_loss)
     check_mode(mode)
-    _check_linear_solver(linear_solver)
+    check_linear_solver(linear_solver)
     float_params, static_params = split_params(params_star, "params_star")
     check_scalar_loss("inner_loss", inner_loss, params_star, hparams, inner_data, "params_star")
     check_scalar_loss("outer_loss", outer_loss, params_star, hparams, outer_data, "params_star")
