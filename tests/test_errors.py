@@ -2,7 +2,7 @@
 
 import jax.numpy as jnp
 import pytest
-from helpers import ridge
+from helpers import implicit, ridge
 
 import bilevax as bx
 
@@ -32,16 +32,7 @@ def _unrolled(problem, **kwargs):
 
 
 def _implicit(problem, **kwargs):
-    params_star = kwargs.pop("params_star", problem.init)
-    return bx.implicit_hypergrad(
-        problem.outer,
-        problem.inner,
-        params_star,
-        problem.hparams,
-        problem.inner_data,
-        problem.outer_data,
-        **kwargs,
-    )
+    return implicit(problem, kwargs.pop("params_star", problem.init), **kwargs)
 
 
 @pytest.mark.parametrize(
