@@ -44,7 +44,10 @@ class ImplicitAdjoint(AbstractAdjoint):
     $\mathrm{d}w^* = -H^{-1}\,\partial_\lambda \nabla_w L\,\mathrm{d}\lambda$, attached with
     `jax.custom_jvp`. Forward mode (`jax.jvp`, `jax.jacfwd`), reverse mode (`jax.grad`) and
     their compositions (`jax.hessian`) all work. Exact at an exact minimiser; its error grows
-    with the final gradient norm, so keep `tol` small.
+    with the final gradient norm, so keep `tol` small. With a [`bilevax.ProximalGradient`][]
+    or [`bilevax.ProjectedGradient`][] solver the condition is the solver's fixed point
+    instead of $\nabla_w L = 0$, whose Jacobian is not symmetric: `lx.CG` and `lx.Cholesky`
+    then run on the normal equations.
 
     **Arguments:**
 
@@ -69,7 +72,13 @@ class ImplicitAdjoint(AbstractAdjoint):
             tol,
         )
         params = implicit_solution(
-            params, inner_loss, hparams, data, self.linear_solver, static_params=static_params
+            params,
+            inner_loss,
+            hparams,
+            data,
+            self.linear_solver,
+            static_params=static_params,
+            solver=solver,
         )
         return params, result, stats
 
@@ -97,7 +106,9 @@ class UnrolledAdjoint(AbstractAdjoint):
         args = (hparams, data)
         params = unroll(loss, init, args, solver, max_steps, checkpoints=self.checkpoints)
         final_loss, grad = jax.value_and_grad(loss)(stop_gradient(params), stop_gradient(args))
-        grad_norm = tree_norm(grad)
+        grad_norm = tree_norm(
+            solver.residual(loss, stop_gradient(params), grad, stop_gradient(args))
+        )
         result = result_from(final_loss, grad, grad_norm, tol)
         return params, result, {"num_steps": jnp.asarray(max_steps), "grad_norm": grad_norm}
 

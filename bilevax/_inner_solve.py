@@ -39,7 +39,9 @@ def inner_solve(
         `optimistix` minimiser (e.g. `optx.BFGS(rtol, atol)`), or a callable
         `hparams -> solver`.
     - `max_steps`: the most steps to take.
-    - `tol`: stop once the 2-norm of the gradient (all leaves together) is at most this.
+    - `tol`: stop once the 2-norm of the gradient (all leaves together) is at most this; for
+        [`bilevax.ProximalGradient`][] and [`bilevax.ProjectedGradient`][], the 2-norm of the
+        gradient mapping $(w - \operatorname{prox}_{\eta g}(w - \eta \nabla L))/\eta$.
     - `adjoint`: how to differentiate the solution.
     - `throw`: raise (through `eqx.error_if`) when the result is not successful.
 

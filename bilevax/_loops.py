@@ -18,7 +18,8 @@ def solve_to_tolerance(
     max_steps: int,
     tol,
 ) -> tuple[PyTree[Array], RESULTS, dict[str, Array]]:
-    """Steps `solver` until `‖∇fn‖ <= tol`, a non-finite value, or `max_steps` steps.
+    """Steps `solver` until `‖residual‖ <= tol` (the gradient, unless the solver has its own
+    residual, as a proximal one does), a non-finite value, or `max_steps` steps.
 
     Not differentiable in reverse mode (it is a `while_loop`): callers attach derivatives
     with the implicit function theorem. Under `vmap` each batch element stops on its own
@@ -32,9 +33,12 @@ def solve_to_tolerance(
     def finite(loss, grad):
         return jnp.isfinite(loss) & tree_isfinite(grad)
 
+    def residual_norm(params, grad):
+        return tree_norm(solver.residual(fn, params, grad, args))
+
     def cond(carry):
-        _, _, loss, grad, num_steps = carry
-        return (num_steps < max_steps) & (tree_norm(grad) > tol) & finite(loss, grad)
+        params, _, loss, grad, num_steps = carry
+        return (num_steps < max_steps) & (residual_norm(params, grad) > tol) & finite(loss, grad)
 
     def body(carry):
         params, dynamic_state, _, grad, num_steps = carry
@@ -48,7 +52,7 @@ def solve_to_tolerance(
     # vmapped over tasks on an `Explicit` mesh; `jnp.asarray(0)` has no mesh and fails there.
     init_carry = (params, dynamic_state, loss, grad, jnp.zeros_like(loss, dtype=int))
     params, _, loss, grad, num_steps = jax.lax.while_loop(cond, body, init_carry)
-    grad_norm = tree_norm(grad)
+    grad_norm = residual_norm(params, grad)
     result = result_from(loss, grad, grad_norm, tol)
     return params, result, {"num_steps": num_steps, "grad_norm": grad_norm}
 

@@ -1,6 +1,6 @@
 import abc
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import equinox as eqx
 import jax
@@ -35,6 +35,20 @@ class AbstractInnerSolver(eqx.Module, Generic[_State]):
         self, fn: Loss, params: PyTree[Array], grad: PyTree[Array], state: _State, args: Any
     ) -> tuple[PyTree[Array], _State]:
         """One step from `params`, where `grad = ∇fn(params, args)`; returns `(params, state)`."""
+
+    # Whether `residual` is the gradient itself, so that the implicit adjoint may use the
+    # symmetric Hessian; solvers of constrained or non-smooth problems set it to False.
+    residual_is_gradient: ClassVar[bool] = True
+
+    def residual(
+        self, fn: Loss, params: PyTree[Array], grad: PyTree[Array], args: Any
+    ) -> PyTree[Array]:
+        """A residual `F(params, args)` with the structure of `params`, zero exactly at a
+        solution: its norm is the stopping test of [`bilevax.inner_solve`][], and its
+        Jacobian the linear system of [`bilevax.ImplicitAdjoint`][]. `grad = ∇fn(params, args)`.
+        The default is the gradient; a proximal solver returns its gradient mapping."""
+        del fn, params, args
+        return grad
 
 
 class GradientDescent(AbstractInnerSolver[PyTree[Array]]):

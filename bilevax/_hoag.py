@@ -1,0 +1,176 @@
+r"""HOAG (Pedregosa 2016): an outer loop whose inner and linear-solve tolerances tighten as it
+goes, with both solves warm-started from the previous outer step."""
+
+from typing import Any, cast
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import optax
+from jaxtyping import Array, Int, PyTree, Scalar
+
+from ._adjoint import ImplicitAdjoint
+from ._checks import check_int
+from ._custom_types import Data, HParams, Params
+from ._hypergrad_info import HypergradInfo
+from ._implicit import implicit_hypergrad
+from ._inner_solve import inner_solve
+from ._solvers import GradientDescent, SolverLike
+
+
+class HOAGState(eqx.Module):
+    """The state [`bilevax.HOAG`][] carries from one outer step to the next, explicitly.
+
+    **Attributes:**
+
+    - `hparams`: the current hyperparameters.
+    - `params`: the last inner solution, the next inner solve's starting point.
+    - `adjoint`: the last adjoint $v = H^{-1}\\nabla_w E$, the next linear solve's starting
+        point.
+    - `opt_state`: the outer optimiser's state.
+    - `step`: the number of outer steps taken.
+    """
+
+    hparams: HParams
+    params: Params
+    adjoint: PyTree[Array]
+    opt_state: optax.OptState
+    step: Int[Array, ""]
+
+
+class HOAG(eqx.Module):
+    r"""Hypergradient descent with an adaptive tolerance schedule (HOAG, Pedregosa 2016).
+
+    Outer step $k$ solves the inner problem to $\|\nabla_w L\| \le \epsilon_k$ and the
+    adjoint system to the same tolerance, with
+
+    $$\epsilon_k = \max(\epsilon_0 \, \rho^k, \epsilon_{\min}),$$
+
+    so early steps, far from the optimum, are cheap, and the hypergradient error (which is
+    $O(\epsilon_k)$, see [`bilevax.HypergradInfo`][]) shrinks as the steps do; Pedregosa
+    shows the iterates converge when $\sum_k \epsilon_k < \infty$. `decay=1` gives the usual
+    fixed-tolerance loop. Each step starts the inner solver at the previous inner solution
+    and CG at the previous adjoint, both carried in the [`bilevax.HOAGState`][].
+
+    **Arguments:**
+
+    - `optimizer`: the outer `optax.GradientTransformation` on the hyperparameters.
+    - `solver`: the inner solver (anything [`bilevax.inner_solve`][] accepts).
+    - `initial_tol`, `decay`, `final_tol`: $\epsilon_0$, $\rho$ and $\epsilon_{\min}$.
+    - `max_steps`: the inner solver's step limit per outer step.
+    - `linear_max_steps`: CG's step limit (default: ten times the number of parameters).
+    - `warm_start_params`, `warm_start_adjoint`: start the inner solve (the linear solve)
+        where the previous one ended, instead of at `init` (at zero).
+    """
+
+    optimizer: optax.GradientTransformation
+    solver: SolverLike = GradientDescent(0.1)
+    initial_tol: float = 1e-2
+    decay: float = 0.9
+    final_tol: float = 1e-10
+    max_steps: int = eqx.field(static=True, default=10_000)
+    linear_max_steps: int | None = eqx.field(static=True, default=None)
+    warm_start_params: bool = eqx.field(static=True, default=True)
+    warm_start_adjoint: bool = eqx.field(static=True, default=True)
+
+    def __check_init__(self):
+        check_int("max_steps", self.max_steps, 1)
+        for name in ("initial_tol", "final_tol", "decay"):
+            value = getattr(self, name)
+            if isinstance(value, int | float) and not value > 0:
+                raise ValueError(f"`{name}` must be > 0, got {value!r}.")
+
+    def tolerance(self, step: Int[Array, ""]) -> Scalar:
+        """$\\epsilon_k$ at outer step `step`."""
+        return jnp.maximum(self.initial_tol * self.decay**step, self.final_tol)
+
+    def init(self, init: Params, hparams: HParams) -> HOAGState:
+        """The state before the first outer step, from the inner solver's starting point."""
+        float_init = eqx.filter(init, eqx.is_inexact_array)
+        float_hparams = eqx.filter(hparams, eqx.is_inexact_array)
+        return HOAGState(
+            hparams=hparams,
+            params=init,
+            adjoint=jax.tree.map(jnp.zeros_like, float_init),
+            opt_state=self.optimizer.init(float_hparams),
+            step=jnp.asarray(0),
+        )
+
+    def step(
+        self,
+        outer_loss,
+        inner_loss,
+        state: HOAGState,
+        init: Params,
+        inner_data: Data = None,
+        outer_data: Data = None,
+    ) -> tuple[HOAGState, dict[str, Any]]:
+        """One outer step.
+
+        **Arguments:**
+
+        - `outer_loss`, `inner_loss`: as for [`bilevax.implicit_hypergrad`][].
+        - `state`: from `init` or the previous `step`.
+        - `init`: the inner solver's cold start (used when `warm_start_params=False`).
+        - `inner_data`, `outer_data`: the data for the two losses.
+
+        **Returns:**
+
+        `(state, stats)`: the new state, and a dict with the outer `"value"` and
+        `"hypergrad"` at the step's hyperparameters, the `"tol"` used, the `"inner_steps"`
+        and `"solve_steps"` taken, and the inner `"grad_norm"`.
+        """
+        # Traced tolerances are fine for both solvers; their annotations say float.
+        tol = cast(Any, self.tolerance(state.step))
+        start = state.params if self.warm_start_params else init
+        sol = inner_solve(
+            inner_loss,
+            start,
+            state.hparams,
+            inner_data,
+            solver=self.solver,
+            max_steps=self.max_steps,
+            tol=tol,
+            adjoint=ImplicitAdjoint(),
+        )
+        float_init = eqx.filter(init, eqx.is_inexact_array)
+        adjoint_init = (
+            state.adjoint if self.warm_start_adjoint else jax.tree.map(jnp.zeros_like, float_init)
+        )
+        linear_solver = lx.CG(rtol=tol, atol=tol, max_steps=self.linear_max_steps)
+        out = implicit_hypergrad(
+            outer_loss,
+            inner_loss,
+            sol.params,
+            state.hparams,
+            inner_data,
+            outer_data,
+            linear_solver=linear_solver,
+            adjoint_init=adjoint_init,
+            has_aux=True,
+            lanczos_steps=0,
+            estimate_error=False,
+        )
+        value, hypergrad, info = cast(tuple[Any, Any, HypergradInfo], out)
+        float_hparams = eqx.filter(state.hparams, eqx.is_inexact_array)
+        # Adam's bias correction mixes an int32 count with floats (strict promotion refuses).
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = self.optimizer.update(hypergrad, state.opt_state, float_hparams)
+        hparams = eqx.apply_updates(state.hparams, updates)
+        new_state = HOAGState(
+            hparams=hparams,
+            params=sol.params,
+            adjoint=info.adjoint,
+            opt_state=opt_state,
+            step=state.step + 1,
+        )
+        stats = {
+            "value": value,
+            "hypergrad": hypergrad,
+            "tol": tol,
+            "inner_steps": sol.stats["num_steps"],
+            "solve_steps": info.solve_steps,
+            "grad_norm": sol.stats["grad_norm"],
+        }
+        return new_state, stats

@@ -1,0 +1,128 @@
+import abc
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+from jaxtyping import Array, ArrayLike, PyTree
+
+
+class AbstractPreconditioner(eqx.Module):
+    """Builds a preconditioner for the Hessian solve of [`bilevax.implicit_hypergrad`][]:
+    a positive definite `lineax` operator $P \\approx H^{-1}$."""
+
+    @abc.abstractmethod
+    def build(self, hessian: lx.AbstractLinearOperator, key: Array) -> lx.AbstractLinearOperator:
+        """The operator $P \\approx H^{-1}$, from the (linearised) Hessian operator."""
+
+
+class JacobiPreconditioner(AbstractPreconditioner):
+    r"""Jacobi (diagonal) preconditioning, $P = \mathrm{diag}(d)^{-1}$, with the diagonal of
+    the Hessian estimated by Hutchinson's estimator from Hessian-vector products:
+
+    $$d \approx \frac{1}{S} \sum_{s=1}^{S} z_s \odot H z_s, \qquad z_s \in \{-1, 1\}^n
+      \text{ uniformly},$$
+
+    which is unbiased, since $\mathbb{E}[z z^\top] = I$. Entries below `floor` times the
+    largest are raised to it, so that $P$ stays positive definite when the estimate is noisy.
+    Helps when the Hessian's ill-conditioning comes from badly scaled coordinates (features
+    on different scales); it cannot help a rotated ill-conditioned Hessian.
+
+    **Arguments:**
+
+    - `num_samples`: the number $S$ of Hessian-vector products.
+    - `floor`: the smallest diagonal entry kept, relative to the largest.
+    """
+
+    num_samples: int = eqx.field(static=True, default=16)
+    floor: float = eqx.field(static=True, default=1e-6)
+
+    def __check_init__(self):
+        if not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ValueError(f"`num_samples` must be a positive int, got {self.num_samples!r}.")
+
+    def build(self, hessian, key):
+        structure = hessian.in_structure()
+        leaves, treedef = jax.tree.flatten(structure)
+
+        def sample(key):
+            keys = jax.random.split(key, len(leaves))
+            z = [jax.random.rademacher(k, s.shape, s.dtype) for k, s in zip(keys, leaves)]
+            z = jax.tree.unflatten(treedef, z)
+            return jax.tree.map(jnp.multiply, z, hessian.mv(z))
+
+        estimates = jax.vmap(sample)(jax.random.split(key, self.num_samples))
+        diag = jax.tree.map(lambda x: jnp.mean(x, axis=0), estimates)
+        largest = jnp.max(jnp.asarray([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(diag)]))
+        diag = jax.tree.map(lambda d: jnp.maximum(d, self.floor * largest), diag)
+        inverse = lx.DiagonalLinearOperator(jax.tree.map(jnp.reciprocal, diag))
+        return lx.TaggedLinearOperator(
+            inverse, (lx.symmetric_tag, lx.positive_semidefinite_tag, lx.diagonal_tag)
+        )
+
+
+def build_preconditioner(
+    preconditioner, hessian: lx.AbstractLinearOperator, key: Array
+) -> lx.AbstractLinearOperator | None:
+    if preconditioner is None:
+        return None
+    if isinstance(preconditioner, AbstractPreconditioner):
+        return preconditioner.build(hessian, key)
+    if isinstance(preconditioner, lx.AbstractLinearOperator):
+        return preconditioner
+    raise TypeError(
+        "`preconditioner` must be None, a `bx.JacobiPreconditioner(...)` (or another "
+        "`bx.AbstractPreconditioner`), or a positive definite `lineax` operator approximating "
+        f"the inverse Hessian; got {type(preconditioner).__name__}."
+    )
+
+
+class Damped(lx.AbstractLinearSolver):
+    r"""Solves the damped system $(A + \mu I) x = b$ with another `lineax` solver: the robust
+    choice for a singular or nearly singular Hessian (Tikhonov damping, as in
+    Levenberg–Marquardt). With $\mu > 0$ and $A$ positive semidefinite the system is positive
+    definite, so `lx.CG` converges; the answer is biased by $O(\mu)$ towards the
+    minimum-norm solution. An indefinite Hessian needs $\mu > -\lambda_{\min}(A)$; for an
+    indefinite but non-singular Hessian, `lx.GMRES` or `lx.Normal(lx.CG(...))` solve the
+    undamped system instead.
+
+    **Arguments:**
+
+    - `solver`: the `lineax` solver for the damped system, e.g. `lx.CG(rtol, atol)`.
+    - `damping`: $\mu \ge 0$.
+    """
+
+    solver: lx.AbstractLinearSolver
+    damping: ArrayLike
+
+    def __check_init__(self):
+        if not isinstance(self.solver, lx.AbstractLinearSolver):
+            raise TypeError(f"`solver` must be a `lineax` solver, got {self.solver!r}.")
+        if isinstance(self.damping, int | float) and not self.damping >= 0:
+            raise ValueError(f"`damping` must be >= 0, got {self.damping!r}.")
+
+    def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
+        identity = lx.IdentityLinearOperator(operator.in_structure())
+        tags = tuple(
+            tag
+            for tag, holds in (
+                (lx.symmetric_tag, lx.is_symmetric(operator)),
+                (lx.positive_semidefinite_tag, lx.is_positive_semidefinite(operator)),
+            )
+            if holds
+        )
+        damped = lx.TaggedLinearOperator(operator + self.damping * identity, tags)
+        return self.solver.init(damped, options)
+
+    def compute(self, state, vector: PyTree[Array], options: dict[str, Any]):
+        return self.solver.compute(state, vector, options)
+
+    def transpose(self, state, options: dict[str, Any]):
+        return self.solver.transpose(state, options)
+
+    def conj(self, state, options: dict[str, Any]):
+        return self.solver.conj(state, options)
+
+    def assume_full_rank(self) -> bool:
+        return True

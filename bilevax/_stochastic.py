@@ -1,0 +1,458 @@
+r"""Single-loop stochastic bilevel solvers: SOBA and SABA (Dagréou et al. 2022).
+
+The inner variable $z$, the linear-system variable $v$ and the hyperparameters $x$ move
+together, each along a direction that is a sum of per-sample terms, so mini-batches give
+unbiased estimates of it:
+
+$$D_z = \nabla_z G(z, x), \qquad D_v = \nabla^2_{zz} G(z, x)\, v + \nabla_z F(z, x), \qquad
+  D_x = \nabla^2_{xz} G(z, x)\, v + \nabla_x F(z, x).$$
+
+At $z = z^*(x)$ and $v = v^*(x) = -H^{-1} \nabla_z F$ (the zeros of $D_z$ and $D_v$),
+$D_x$ is the implicit hypergradient.
+"""
+
+import abc
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Int, PRNGKeyArray, PyTree
+
+from ._checks import check_callable, check_int, check_scalar_loss
+from ._custom_types import Data, HParams, Params
+
+
+StepSize = ArrayLike | Callable[[Array], ArrayLike]
+
+
+class Directions(eqx.Module):
+    """The three SOBA directions: see [`bilevax.stochastic_directions`][]."""
+
+    params: PyTree[Array]
+    v: PyTree[Array]
+    hparams: PyTree[Array]
+
+
+def _inner_oracles(inner_loss, params, v, hparams, batch):
+    r"""$\nabla_z G$, and $(\nabla^2_{zz} G\, v, \nabla^2_{xz} G\, v)$ from one VJP of it."""
+    grad_z = lambda z, x: jax.grad(inner_loss)(z, x, batch)
+    grad, vjp = jax.vjp(grad_z, params, hparams)
+    hvp, cross = vjp(v)  # the Hessian is symmetric, so the VJP with v is H v
+    return grad, hvp, cross
+
+
+def _outer_oracles(outer_loss, params, hparams, batch):
+    return jax.grad(outer_loss, argnums=(0, 1))(params, hparams, batch)
+
+
+def _combine(grad, hvp, cross, outer_z, outer_x) -> Directions:
+    add = lambda a, b: jax.tree.map(jnp.add, a, b)
+    return Directions(params=grad, v=add(hvp, outer_z), hparams=add(cross, outer_x))
+
+
+def stochastic_directions(
+    inner_loss,
+    outer_loss,
+    params: Params,
+    v: Params,
+    hparams: HParams,
+    inner_batch: Data,
+    outer_batch: Data,
+) -> Directions:
+    r"""The directions of the single-loop framework of Dagréou et al. (2022) on one batch:
+
+    $$D_z = \nabla_z G, \qquad D_v = \nabla^2_{zz} G\, v + \nabla_z F, \qquad
+      D_x = \nabla^2_{xz} G\, v + \nabla_x F,$$
+
+    with $G$ = `inner_loss` on `inner_batch` and $F$ = `outer_loss` on `outer_batch`, using
+    one gradient, one VJP of the gradient (for both second-order terms) and one outer
+    gradient. With full batches, at $z = z^*$ and $v = -H^{-1}\nabla_z F$, $D_z = D_v = 0$ and
+    $D_x$ is the implicit hypergradient ([`bilevax.implicit_hypergrad`][]).
+
+    **Arguments:**
+
+    - `inner_loss`, `outer_loss`: `(params, hparams, batch) -> scalar`.
+    - `params`, `v`: pytrees of floating-point arrays of the same structure ($z$ and $v$).
+    - `hparams`: a pytree of floating-point arrays ($x$).
+    - `inner_batch`, `outer_batch`: the data passed to the two losses.
+
+    **Returns:**
+
+    A `Directions` module with fields `params` ($D_z$), `v` ($D_v$) and `hparams` ($D_x$).
+    """
+    grad, hvp, cross = _inner_oracles(inner_loss, params, v, hparams, inner_batch)
+    outer_z, outer_x = _outer_oracles(outer_loss, params, hparams, outer_batch)
+    return _combine(grad, hvp, cross, outer_z, outer_x)
+
+
+class StochasticState(eqx.Module):
+    """The state of a single-loop stochastic bilevel solver, returned by its `init` and
+    `step`: the inner variables `params` ($z$), the linear-system variable `v`, the
+    hyperparameters `hparams` ($x$), the number of steps taken, and the solver's own state
+    (SABA's memory of per-sample oracles; `None` for SOBA)."""
+
+    params: PyTree[Array]
+    v: PyTree[Array]
+    hparams: PyTree[Array]
+    num_steps: Int[Array, ""]
+    memory: PyTree[Array] | None = None
+
+
+class AbstractStochasticBilevel(eqx.Module):
+    """Base class of the single-loop stochastic bilevel solvers.
+
+    Data convention: `inner_data` and `outer_data` are pytrees of arrays that all have a
+    leading axis of samples (`n_inner` and `n_outer` of them), and each loss is the **mean**
+    over the samples of the batch it is given, so that a uniformly sampled mini-batch gives
+    an unbiased estimate of the full loss and its derivatives.
+    """
+
+    inner_lr: eqx.AbstractVar[StepSize]
+    outer_lr: eqx.AbstractVar[StepSize]
+    batch_size: eqx.AbstractVar[int | None]
+    outer_batch_size: eqx.AbstractVar[int | None]
+
+    def init(
+        self,
+        inner_loss,
+        outer_loss,
+        params: Params,
+        hparams: HParams,
+        inner_data: Data,
+        outer_data: Data,
+        v: Params | None = None,
+        key: PRNGKeyArray | None = None,
+    ) -> StochasticState:
+        """The state before the first step, with $v = 0$ unless `v` is given. `key` draws
+        SABA's first batch (SOBA ignores it)."""
+        _check(inner_loss, outer_loss, params, hparams, inner_data, outer_data)
+        if v is None:
+            v = jax.tree.map(jnp.zeros_like, params)
+        if key is None:
+            key = jax.random.key(0)
+        state = StochasticState(params, v, hparams, jnp.zeros((), jnp.int32))
+        memory = self._init_memory(inner_loss, outer_loss, state, inner_data, outer_data, key)
+        return eqx.tree_at(lambda s: s.memory, state, memory, is_leaf=lambda x: x is None)
+
+    def _init_memory(self, inner_loss, outer_loss, state, inner_data, outer_data, key):
+        del inner_loss, outer_loss, state, inner_data, outer_data, key
+        return None
+
+    @abc.abstractmethod
+    def _directions(
+        self, inner_loss, outer_loss, state, inner_data, outer_data, key
+    ) -> tuple[Directions, PyTree[Array] | None]:
+        """The step's directions and the new memory."""
+
+    def step(
+        self,
+        inner_loss,
+        outer_loss,
+        state: StochasticState,
+        inner_data: Data,
+        outer_data: Data,
+        key: PRNGKeyArray,
+    ) -> StochasticState:
+        r"""One step: $z \leftarrow z - \rho_t D_z$, $v \leftarrow v - \rho_t D_v$,
+        $x \leftarrow x - \gamma_t D_x$. SOBA draws this step's mini-batches with `key`;
+        SABA draws the next step's (its first at `init`), for the reason given in its source.
+        Pure: jit it, scan it, or vmap it over tasks."""
+        directions, memory = self._directions(
+            inner_loss, outer_loss, state, inner_data, outer_data, key
+        )
+        rho = _step_size(self.inner_lr, state.num_steps)
+        gamma = _step_size(self.outer_lr, state.num_steps)
+        # A schedule's value may have its own dtype (an int step count over a float gives
+        # float32): cast it to each leaf's, so float64 iterates stay float64.
+        move = lambda tree, d, lr: jax.tree.map(
+            lambda a, b: a - jnp.asarray(lr).astype(a.dtype) * b, tree, d
+        )
+        return StochasticState(
+            params=move(state.params, directions.params, rho),
+            v=move(state.v, directions.v, rho),
+            hparams=move(state.hparams, directions.hparams, gamma),
+            num_steps=state.num_steps + 1,
+            memory=memory,
+        )
+
+    def samples_per_step(self, inner_data: Data, outer_data: Data) -> tuple[int, int]:
+        """How many inner and outer samples one step evaluates its oracles on."""
+        n_inner, n_outer = (
+            num_samples(inner_data, "inner_data"),
+            num_samples(outer_data, "outer_data"),
+        )
+        return (
+            n_inner if self.batch_size is None else self.batch_size,
+            n_outer if self.outer_batch_size is None else self.outer_batch_size,
+        )
+
+
+class SOBA(AbstractStochasticBilevel):
+    r"""SOBA, the StOchastic Bilevel Algorithm of Dagréou et al. (2022): SGD on
+    $(z, v, x)$ jointly along the directions of [`bilevax.stochastic_directions`][], each
+    estimated on a fresh mini-batch (indices drawn uniformly with replacement).
+
+    With step sizes $\rho_t \propto t^{-2/5}$ and $\gamma_t \propto t^{-3/5}$ it converges to
+    a stationary point of $h(x) = F(z^*(x), x)$; with constant steps it stalls at a noise
+    floor proportional to the step sizes (SABA removes it).
+
+    **Arguments:**
+
+    - `inner_lr`: $\rho$, the step size of $z$ and $v$: a float or a schedule
+        `step -> float` (e.g. an `optax` schedule).
+    - `outer_lr`: $\gamma$, the step size of $x$, likewise.
+    - `batch_size`: inner samples per step; `None` uses all of them (deterministic).
+    - `outer_batch_size`: outer samples per step; `None` uses all of them.
+    """
+
+    inner_lr: StepSize
+    outer_lr: StepSize
+    batch_size: int | None = eqx.field(static=True, default=64)
+    outer_batch_size: int | None = eqx.field(static=True, default=64)
+
+    def __check_init__(self):
+        _check_batch_size("batch_size", self.batch_size)
+        _check_batch_size("outer_batch_size", self.outer_batch_size)
+
+    def _directions(self, inner_loss, outer_loss, state, inner_data, outer_data, key):
+        inner_key, outer_key = jax.random.split(key)
+        inner_idx = _sample(inner_key, inner_data, self.batch_size, "inner_data")
+        outer_idx = _sample(outer_key, outer_data, self.outer_batch_size, "outer_data")
+        directions = stochastic_directions(
+            inner_loss,
+            outer_loss,
+            state.params,
+            state.v,
+            state.hparams,
+            _take(inner_data, inner_idx),
+            _take(outer_data, outer_idx),
+        )
+        return directions, None
+
+
+class SABA(AbstractStochasticBilevel):
+    r"""SABA, the Stochastic Average Bilevel Algorithm of Dagréou et al. (2022): SOBA with
+    each of the five per-sample oracles ($\nabla_z G_i$, $\nabla^2_{zz} G_i v$,
+    $\nabla^2_{xz} G_i v$, $\nabla_z F_j$, $\nabla_x F_j$) variance-reduced as in SAGA:
+
+    $$\hat d = \frac{1}{|B|} \sum_{i \in B} \big(d_i(\text{now}) - m_i\big)
+      + \frac1n \sum_{i=1}^n m_i, \qquad m_i \leftarrow d_i(\text{now}) \text{ for } i \in B,$$
+
+    where $m_i$ is the last value computed for sample $i$. The estimate's variance vanishes
+    as the iterates converge, so SABA converges with **constant** step sizes, linearly on
+    strongly convex problems. It stores one copy of each oracle per sample: memory
+    $n_{inner}(2\dim z + \dim x) + n_{outer}(\dim z + \dim x)$. The memory starts at the
+    oracles of the initial point (one pass over both data sets, in `init`).
+
+    **Arguments:**
+
+    - `inner_lr`, `outer_lr`: the step sizes $\rho$ and $\gamma$, floats or schedules.
+    - `batch_size`, `outer_batch_size`: samples per step.
+    - `init_chunk`: how many samples `init` evaluates at once (bounds its memory).
+    """
+
+    inner_lr: StepSize
+    outer_lr: StepSize
+    batch_size: int | None = eqx.field(static=True, default=64)
+    outer_batch_size: int | None = eqx.field(static=True, default=64)
+    init_chunk: int = eqx.field(static=True, default=1024)
+
+    def __check_init__(self):
+        _check_batch_size("batch_size", self.batch_size)
+        _check_batch_size("outer_batch_size", self.outer_batch_size)
+        check_int("init_chunk", self.init_chunk, 1)
+
+    # Each step's batch is drawn one step ahead (at `init`, then at the end of the previous
+    # step, with that step's key), and its stored values are read right after the table is
+    # written. Reading the table *before* writing it in the same step makes XLA copy the
+    # whole table, O(n) per step (15 ms instead of 0.3 ms at n = 20 000, d = 50).
+    def _init_memory(self, inner_loss, outer_loss, state, inner_data, outer_data, key):
+        n_inner = num_samples(inner_data, "inner_data")
+        n_outer = num_samples(outer_data, "outer_data")
+        chunk = self.init_chunk
+        inner = _per_sample_inner(inner_loss, state, inner_data, jnp.arange(n_inner), chunk)
+        outer = _per_sample_outer(outer_loss, state, outer_data, jnp.arange(n_outer), chunk)
+        mean = lambda tree: jax.tree.map(lambda a: jnp.mean(a, axis=0), tree)
+        memory = {"inner": inner, "outer": outer}
+        memory.update(inner_mean=mean(inner), outer_mean=mean(outer))
+        memory.update(self._next_batch(memory, inner_data, outer_data, key))
+        return memory
+
+    def _next_batch(self, memory, inner_data, outer_data, key):
+        inner_key, outer_key = jax.random.split(key)
+        inner_idx = _sample(inner_key, inner_data, self.batch_size, "inner_data")
+        outer_idx = _sample(outer_key, outer_data, self.outer_batch_size, "outer_data")
+        return {
+            "inner_idx": inner_idx,
+            "outer_idx": outer_idx,
+            "inner_old": jax.tree.map(lambda t: t[inner_idx], memory["inner"]),
+            "outer_old": jax.tree.map(lambda t: t[outer_idx], memory["outer"]),
+        }
+
+    def _directions(self, inner_loss, outer_loss, state, inner_data, outer_data, key):
+        memory = state.memory
+        inner_idx, outer_idx = memory["inner_idx"], memory["outer_idx"]
+        inner = _per_sample_inner(inner_loss, state, inner_data, inner_idx)
+        outer = _per_sample_outer(outer_loss, state, outer_data, outer_idx)
+        inner_dir, inner_table, inner_mean = _saga(
+            inner, memory["inner_old"], memory["inner"], memory["inner_mean"], inner_idx
+        )
+        outer_dir, outer_table, outer_mean = _saga(
+            outer, memory["outer_old"], memory["outer"], memory["outer_mean"], outer_idx
+        )
+        directions = _combine(*inner_dir, *outer_dir)
+        memory = {"inner": inner_table, "outer": outer_table}
+        memory.update(inner_mean=inner_mean, outer_mean=outer_mean)
+        memory.update(self._next_batch(memory, inner_data, outer_data, key))
+        return directions, memory
+
+
+def _saga(new, old, table, mean, idx):
+    """SAGA's estimate from the batch's fresh values `new` (leading axis: the batch), their
+    stored values `old = table[idx]`, and the table's mean; returns the estimate and the
+    updated table and mean. An index drawn twice is stored (and enters the mean) once."""
+    n = jax.tree.leaves(table)[0].shape[0]
+    estimate = jax.tree.map(lambda a, b, m: jnp.mean(a - b, axis=0) + m, new, old, mean)
+    # Only the first occurrence of each index writes (the others are sent out of bounds and
+    # dropped), so that the mean's update knows what the table holds without reading it.
+    earlier = jnp.arange(idx.shape[0])[:, None] > jnp.arange(idx.shape[0])[None, :]
+    first = ~jnp.any((idx[:, None] == idx[None, :]) & earlier, axis=1)
+    write_idx = jnp.where(first, idx, n)
+    table = jax.tree.map(lambda t, a: t.at[write_idx].set(a, mode="drop"), table, new)
+
+    def update_mean(m, a, b):
+        keep = first.reshape((-1,) + (1,) * (a.ndim - 1))
+        return m + jnp.sum(jnp.where(keep, a - b, 0), axis=0) / n
+
+    mean = jax.tree.map(update_mean, mean, new, old)
+    return estimate, table, mean
+
+
+def _per_sample_inner(inner_loss, state, data, idx, chunk=None):
+    """Per-sample $(\\nabla_z G_i, \\nabla^2_{zz} G_i v, \\nabla^2_{xz} G_i v)$, stacked."""
+
+    def one(i):
+        batch = _take(data, i[None])
+        return _inner_oracles(inner_loss, state.params, state.v, state.hparams, batch)
+
+    return _map(one, idx, chunk)
+
+
+def _per_sample_outer(outer_loss, state, data, idx, chunk=None):
+    def one(i):
+        return _outer_oracles(outer_loss, state.params, state.hparams, _take(data, i[None]))
+
+    return _map(one, idx, chunk)
+
+
+def _map(fn, idx, chunk):
+    if chunk is None or chunk >= idx.shape[0]:
+        return jax.vmap(fn)(idx)
+    return jax.lax.map(fn, idx, batch_size=chunk)
+
+
+def stochastic_bilevel(
+    solver: AbstractStochasticBilevel,
+    inner_loss,
+    outer_loss,
+    params: Params,
+    hparams: HParams,
+    inner_data: Data,
+    outer_data: Data,
+    *,
+    num_steps: int,
+    key: PRNGKeyArray,
+    state: StochasticState | None = None,
+) -> StochasticState:
+    r"""Runs `num_steps` steps of a single-loop stochastic bilevel solver ([`bilevax.SOBA`][]
+    or [`bilevax.SABA`][]) in one `lax.scan`.
+
+    **Arguments:**
+
+    - `solver`: the solver.
+    - `inner_loss`, `outer_loss`: `(params, hparams, batch) -> scalar`, means over the
+        batch's samples.
+    - `params`, `hparams`: the starting $z$ and $x$, pytrees of floating-point arrays.
+    - `inner_data`, `outer_data`: pytrees of arrays with a leading axis of samples.
+    - `num_steps`: how many steps.
+    - `key`: a JAX PRNG key. Step $t$ draws its batches from `fold_in(k, t)` with `k` a key
+        split from `key`, so a run split into pieces (passing the last `state` back, with the
+        same `key`) draws the same batches as one run.
+    - `state`: continue from this state instead of calling `solver.init`.
+
+    **Returns:**
+
+    The final [`bilevax.StochasticState`][].
+    """
+    check_int("num_steps", num_steps, 0)
+    if not isinstance(solver, AbstractStochasticBilevel):
+        raise TypeError(
+            f"`solver` must be `bx.SOBA(...)` or `bx.SABA(...)`, got {type(solver).__name__}."
+        )
+    init_key, key = jax.random.split(key)
+    if state is None:
+        state = solver.init(
+            inner_loss, outer_loss, params, hparams, inner_data, outer_data, key=init_key
+        )
+    else:
+        _check(inner_loss, outer_loss, state.params, state.hparams, inner_data, outer_data)
+
+    def body(state, _):
+        step_key = jax.random.fold_in(key, state.num_steps)
+        state = solver.step(inner_loss, outer_loss, state, inner_data, outer_data, step_key)
+        return state, None
+
+    state, _ = jax.lax.scan(body, state, length=num_steps)
+    return state
+
+
+def num_samples(data: Data, name: str) -> int:
+    """The common leading dimension of every array in `data`."""
+    leaves = jax.tree.leaves(data)
+    if not leaves or not all(hasattr(x, "shape") and jnp.ndim(x) >= 1 for x in leaves):
+        raise ValueError(
+            f"`{name}` must be a pytree of arrays with a leading axis of samples, got {data!r}."
+        )
+    sizes = {x.shape[0] for x in leaves}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"every array in `{name}` must have the same number of samples (leading axis); "
+            f"got leading sizes {sorted(sizes)}."
+        )
+    return sizes.pop()
+
+
+def _sample(key, data, batch_size, name):
+    n = num_samples(data, name)
+    if batch_size is None:
+        return jnp.arange(n)
+    return jax.random.randint(key, (batch_size,), 0, n)
+
+
+def _take(data, idx):
+    return jax.tree.map(lambda a: a[idx], data)
+
+
+def _step_size(lr: StepSize, step):
+    return lr(step) if callable(lr) else lr
+
+
+def _check_batch_size(name, value):
+    if value is not None:
+        check_int(name, value, 1)
+
+
+def _check(inner_loss, outer_loss, params, hparams, inner_data, outer_data):
+    check_callable("inner_loss", inner_loss)
+    check_callable("outer_loss", outer_loss)
+    for name, tree in (("params", params), ("hparams", hparams)):
+        leaves = jax.tree.leaves(tree)
+        if not leaves or not all(eqx.is_inexact_array(x) for x in leaves):
+            raise TypeError(
+                f"`{name}` must be a pytree of floating-point JAX arrays, got {tree!r}."
+            )
+    num_samples(inner_data, "inner_data")
+    num_samples(outer_data, "outer_data")
+    check_scalar_loss("inner_loss", inner_loss, params, hparams, inner_data, "params")
+    check_scalar_loss("outer_loss", outer_loss, params, hparams, outer_data, "params")
