@@ -1,0 +1,398 @@
+r"""Stochastic single-loop bilevel solvers (SOBA, SABA) against deterministic hypergradient
+descent, on per-feature L2 hyperparameter optimisation for logistic regression with many
+samples.
+
+Synthetic data (nothing is downloaded): $x_i \sim \mathcal N(0, I_d)$, a sparse true weight
+vector, labels $y_i = \operatorname{sign}(x_i^\top w_\text{true} + \varepsilon_i)$ with 10% of
+them flipped. One L2 strength $e^{\lambda_j}$ per feature, $\lambda_j \in [-10, 1]$ (clipped):
+
+$$G(z, \lambda) = \frac1n \sum_i \log(1 + e^{-y_i x_i^\top z})
+    + \tfrac12 \sum_j e^{\lambda_j} z_j^2, \qquad
+  F(z) = \frac1m \sum_{i \in \text{val}} \log(1 + e^{-y_i x_i^\top z}).$$
+
+Methods, all started from $\lambda = 0$, $z = 0$:
+
+- `soba`: [`bilevax.SOBA`][] with constant step sizes;
+- `saba`: [`bilevax.SABA`][] with the same step sizes (its memory starts with one pass);
+- `deterministic`: hypergradient descent with full-batch oracles: per outer step, a
+  warm-started [`bilevax.inner_solve`][] (gradient descent, at most `--inner-steps` steps) and
+  [`bilevax.implicit_hypergrad`][] with `--cg-steps` CG iterations.
+
+Cost is counted in per-sample oracle evaluations (one gradient, or one Hessian- or
+Jacobian-vector product, of one sample's loss), and reported in **data passes**: evaluations
+divided by $n + m$. The outer objective reported is $h(\lambda) = F(z^*(\lambda))$ at each
+method's current $\lambda$, with $z^*(\lambda)$ solved to $\|\nabla_z G\| \le 10^{-9}$ (not
+counted).
+
+    python -m experiments.stochastic_bilevel [--quick] [--out DIR] [--seed S] [--resume]
+"""
+
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import optimistix as optx
+
+import bilevax as bx
+
+from . import _common
+
+
+METHODS = ("soba", "saba", "deterministic")
+FULL = {"n_train": 20_000, "n_val": 5_000, "n_test": 5_000, "dim": 50, "passes": 40}
+QUICK = {"n_train": 4_000, "n_val": 1_000, "n_test": 1_000, "dim": 20, "passes": 40}
+EVALS_PER_RUN = 30  # points on each convergence curve
+LOWER, UPPER = -10.0, 1.0  # the box of the log-strengths λ_j
+
+
+def make_data(seed: int, n_train: int, n_val: int, n_test: int, dim: int) -> dict:
+    """Train / validation / test splits, each `{"X": (n, d), "y": (n,)}` with labels ±1."""
+    rng = np.random.default_rng(seed)
+    w_true = np.zeros(dim)
+    support = rng.choice(dim, size=max(dim // 5, 1), replace=False)
+    w_true[support] = rng.normal(size=support.size) * 2.0
+    n = n_train + n_val + n_test
+    X = rng.normal(size=(n, dim))
+    y = np.sign(X @ w_true + 0.5 * rng.normal(size=n))
+    y[y == 0] = 1.0
+    flip = rng.random(n) < 0.1
+    y[flip] = -y[flip]
+    split = lambda a, b: {"X": jnp.asarray(X[a:b]), "y": jnp.asarray(y[a:b])}
+    return {
+        "train": split(0, n_train),
+        "val": split(n_train, n_train + n_val),
+        "test": split(n_train + n_val, None),
+    }
+
+
+def _logistic(z, batch):
+    return jnp.mean(jax.nn.softplus(-batch["y"] * (batch["X"] @ z)))
+
+
+def strength(lam):
+    r"""$e^{\lambda}$ with $\lambda$ clipped to `[LOWER, UPPER]`. The upper end keeps the inner
+    curvature below $\frac14\lambda_{\max}(X^\top X/n) + e^{1}$, so a fixed inner step of
+    0.5 stays stable; the optimum has some $\lambda_j$ at it (features to switch off)."""
+    return jnp.exp(jnp.clip(lam, LOWER, UPPER))
+
+
+def inner_loss(z, lam, batch):
+    return _logistic(z, batch) + 0.5 * jnp.sum(strength(lam) * z**2)
+
+
+def outer_loss(z, lam, batch):
+    del lam
+    return _logistic(z, batch)
+
+
+@eqx.filter_jit
+def exact_inner(lam, z_warm, data):
+    r"""$z^*(\lambda)$ to a tight tolerance (BFGS, warm-started), for evaluation only."""
+    return bx.inner_solve(
+        inner_loss,
+        z_warm,
+        lam,
+        data["train"],
+        solver=optx.BFGS(rtol=1e-12, atol=1e-12),
+        max_steps=500,
+        tol=1e-9,
+    ).params
+
+
+def evaluate(lam, z_warm, data) -> tuple[dict, jax.Array]:
+    if not np.all(np.isfinite(np.asarray(lam))):  # a diverged run: say so in the curve
+        return {"val_loss": float("nan"), "test_loss": float("nan")}, z_warm
+    z = exact_inner(lam, z_warm, data)
+    losses = {
+        "val_loss": float(outer_loss(z, lam, data["val"])),
+        "test_loss": float(outer_loss(z, lam, data["test"])),
+    }
+    return losses, z
+
+
+@eqx.filter_jit
+def _exact_value_and_hypergrad(lam, z_warm, data):
+    z = exact_inner(lam, z_warm, data)
+    value, hypergrad = bx.implicit_hypergrad(
+        outer_loss,
+        inner_loss,
+        z,
+        lam,
+        data["train"],
+        data["val"],
+        linear_solver=lx.CG(rtol=1e-12, atol=1e-12),
+    )
+    return value, hypergrad, z
+
+
+def reference_optimum(data, ckpt) -> dict:
+    r"""$\min_\lambda h(\lambda)$ by L-BFGS (scipy) on exact values and hypergradients from
+    $\lambda = 0$: the yardstick for the curves (its cost is not counted)."""
+    import scipy.optimize
+
+    saved = ckpt.load("reference")
+    if saved is not None:
+        return saved
+    dim = data["train"]["X"].shape[1]
+    warm = {"z": jnp.zeros(dim)}
+
+    def fun(lam):
+        value, hypergrad, warm["z"] = _exact_value_and_hypergrad(jnp.asarray(lam), warm["z"], data)
+        return float(value), np.asarray(hypergrad)
+
+    res = scipy.optimize.minimize(
+        fun,
+        np.zeros(dim),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=[(LOWER, UPPER)] * dim,
+        options={"maxiter": 500, "gtol": 1e-9},
+    )
+    losses, _ = evaluate(jnp.asarray(res.x), warm["z"], data)
+    reference = {**losses, "lam": res.x, "iterations": int(res.nit)}
+    ckpt.save("reference", reference)
+    return reference
+
+
+def _lipschitz(data) -> float:
+    """A bound on the training loss's curvature over the box: ¼ λmax(XᵀX/n) + e^UPPER."""
+    X = np.asarray(data["train"]["X"])
+    return 0.25 * float(np.linalg.eigvalsh(X.T @ X / len(X))[-1]) + float(np.exp(UPPER))
+
+
+def solvers(args) -> dict:
+    kwargs = dict(batch_size=args.batch_size, outer_batch_size=args.batch_size)
+    return {
+        "soba": bx.SOBA(args.inner_lr, args.soba_outer_lr, **kwargs),
+        "saba": bx.SABA(args.inner_lr, args.saba_outer_lr, **kwargs),
+    }
+
+
+@eqx.filter_jit
+def _stochastic_chunk(solver, state, data, num_steps: int, key):
+    return bx.stochastic_bilevel(
+        solver,
+        inner_loss,
+        outer_loss,
+        state.params,
+        state.hparams,
+        data["train"],
+        data["val"],
+        num_steps=num_steps,
+        key=key,
+        state=state,
+    )
+
+
+def run_stochastic(name, solver, data, passes: float, seed: int, ckpt) -> dict:
+    """Runs `solver` for `passes` data passes, evaluating h(λ) `EVALS_PER_RUN` times."""
+    n, m = data["train"]["y"].shape[0], data["val"]["y"].shape[0]
+    b_in, b_out = solver.samples_per_step(data["train"], data["val"])
+    # Per step: a gradient and one VJP of it (H v and the cross term) per inner sample, one
+    # gradient per outer sample.
+    per_step = 2 * b_in + b_out
+    init_cost = 2 * n + m if isinstance(solver, bx.SABA) else 0
+    total_steps = int((passes * (n + m) - init_cost) / per_step)
+    if total_steps < EVALS_PER_RUN:
+        raise ValueError(
+            f"{passes} data passes buy {name} only {total_steps} steps of batch size {b_in}; "
+            f"it needs at least {EVALS_PER_RUN}: raise --passes or lower --batch-size."
+        )
+    chunk = total_steps // EVALS_PER_RUN
+    key = jax.random.key(seed)
+    saved = ckpt.load(name)
+    if saved is None:
+        dim = data["train"]["X"].shape[1]
+        state = solver.init(
+            inner_loss, outer_loss, jnp.zeros(dim), jnp.zeros(dim), data["train"], data["val"]
+        )
+        losses, z = evaluate(state.hparams, state.params, data)
+        history = {"passes": [init_cost / (n + m)], **{k: [v] for k, v in losses.items()}}
+        seconds = 0.0
+    else:
+        state, history, z, seconds = saved
+    with _common.progress(name, EVALS_PER_RUN, len(history["passes"]) - 1) as advance:
+        while len(history["passes"]) - 1 < EVALS_PER_RUN:
+            start = time.perf_counter()
+            state = jax.block_until_ready(_stochastic_chunk(solver, state, data, chunk, key))
+            seconds += time.perf_counter() - start
+            losses, z = evaluate(state.hparams, z, data)
+            evals = init_cost + int(state.num_steps) * per_step
+            history["passes"].append(evals / (n + m))
+            for k, v in losses.items():
+                history[k].append(v)
+            ckpt.save(name, (state, history, z, seconds))
+            advance(f"val {losses['val_loss']:.5f}")
+    return {
+        "passes": history["passes"],
+        "val_curve": history["val_loss"],
+        "test_curve": history["test_loss"],
+        "final_lam": np.asarray(state.hparams),
+        "val_loss": history["val_loss"][-1],
+        "test_loss": history["test_loss"][-1],
+        "steps": int(state.num_steps),
+        "seconds": seconds,
+        "finite": bool(np.all(np.isfinite(np.asarray(state.hparams)))),
+    }
+
+
+@eqx.filter_jit
+def deterministic_step(lam, z, data, inner_lr, outer_lr, inner_steps: int, cg_steps: int):
+    """One outer step of full-batch hypergradient descent; returns the new λ and z and the
+    inner steps taken."""
+    sol = bx.inner_solve(
+        inner_loss,
+        z,
+        lam,
+        data["train"],
+        solver=bx.GradientDescent(inner_lr),
+        max_steps=inner_steps,
+        tol=1e-9,
+    )
+    _, hypergrad = bx.implicit_hypergrad(
+        outer_loss,
+        inner_loss,
+        sol.params,
+        lam,
+        data["train"],
+        data["val"],
+        linear_solver=lx.CG(rtol=1e-10, atol=1e-10, max_steps=cg_steps),
+    )
+    return lam - outer_lr * hypergrad, sol.params, sol.stats["num_steps"]
+
+
+def run_deterministic(data, passes: float, args, ckpt) -> dict:
+    n, m = data["train"]["y"].shape[0], data["val"]["y"].shape[0]
+    inner_lr = 1.0 / _lipschitz(data)
+    saved = ckpt.load("deterministic")
+    if saved is None:
+        dim = data["train"]["X"].shape[1]
+        lam, z = jnp.zeros(dim), jnp.zeros(dim)
+        losses, z_eval = evaluate(lam, z, data)
+        history = {"passes": [0.0], **{k: [v] for k, v in losses.items()}}
+        evals, seconds, steps = 0, 0.0, 0
+    else:
+        lam, z, z_eval, history, evals, seconds, steps = saved
+    budget = passes * (n + m)
+    per_eval = budget / EVALS_PER_RUN
+    with _common.progress("deterministic", EVALS_PER_RUN, len(history["passes"]) - 1) as advance:
+        while len(history["passes"]) - 1 < EVALS_PER_RUN:
+            target = min(len(history["passes"]) * per_eval, budget)
+            start = time.perf_counter()
+            # Step only while the step's largest cost fits, so the budget is never exceeded.
+            while evals + (args.inner_steps + 1 + args.cg_steps + 1) * n + m <= target:
+                lam, z, inner = deterministic_step(
+                    lam, z, data, inner_lr, args.det_outer_lr, args.inner_steps, args.cg_steps
+                )
+                # Inner: one gradient per step plus the one at the start (the stopping test);
+                # hypergradient: at most `cg_steps` HVPs, one VJP for the cross term, one outer
+                # gradient.
+                evals += (int(inner) + 1 + args.cg_steps + 1) * n + m
+                steps += 1
+            seconds += time.perf_counter() - start
+            losses, z_eval = evaluate(lam, z_eval, data)
+            history["passes"].append(evals / (n + m))
+            for k, v in losses.items():
+                history[k].append(v)
+            ckpt.save("deterministic", (lam, z, z_eval, history, evals, seconds, steps))
+            advance(f"val {losses['val_loss']:.5f}")
+    return {
+        "passes": history["passes"],
+        "val_curve": history["val_loss"],
+        "test_curve": history["test_loss"],
+        "final_lam": np.asarray(lam),
+        "val_loss": history["val_loss"][-1],
+        "test_loss": history["test_loss"][-1],
+        "steps": steps,
+        "seconds": seconds,
+        "finite": bool(np.all(np.isfinite(np.asarray(lam)))),
+    }
+
+
+def plot(results: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    config = results["config"]
+    best = results["reference"]["val_loss"]
+    fig, (ax, ax_log) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in METHODS:
+        r = results[name]
+        ax.plot(r["passes"], r["val_curve"], label=name, marker=".")
+        gap = np.maximum(np.asarray(r["val_curve"]) - best, 1e-12)
+        ax_log.semilogy(r["passes"], gap, label=name, marker=".")
+    ax.axhline(best, color="k", linestyle="--", linewidth=1, label="L-BFGS reference")
+    ax.set_ylabel(r"validation loss $h(\lambda) = F(z^*(\lambda))$")
+    ax_log.set_ylabel(r"$h(\lambda) - h_{\mathrm{ref}}$")
+    for a in (ax, ax_log):
+        a.set_xlabel("data passes (per-sample oracle evaluations / (n + m))")
+        a.legend()
+    fig.suptitle(
+        f"logistic-regression HO, per-feature L2: n={config['n_train']}, m={config['n_val']}, "
+        f"d={config['dim']}, batch {config['batch_size']}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    p = _common.parser("stochastic_bilevel", __doc__.splitlines()[0])
+    p.add_argument("--passes", type=float, default=None, help="data passes per method")
+    p.add_argument("--n-train", type=int, default=None)
+    p.add_argument("--dim", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    # Step sizes: each method's best of a small grid on the --quick problem (see the docs).
+    p.add_argument("--inner-lr", type=float, default=0.5, help="SOBA/SABA step of z and v")
+    p.add_argument("--soba-outer-lr", type=float, default=8.0, help="SOBA step of λ")
+    p.add_argument("--saba-outer-lr", type=float, default=128.0, help="SABA step of λ")
+    p.add_argument("--det-outer-lr", type=float, default=1600.0, help="deterministic step of λ")
+    p.add_argument("--inner-steps", type=int, default=5, help="deterministic inner steps")
+    p.add_argument("--cg-steps", type=int, default=5, help="deterministic CG iterations")
+    args = p.parse_args(argv)
+    out = _common.setup(args)
+    config = dict(QUICK if args.quick else FULL)
+    if args.passes is not None:
+        config["passes"] = args.passes
+    if args.n_train is not None:
+        config["n_train"] = args.n_train
+        config["n_val"] = config["n_test"] = max(args.n_train // 4, 1)
+    if args.dim is not None:
+        config["dim"] = args.dim
+    config.update(
+        batch_size=args.batch_size,
+        inner_lr=args.inner_lr,
+        soba_outer_lr=args.soba_outer_lr,
+        saba_outer_lr=args.saba_outer_lr,
+        det_outer_lr=args.det_outer_lr,
+        inner_steps=args.inner_steps,
+        cg_steps=args.cg_steps,
+        seed=args.seed,
+    )
+    data = make_data(args.seed, config["n_train"], config["n_val"], config["n_test"], config["dim"])
+    ckpt = _common.Checkpoints(out, args.resume)
+    results: dict = {"config": config}
+    for name, solver in solvers(args).items():
+        results[name] = run_stochastic(name, solver, data, config["passes"], args.seed, ckpt)
+    results["deterministic"] = run_deterministic(data, config["passes"], args, ckpt)
+    results["reference"] = reference_optimum(data, ckpt)
+    results["initial_val_loss"] = results["soba"]["val_curve"][0]
+    for name in METHODS:
+        r = results[name]
+        _common.console.print(
+            f"{name:>13}: val {r['val_loss']:.5f}  test {r['test_loss']:.5f}  "
+            f"({r['passes'][-1]:.1f} passes, {r['steps']} steps, {r['seconds']:.1f} s)"
+        )
+    _common.console.print(f"L-BFGS reference: val {results['reference']['val_loss']:.5f}")
+    plot(results, out / "stochastic_bilevel.png")
+    _common.write_results(out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
