@@ -1,0 +1,307 @@
+"""The self-tuning loop (STN, centred STN, Δ-STN) and the plain training that random search
+and TPE run for each trial, both over epochs of jitted `lax.scan`s, checkpointed per epoch."""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import bilevax.nn as bnn
+
+from .. import _common
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One tuning problem: data, model, losses and the loop's settings.
+
+    `apply(model, x, h, lam, key, train)` and `train_loss(out, y, lam)` are per example, as
+    `bilevax.nn.weight_grads` takes them; `val_loss(out, y)` is the loss every method is
+    judged on (eval mode). `h=None` asks `apply` for a plain network (general weights only).
+    """
+
+    name: str
+    specs: Sequence[bnn.Hyperparameter]
+    init_model: Callable
+    apply: Callable
+    train_loss: Callable
+    val_loss: Callable
+    train: tuple
+    val: tuple
+    test: tuple
+    search: Sequence[tuple[float, float, bool]]  # per hyperparameter: (low, high, log)
+    epochs: int
+    warmup: int = 0
+    batch_size: int | None = None  # None: full batch
+    cycles_per_epoch: int | None = None  # full batch: cycles in one "epoch"
+    lr: float = 1e-2
+    momentum: float = 0.9
+    hyper_lr: float = 3e-3
+    scale_lr: float | None = None  # RMSprop's rate on the scales (default: hyper_lr)
+    hyper_lr_final: float = 1.0  # the rate on the values decays linearly to this fraction
+    lr_final: float = 1.0  # the weights' learning rate decays linearly to this fraction
+    scale: float = 0.5
+    entropy_weight: float = 1e-3
+    t_train: int = 5
+    t_valid: int = 1
+    trial_epochs: int = 1  # epochs of one random-search / TPE trial
+    dtype: object = jnp.float32
+
+
+def _update(optimizer, grads, opt_state, params):
+    # optax's internal counters are int32; strict promotion (the test suite's) rejects mixing.
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+
+def _batches(n: int, batch: int | None, steps: int, rng: np.random.Generator) -> np.ndarray:
+    """`steps` index batches from shuffled passes over `range(n)`."""
+    if batch is None or batch >= n:
+        return np.broadcast_to(np.arange(n), (steps, n)).copy()
+    per_pass = n // batch
+    passes = -(-steps // per_pass)
+    order = np.concatenate([rng.permutation(n)[: per_pass * batch] for _ in range(passes)])
+    return order[: steps * batch].reshape(steps, batch)
+
+
+def cycles_per_epoch(task: Task) -> int:
+    if task.cycles_per_epoch is not None:
+        return task.cycles_per_epoch
+    n = len(task.train[1])
+    return max(1, n // (task.batch_size or n) // task.t_train)
+
+
+def _evaluate(task: Task, variant, model, hparams, data):
+    x, y = data
+    out = bnn.predict(variant, task.apply, model, hparams, x)
+    return jnp.mean(jax.vmap(task.val_loss)(out, y))
+
+
+def self_tuning(task: Task, variant: str, seed: int, ckpt: _common.Checkpoints) -> dict:
+    """Trains a self-tuning network of `variant` for `task.epochs` epochs (the first
+    `task.warmup` without hyper steps) and records, after every epoch, the hyperparameters,
+    their perturbation scales and the eval-mode validation loss.
+
+    **Returns:**
+
+    A history dict; `val_loss` and `test_loss` are those at the end.
+    """
+    name = f"{variant}_{seed}"
+    key = jax.random.key(seed)
+    model = task.init_model(jax.random.fold_in(key, 1))
+    hparams = bnn.HyperParameters(task.specs, scale=task.scale, dtype=task.dtype)
+    weight_steps = task.epochs * cycles_per_epoch(task) * task.t_train
+    w_opt = optax.sgd(
+        optax.linear_schedule(task.lr, task.lr * task.lr_final, weight_steps), task.momentum
+    )
+    hyper_steps = max(1, (task.epochs - task.warmup) * cycles_per_epoch(task) * task.t_valid)
+    h_opt = optax.rmsprop(
+        optax.linear_schedule(task.hyper_lr, task.hyper_lr * task.hyper_lr_final, hyper_steps)
+    )
+    s_opt = optax.rmsprop(task.hyper_lr if task.scale_lr is None else task.scale_lr)
+    fresh = dict(
+        epoch=0,
+        model=model,
+        hparams=hparams,
+        w_state=w_opt.init(eqx.filter(model, eqx.is_inexact_array)),
+        h_state=(h_opt.init(hparams.values), s_opt.init(hparams.scales)),
+        history=dict(epoch=[], hparams=[], sigma=[], val_curve=[], test_curve=[], train_curve=[]),
+    )
+    state = ckpt.load(name, fresh)
+    cycles = cycles_per_epoch(task)
+
+    def cycle(carry, inputs, tune, data):
+        (xtr, ytr), (xval, yval) = data
+        train_idx, val_idx, key = inputs
+        key_train, key_val = jax.random.split(key)
+
+        def weight_step(carry, inputs):
+            model, hparams, w_state, h_state = carry
+            idx, key = inputs
+            loss, grads = bnn.weight_grads(
+                variant, task.apply, task.train_loss, model, hparams, xtr[idx], ytr[idx], key
+            )
+            model, w_state = _update(w_opt, grads, w_state, model)
+            return (model, hparams, w_state, h_state), loss
+
+        def hyper_step(carry, inputs):
+            model, hparams, w_state, h_state = carry
+            idx, key = inputs
+            grads = eqx.filter_grad(
+                lambda hp: bnn.hyper_loss(
+                    variant,
+                    task.apply,
+                    task.val_loss,
+                    model,
+                    hp,
+                    xval[idx],
+                    yval[idx],
+                    key,
+                    entropy_weight=task.entropy_weight,
+                )
+            )(hparams)
+            values, v_state = _update(h_opt, grads.values, h_state[0], hparams.values)
+            scales, s_state = _update(s_opt, grads.scales, h_state[1], hparams.scales)
+            hparams = eqx.tree_at(lambda hp: (hp.values, hp.scales), hparams, (values, scales))
+            return (model, hparams, w_state, (v_state, s_state)), None
+
+        keys = jax.random.split(key_train, task.t_train)
+        carry, losses = jax.lax.scan(weight_step, carry, (train_idx, keys))
+        keys = jax.random.split(key_val, task.t_valid)
+        # A traced switch: warm-up and tuning epochs share one compiled program.
+        carry = jax.lax.cond(
+            tune,
+            lambda c: jax.lax.scan(hyper_step, c, (val_idx, keys))[0],
+            lambda c: c,
+            carry,
+        )
+        return carry, jnp.mean(losses)
+
+    # The data are arguments, not constants baked into the executable.
+    @eqx.filter_jit
+    def epoch(carry, data, test, train_idx, val_idx, keys, tune):
+        carry, losses = jax.lax.scan(
+            lambda c, i: cycle(c, i, tune, data), carry, (train_idx, val_idx, keys)
+        )
+        model, hparams = carry[0], carry[1]
+        val = _evaluate(task, variant, model, hparams, data[1])
+        return carry, jnp.mean(losses), val, _evaluate(task, variant, model, hparams, test)
+
+    ytr, yval = task.train[1], task.val[1]
+
+    carry = (state["model"], state["hparams"], state["w_state"], state["h_state"])
+    history = state["history"]
+    val_batch = task.batch_size if task.batch_size is not None else len(yval)
+    with _common.progress(f"{task.name} {variant} s{seed}", task.epochs, state["epoch"]) as advance:
+        for e in range(state["epoch"], task.epochs):
+            rng = np.random.default_rng([seed, e])
+            train_idx = _batches(len(ytr), task.batch_size, cycles * task.t_train, rng)
+            val_idx = _batches(len(yval), val_batch, cycles * task.t_valid, rng)
+            keys = jax.random.split(jax.random.fold_in(key, 1000 + e), cycles)
+            carry, train_loss, val_loss, test_loss = epoch(
+                carry,
+                (task.train, task.val),
+                task.test,
+                jnp.asarray(train_idx.reshape(cycles, task.t_train, -1)),
+                jnp.asarray(val_idx.reshape(cycles, task.t_valid, -1)),
+                keys,
+                jnp.asarray(e >= task.warmup),
+            )
+            hp = carry[1]
+            history["epoch"].append(e + 1)
+            history["hparams"].append(np.asarray(hp.value()))
+            history["sigma"].append(np.asarray(hp.sigma))
+            history["val_curve"].append(float(val_loss))
+            history["test_curve"].append(float(test_loss))
+            history["train_curve"].append(float(train_loss))
+            ckpt.save(
+                name,
+                dict(
+                    epoch=e + 1,
+                    model=carry[0],
+                    hparams=carry[1],
+                    w_state=carry[2],
+                    h_state=carry[3],
+                    history=history,
+                ),
+            )
+            advance(f"val {float(val_loss):.4f}")
+    curve = np.asarray(history["val_curve"])
+    # A diverged run (NaN from some epoch on) is judged on its epochs before divergence.
+    best = int(np.nanargmin(curve)) if np.isfinite(curve).any() else len(curve) - 1
+    hparams = carry[1]
+    return dict(
+        history,
+        # Model selection on the validation set: the epoch with the best validation loss.
+        diverged=bool(not np.isfinite(curve[-1])),
+        val_loss=history["val_curve"][best],
+        test_loss=history["test_curve"][best],
+        best_epoch=best + 1,
+        final_val_loss=history["val_curve"][-1],
+        final_test_loss=history["test_curve"][-1],
+        final_hparams=np.asarray(hparams.value()),
+        final_sigma=np.asarray(hparams.sigma),
+    )
+
+
+def _plain_apply(task: Task):
+    return lambda model, x, h, lam, key, train: task.apply(model, x, None, lam, key, train)
+
+
+_PLAIN = {}  # compiled plain-training functions, per task object: one compilation per search
+
+
+def _plain_functions(task: Task):
+    if id(task) in _PLAIN and _PLAIN[id(task)][0] is task:
+        return _PLAIN[id(task)][1:]
+    apply = _plain_apply(task)
+    w_opt = optax.sgd(
+        optax.linear_schedule(
+            task.lr,
+            task.lr * task.lr_final,
+            task.trial_epochs * cycles_per_epoch(task) * task.t_train,
+        ),
+        task.momentum,
+    )
+
+    def step(carry, inputs, train, lam):
+        xtr, ytr = train
+        model, w_state = carry
+        idx, key = inputs
+        keys = jax.random.split(key, idx.shape[0])
+
+        def loss(m):
+            out = jax.vmap(apply, in_axes=(None, 0, None, None, 0, None))(
+                m, xtr[idx], None, lam, keys, True
+            )
+            return jnp.mean(jax.vmap(task.train_loss, in_axes=(0, 0, None))(out, ytr[idx], lam))
+
+        grads = eqx.filter_grad(loss)(model)
+        return _update(w_opt, grads, w_state, model), None
+
+    @eqx.filter_jit
+    def evaluate(model, data, lam):
+        x, y = data
+        out = jax.vmap(lambda xi: apply(model, xi, None, lam, None, False))(x)
+        return jnp.mean(jax.vmap(task.val_loss)(out, y))
+
+    @eqx.filter_jit
+    def epoch(carry, train, val, test, lam, idx, keys):
+        carry, _ = jax.lax.scan(lambda c, i: step(c, i, train, lam), carry, (idx, keys))
+        return carry, evaluate(carry[0], val, lam), evaluate(carry[0], test, lam)
+
+    _PLAIN[id(task)] = (task, w_opt, epoch, evaluate)
+    return w_opt, epoch, evaluate
+
+
+def plain_training(task: Task, lam, seed: int, epochs: int) -> tuple[float, float, list]:
+    """Trains the network with fixed hyperparameters `lam` (in their ranges) for `epochs`
+    epochs (at most `task.trial_epochs`, the length of the learning-rate schedule) of the
+    same number of weight steps as the self-tuning loop, general weights only.
+
+    **Returns:**
+
+    `(val_loss, test_loss, val_loss_per_epoch)` in eval mode, at the epoch with the best
+    validation loss (model selection on the validation set, as for the self-tuning runs).
+    """
+    w_opt, epoch, evaluate = _plain_functions(task)
+    key = jax.random.key(seed)
+    model = task.init_model(jax.random.fold_in(key, 1))
+    lam = jnp.asarray(lam, task.dtype)
+    steps = cycles_per_epoch(task) * task.t_train
+    carry = (model, w_opt.init(eqx.filter(model, eqx.is_inexact_array)))
+    curve, tests = [], []
+    for e in range(epochs):
+        rng = np.random.default_rng([seed, 7, e])
+        idx = jnp.asarray(_batches(len(task.train[1]), task.batch_size, steps, rng))
+        keys = jax.random.split(jax.random.fold_in(key, e), steps)
+        carry, val, test = epoch(carry, task.train, task.val, task.test, lam, idx, keys)
+        curve.append(float(val))
+        tests.append(float(test))
+    best = int(np.nanargmin(curve)) if np.isfinite(curve).any() else len(curve) - 1
+    return curve[best], tests[best], curve

@@ -1,0 +1,74 @@
+"""The Δ-STN experiment: the learned hyperparameters against the closed forms on diabetes,
+the outputs written, and resuming a killed run."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import _common
+from experiments.delta_stn.__main__ import main
+
+
+@pytest.fixture(scope="module")
+def ridge(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ridge")
+    return out, main(["ridge", "--quick", "--out", str(out), "--methods", "delta", "centred"])
+
+
+def test_ridge_lands_on_the_closed_form_optimum(ridge):
+    out, results = ridge
+    for method in ("delta", "centred"):
+        (run,) = results[method]["seeds"]
+        # |log λ − log λ*| with λ* from the exact ridge solution's validation loss.
+        assert run["log_l2_error"] < 0.1, (method, run["hparams"])
+        assert run["final_val_loss"] <= 1.005 * results["closed_form"]["val_loss"]
+    written = json.loads((out / "results.json").read_text())
+    for method in ("delta", "centred"):
+        assert {"val_loss", "test_loss", "hparams"} <= set(written[method])
+    assert (out / "delta_stn_ridge.png").stat().st_size > 0
+
+
+def test_dropout_regression_within_two_percent_of_closed_form(tmp_path):
+    results = main(["dropout-regression", "--quick", "--out", str(tmp_path), "--methods", "delta"])
+    (run,) = results["delta"]["seeds"]
+    best = results["closed_form"]["val_loss"]
+    # The trained network's eval-mode validation loss, and that of the exact minimiser of the
+    # expected dropout loss at the learned rates, against the best over all rates.
+    assert run["final_val_loss"] <= 1.02 * best, (run["final_val_loss"], best)
+    assert run["exact_val_loss"] <= 1.02 * best
+    # The learned rates moved from their start (0.1 everywhere) towards the optimum's.
+    assert np.ptp(run["hparams"]) > 0.05
+
+
+def test_resume_continues_a_killed_run(tmp_path, monkeypatch):
+    args = ["ridge", "--quick", "--epochs", "4", "--methods", "delta", "random"]
+    fresh = main([*args, "--out", str(tmp_path / "fresh")])
+    saves = []
+    original = _common.Checkpoints.save
+
+    def save_then_die(self, name, state):
+        original(self, name, state)
+        saves.append(name)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_common.Checkpoints, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--out", str(tmp_path / "killed")])
+    monkeypatch.setattr(_common.Checkpoints, "save", original)
+    resumed = main([*args, "--out", str(tmp_path / "killed"), "--resume"])
+    for method in ("delta", "random"):
+        a, b = fresh[method]["seeds"][0], resumed[method]["seeds"][0]
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-12)
+        np.testing.assert_allclose(a["hparams"], b["hparams"], rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_digits_mlp_quick(tmp_path):
+    results = main(["digits-mlp", "--quick", "--out", str(tmp_path)])
+    for method in ("delta", "centred", "stn", "random", "tpe"):
+        assert np.isfinite(results[method]["val_loss"])
+    # A 64-128-128-10 MLP on 1000 digits reaches a cross-entropy under 0.12 in 40 epochs.
+    assert results["delta"]["val_loss"] < 0.12
+    assert results["delta"]["test_loss"] < 0.15
