@@ -1,0 +1,4 @@
+from ._run import main
+
+
+main()

@@ -1,0 +1,233 @@
+r"""One meta-step: per episode, a linear softmax head trained by $T$ gradient steps on the
+support features (`bilevax.inner_solve` with `bilevax.UnrolledAdjoint`), its query loss
+differentiated in reverse mode through the steps, averaged over a meta-batch of episodes
+(`jax.vmap`) that is sharded over the devices (`jax.sharding`).
+
+The sharding is made in one place, [`make_mesh`][experiments.hyper_representation.make_mesh]
+and [`shard_batch`][experiments.hyper_representation.shard_batch]: the meta-step itself is one
+jitted function whatever the number of devices, and XLA inserts the cross-device mean of the
+meta-gradient.
+"""
+
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxtyping import Array, Float, Int
+
+import bilevax as bx
+
+from ._model import HyperRepresentation
+
+
+TASKS = "tasks"  # the mesh axis the meta-batch is split over
+
+
+class Batch(NamedTuple):
+    """A meta-batch of `B` episodes (the device half of `experiments.data.Episodes`).
+
+    Labels need not be class-major (Lake's runs are not), but every class `0..N-1` must have
+    at least one support image.
+    """
+
+    support: Float[Array, "B nk s s 1"]
+    support_labels: Int[Array, "B nk"]
+    query: Float[Array, "B nq s s 1"]
+    query_labels: Int[Array, "B nq"]
+
+
+class TrainState(eqx.Module):
+    """What a meta-step changes: the outer variable, Adam's state, and the step count."""
+
+    model: HyperRepresentation
+    opt_state: optax.OptState
+    step: Int[Array, ""]
+
+
+class Head(eqx.Module):
+    """The inner variable: a linear softmax classifier on the features."""
+
+    weight: Float[Array, "d n"]
+    bias: Float[Array, " n"]
+
+    def __call__(self, features: Float[Array, "m d"]) -> Float[Array, "m n"]:
+        return features @ self.weight + self.bias
+
+
+def cross_entropy(logits, labels):
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+
+
+def inner_loss(head: Head, hparams: dict, labels: Int[Array, " nk"]):
+    """Cross-entropy of the head on the support features (`hparams["features"]`)."""
+    return cross_entropy(head(hparams["features"]), labels)
+
+
+def _solver(hparams: dict) -> bx.GradientDescent:
+    return bx.GradientDescent(hparams["step_size"])
+
+
+def train_head(features, labels, step_size, n_way: int, num_steps: int) -> Head:
+    """$T$ = `num_steps` gradient steps from zero on the support loss, differentiable through
+    the steps with respect to `features` and `step_size`."""
+    d = features.shape[-1]
+    init = Head(jnp.zeros((d, n_way), features.dtype), jnp.zeros(n_way, features.dtype))
+    sol = bx.inner_solve(
+        inner_loss,
+        init,
+        {"features": features, "step_size": step_size},
+        labels,
+        solver=_solver,
+        max_steps=num_steps,
+        tol=0.0,
+        adjoint=bx.UnrolledAdjoint(),
+    )
+    return sol.params
+
+
+def episode_loss(
+    model: HyperRepresentation,
+    support,
+    support_labels,
+    query,
+    query_labels,
+    *,
+    n_way: int,
+    num_steps: int,
+):
+    """The outer objective of one episode: query cross-entropy of the trained head, and its
+    query accuracy (as aux).
+
+    Support and query go through the net together, so batch norm uses the episode's
+    statistics, and the features are computed once, outside the inner steps."""
+    features = model.net(jnp.concatenate([support, query]))
+    support_features, query_features = jnp.split(features, [support.shape[0]])
+    head = train_head(support_features, support_labels, model.step_size(), n_way, num_steps)
+    logits = head(query_features)
+    predicted = jnp.argmax(logits, axis=1).astype(query_labels.dtype)
+    accuracy = jnp.mean((predicted == query_labels).astype(logits.dtype))
+    return cross_entropy(logits, query_labels), accuracy
+
+
+def batch_loss(model, batch: Batch, *, n_way: int, num_steps: int):
+    """Mean episode loss over the meta-batch, and `(accuracies, losses)` per episode."""
+    loss_fn = lambda *e: episode_loss(model, *e, n_way=n_way, num_steps=num_steps)
+    losses, accuracies = jax.vmap(loss_fn)(*batch)
+    return jnp.mean(losses), (accuracies, losses)
+
+
+def make_optimizer(
+    learning_rate: float = 1e-3, num_meta_steps: int = 50_000, *, warmup: int = 0
+) -> optax.GradientTransformation:
+    """Adam with a cosine schedule from `learning_rate` to zero over `num_meta_steps` (after an
+    optional linear warm-up)."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0 if warmup else learning_rate, learning_rate, warmup, max(num_meta_steps, warmup + 1)
+    )
+    return optax.adam(schedule)
+
+
+def init_state(model: HyperRepresentation, optimizer: optax.GradientTransformation) -> TrainState:
+    params = eqx.filter(model, eqx.is_inexact_array)
+    return TrainState(model, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def meta_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    optimizer: optax.GradientTransformation,
+    n_way: int,
+    num_steps: int,
+) -> tuple[TrainState, dict[str, Array]]:
+    """One Adam step on the representation and step size with the mean meta-gradient of the
+    meta-batch.
+
+    Jit it with the static arguments bound (see `make_meta_step`); under `jax.jit` with the
+    batch sharded over a mesh's `"tasks"` axis and the state replicated, each device takes its
+    share of the episodes and the mean over episodes becomes a cross-device reduction.
+
+    **Returns:**
+
+    `(state, metrics)`, metrics `"loss"` and `"accuracy"` (means over the meta-batch, on the
+    queries) and `"step_size"`.
+    """
+    params, static = eqx.partition(state.model, eqx.is_inexact_array)
+    loss_fn = lambda p: batch_loss(eqx.combine(p, static), batch, n_way=n_way, num_steps=num_steps)
+    (loss, (accuracies, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    # optax's Adam mixes its int32 step count with floats, which strict promotion refuses.
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    model = eqx.combine(optax.apply_updates(params, updates), static)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(accuracies),
+        "step_size": state.model.step_size(),
+    }
+    return TrainState(model, opt_state, state.step + 1), metrics
+
+
+def make_meta_step(optimizer: optax.GradientTransformation, n_way: int, num_steps: int):
+    """`meta_step` with its configuration bound, jitted: `(state, batch) -> (state, metrics)`.
+
+    The state is not donated: the run keeps the best model seen, which shares its buffers."""
+
+    def step(state, batch):
+        return meta_step(state, batch, optimizer=optimizer, n_way=n_way, num_steps=num_steps)
+
+    return jax.jit(step)
+
+
+@eqx.filter_jit
+def episode_accuracies(
+    model: HyperRepresentation, batch: Batch, n_way: int, num_steps: int
+) -> Float[Array, " B"]:
+    """Query accuracy of each episode of `batch` (no gradient)."""
+    _, (accuracies, _) = batch_loss(model, batch, n_way=n_way, num_steps=num_steps)
+    return accuracies
+
+
+# -- devices -----------------------------------------------------------------------------------
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """A one-axis mesh `("tasks",)` over `devices` (default: all of `jax.devices()`)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.sharding.Mesh(np.asarray(devices), (TASKS,))
+
+
+def shard_batch(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
+    """Puts a meta-batch on the mesh, its episodes split over the `"tasks"` axis.
+
+    **Raises:**
+
+    `ValueError` if the meta-batch does not divide evenly over the devices.
+    """
+    num_devices = mesh.shape[TASKS]
+    size = batch.support.shape[0]
+    if size % num_devices:
+        raise ValueError(
+            f"The meta-batch ({size} episodes) must be a multiple of the number of devices "
+            f"({num_devices})."
+        )
+    return jax.device_put(batch, NamedSharding(mesh, P(TASKS)))
+
+
+def replicate(tree, mesh: jax.sharding.Mesh):
+    """Puts the state (or anything shared by all episodes) on every device of the mesh."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def to_batch(episodes) -> Batch:
+    """The arrays of an `experiments.data.Episodes` that the device needs."""
+    return Batch(
+        np.asarray(episodes.support),
+        np.asarray(episodes.support_labels, np.int32),
+        np.asarray(episodes.query),
+        np.asarray(episodes.query_labels, np.int32),
+    )

@@ -1,0 +1,107 @@
+"""The hyper-representation: the paper's Omniglot conv net, and the learned inner step size."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+
+BN_EPS = 1e-5
+
+
+class ConvBlock(eqx.Module):
+    """3x3 convolution (no bias: batch norm removes it), batch norm with the statistics of the
+    images it is given, ReLU, 2x2 max-pool. Images are NHWC and weights HWIO, the layout XLA's
+    CPU and GPU convolutions prefer."""
+
+    weight: Float[Array, "3 3 cin cout"]
+    scale: Float[Array, " cout"]
+    offset: Float[Array, " cout"]
+
+    def __init__(self, in_channels: int, out_channels: int, *, key: PRNGKeyArray, dtype=None):
+        dtype = jnp.float32 if dtype is None else dtype
+        fan_in = 9 * in_channels
+        # He-normal: unit-variance pre-activations before the first batch norm kicks in.
+        self.weight = jax.random.normal(key, (3, 3, in_channels, out_channels), dtype) * math.sqrt(
+            2.0 / fan_in
+        )
+        self.scale = jnp.ones(out_channels, dtype)
+        self.offset = jnp.zeros(out_channels, dtype)
+
+    def __call__(self, x: Float[Array, "n h w cin"]) -> Float[Array, "n h/2 w/2 cout"]:
+        y = jax.lax.conv_general_dilated(
+            x, self.weight, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        # Batch norm over the images of one episode (and the pixels): no running averages,
+        # the same computation at meta-training and meta-test time.
+        mean = jnp.mean(y, axis=(0, 1, 2))
+        var = jnp.mean(jnp.square(y - mean), axis=(0, 1, 2))
+        y = (y - mean) * (self.scale * jax.lax.rsqrt(var + BN_EPS)) + self.offset
+        y = jax.nn.relu(y)
+        return jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+class ConvNet(eqx.Module):
+    """`depth` conv blocks; on 28x28 images with 4 blocks (28 → 14 → 7 → 3 → 1) each image
+    becomes a `width`-dimensional feature vector (Vinyals et al. 2016; Finn et al. 2017;
+    Franceschi et al. 2018 use width 64)."""
+
+    blocks: tuple[ConvBlock, ...]
+
+    def __init__(self, width: int = 64, depth: int = 4, *, key: PRNGKeyArray, dtype=None):
+        keys = jax.random.split(key, depth)
+        channels = [1] + [width] * depth
+        self.blocks = tuple(
+            ConvBlock(a, b, key=k, dtype=dtype) for a, b, k in zip(channels, channels[1:], keys)
+        )
+
+    def __call__(self, images: Float[Array, "n s s 1"]) -> Float[Array, "n d"]:
+        x = images
+        for block in self.blocks:
+            x = block(x)
+        return x.reshape(x.shape[0], -1)
+
+
+class HyperRepresentation(eqx.Module):
+    r"""The outer variable $\lambda$: the representation $h_\lambda$ and the inner step size.
+
+    The step size is $\eta = \eta_{\max}\,\sigma(\rho)$ with $\rho$ learned: bounded, so that a
+    step size drifting up (as it does on 20-way episodes) cannot leave the range where $T$
+    gradient steps on the head are stable, and smooth, so that the bound has no dead gradient.
+
+    **Arguments:**
+
+    - `width`, `depth`: of the [`ConvNet`][experiments.hyper_representation.ConvNet].
+    - `step_size`: the initial $\eta$.
+    - `max_step_size`: $\eta_{\max}$.
+    - `key`: initialises the convolutions.
+    """
+
+    net: ConvNet
+    raw_step: Float[Array, ""]
+    max_step_size: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        width: int = 64,
+        depth: int = 4,
+        *,
+        step_size: float = 0.5,
+        max_step_size: float = 2.0,
+        key: PRNGKeyArray,
+        dtype=None,
+    ):
+        if not 0 < step_size < max_step_size:
+            raise ValueError(
+                f"`step_size` must be in (0, max_step_size={max_step_size}); got {step_size}."
+            )
+        dtype = jnp.float32 if dtype is None else dtype
+        self.net = ConvNet(width, depth, key=key, dtype=dtype)
+        p = step_size / max_step_size
+        self.raw_step = jnp.asarray(math.log(p / (1 - p)), dtype)
+        self.max_step_size = max_step_size
+
+    def step_size(self) -> Float[Array, ""]:
+        return self.max_step_size * jax.nn.sigmoid(self.raw_step)

@@ -1,0 +1,312 @@
+"""`experiments.hyper_representation`: the split that holds Lake's runs out, the episode stream,
+the conv net's per-episode batch norm, the meta-gradient (against float64 central differences
+and a hand-written unrolled loop), the sharded meta-step on 4 devices, and (slow) the `--quick`
+run's accuracy."""
+
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import data as bd, hyper_representation as hr
+from experiments._common import DEFAULT_DATA
+
+
+needs_data = pytest.mark.skipif(
+    not (DEFAULT_DATA / "SHA256SUMS").is_file(),
+    reason=f"the shared data sets are not at {DEFAULT_DATA}",
+)
+
+
+@pytest.fixture(scope="module")
+def chars():
+    return bd.load_omniglot()
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return bd.load_one_shot_runs()
+
+
+@pytest.fixture(scope="module")
+def runs_ids(chars, runs):
+    return hr.runs_character_ids(chars, runs)
+
+
+@needs_data
+def test_runs_characters(runs_ids):
+    # Lake's 20 runs use 200 characters, all from ten of the evaluation alphabets.
+    assert len(runs_ids) == 200
+    assert runs_ids.min() == 1011 and runs_ids.max() == 1596
+
+
+@needs_data
+def test_split_holds_runs_out(chars, runs_ids):
+    train, val, test = hr.split_holding_out(chars, runs_ids, seed=0)
+    assert [len(p) for p in (train, val, test)] == [4800, 400, 1292]
+    ids = [set(p.ids) for p in (train, val, test)]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert len(ids[0] | ids[1] | ids[2]) == 1623
+    assert set(runs_ids) <= ids[2]
+    # Rotation classes: each character's four rotations, in the same part.
+    for part in (train, val, test):
+        np.testing.assert_array_equal(part.ids[::4], part.ids[3::4])
+        np.testing.assert_array_equal(
+            part.rotations.reshape(-1, 4), [[0, 90, 180, 270]] * (len(part) // 4)
+        )
+        np.testing.assert_array_equal(part.images[1::4], np.rot90(part.images[::4], 1, axes=(2, 3)))
+    again = hr.split_holding_out(chars, runs_ids, seed=0)
+    other = hr.split_holding_out(chars, runs_ids, seed=1)
+    np.testing.assert_array_equal(again[0].ids, train.ids)
+    assert not np.array_equal(other[0].ids, train.ids)
+    with pytest.raises(ValueError, match="Cannot hold"):
+        hr.split_holding_out(chars, runs_ids, sizes=(1200, 100, 150))
+
+
+@needs_data
+def test_runs_batch(runs):
+    batch = hr.runs_batch(runs)
+    assert batch.support.shape == batch.query.shape == (20, 20, 28, 28, 1)
+    assert batch.support.dtype == np.float32 and 0 <= batch.support.min() < batch.support.max() <= 1
+    np.testing.assert_array_equal(batch.support_labels, np.tile(np.arange(20), (20, 1)))
+    np.testing.assert_array_equal(batch.query_labels, runs.answer)
+
+
+def test_episode_stream_resumes():
+    images = np.random.default_rng(0).integers(0, 256, (30, 20, 6, 6), dtype=np.uint8)
+    args = (images, 5, 1, 3, 4)
+    expected = list(zip(range(6), bd.episodes(*args, seed=7)))
+    stream = hr.EpisodeStream(*args, 7)
+    first = [next(stream) for _ in range(3)]
+    state = stream.state()
+    stream.close()
+    resumed = hr.EpisodeStream(*args, state)
+    rest = [next(resumed) for _ in range(3)]
+    resumed.close()
+    for got, (_, want) in zip(first + rest, expected):
+        assert got.support.shape == (4, 5, 6, 6, 1)
+        np.testing.assert_array_equal(got.support, want.support)
+        np.testing.assert_array_equal(got.query, want.query)
+        np.testing.assert_array_equal(got.query_labels, want.query_labels)
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+
+def tiny_model(depth=2, width=3, seed=0):
+    return hr.HyperRepresentation(
+        width, depth, step_size=0.7, key=jax.random.key(seed), dtype=jnp.float64
+    )
+
+
+def test_convnet_shapes():
+    model = hr.HyperRepresentation(64, key=jax.random.key(0), dtype=jnp.float64)
+    x = jax.ShapeDtypeStruct((10, 28, 28, 1), jnp.float64)
+    assert eqx.filter_eval_shape(model.net, x).shape == (10, 64)
+    assert eqx.filter_eval_shape(tiny_model().net, x).shape == (10, 7 * 7 * 3)
+    assert [b.weight.shape for b in model.net.blocks] == [(3, 3, 1, 64)] + [(3, 3, 64, 64)] * 3
+    assert float(model.step_size()) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="step_size"):
+        hr.HyperRepresentation(step_size=3.0, max_step_size=2.0, key=jax.random.key(0))
+
+
+@eqx.filter_jit
+def embed(model, images):
+    return model.net(images)
+
+
+def test_batch_norm_uses_the_episode_statistics():
+    model = tiny_model(depth=4, width=8)
+    net = lambda x: embed(model, x)
+    episodes = jax.random.uniform(jax.random.key(2), (3, 6, 28, 28, 1), jnp.float64)
+    features = eqx.filter_jit(jax.vmap(embed, in_axes=(None, 0)))(model, episodes)
+    assert features.shape == (3, 6, 8)
+    # Each episode is normalised on its own: the meta-batch does not leak into it ...
+    for b in range(3):
+        np.testing.assert_allclose(features[b], net(episodes[b]), rtol=1e-12, atol=1e-12)
+    # ... a brighter episode (x -> 3x) gives the same features (up to the ε of batch norm) ...
+    np.testing.assert_allclose(net(3 * episodes[0]), features[0], rtol=1e-3, atol=1e-4)
+    # ... and changing one image of an episode moves the other images' features.
+    changed = episodes[0].at[0].set(episodes[1, 0])
+    assert not np.allclose(net(changed)[1:], features[0, 1:], atol=1e-6)
+
+
+# -- the meta-gradient -------------------------------------------------------------------------
+
+
+N_WAY, K_SHOT, N_QUERY, T = 3, 1, 2, 3
+
+
+def tiny_batch(meta_batch=2, seed=0, side=12):
+    key_s, key_q = jax.random.split(jax.random.key(seed))
+    support = jax.random.uniform(key_s, (meta_batch, N_WAY * K_SHOT, side, side, 1), jnp.float64)
+    query = jax.random.uniform(key_q, (meta_batch, N_WAY * N_QUERY, side, side, 1), jnp.float64)
+    labels = lambda m: jnp.tile(jnp.repeat(jnp.arange(N_WAY, dtype=jnp.int32), m), (meta_batch, 1))
+    return hr.Batch(support, labels(K_SHOT), query, labels(N_QUERY))
+
+
+def mean_loss(model, batch):
+    return jnp.mean(
+        jax.vmap(lambda *e: hr.episode_loss(model, *e, n_way=N_WAY, num_steps=T)[0])(*batch)
+    )
+
+
+def hand_written_loss(model, batch):
+    """The same meta-objective with the head trained by a plain Python loop of T steps."""
+
+    def episode(support, support_labels, query, query_labels):
+        features = model.net(jnp.concatenate([support, query]))
+        fs, fq = features[: len(support)], features[len(support) :]
+        W = jnp.zeros((fs.shape[1], N_WAY), fs.dtype)
+        b = jnp.zeros(N_WAY, fs.dtype)
+        ce = lambda W, b, f, y: (
+            -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(f @ W + b), y[:, None], axis=1))
+        )
+        eta = model.step_size()
+        for _ in range(T):
+            gW, gb = jax.grad(ce, argnums=(0, 1))(W, b, fs, support_labels)
+            W, b = W - eta * gW, b - eta * gb
+        return ce(W, b, fq, query_labels)
+
+    return jnp.mean(jax.vmap(episode)(*batch))
+
+
+def test_meta_gradient_matches_finite_differences():
+    model = tiny_model()
+    batch = tiny_batch()
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    loss = jax.jit(lambda p: mean_loss(eqx.combine(p, static), batch))
+    grad = jax.jit(jax.grad(loss))(params)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    direction = jax.tree.unflatten(
+        treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    )
+    h = 1e-5
+    shifted = lambda s: jax.tree.map(lambda p, v: p + s * h * v, params, direction)
+    fd = (loss(shifted(1.0)) - loss(shifted(-1.0))) / (2 * h)
+    exact = sum(jnp.vdot(g, v) for g, v in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+    assert abs(float(fd - exact)) <= 1e-7 * abs(float(exact))
+    # The step size alone, too: its gradient is a real signal, not zero.
+    step_fd = (
+        loss(eqx.tree_at(lambda p: p.raw_step, params, params.raw_step + h))
+        - loss(eqx.tree_at(lambda p: p.raw_step, params, params.raw_step - h))
+    ) / (2 * h)
+    assert abs(float(grad.raw_step)) > 1e-4
+    np.testing.assert_allclose(grad.raw_step, step_fd, rtol=1e-6)
+
+
+def test_meta_gradient_matches_hand_written_loop():
+    model = tiny_model(width=2, seed=1)
+    batch = tiny_batch(meta_batch=2, seed=1)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    ours = jax.jit(jax.value_and_grad(lambda p: mean_loss(eqx.combine(p, static), batch)))(params)
+    theirs = jax.jit(
+        jax.value_and_grad(lambda p: hand_written_loss(eqx.combine(p, static), batch))
+    )(params)
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-13)
+    for a, b in zip(jax.tree.leaves(ours[1]), jax.tree.leaves(theirs[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_meta_step_is_adam_on_the_meta_gradient():
+    model = tiny_model()
+    batch = tiny_batch()
+    optimizer = hr.make_optimizer(1e-2, 100)
+    state = hr.init_state(model, optimizer)
+    mesh = hr.make_mesh()
+    step = hr.make_meta_step(optimizer, N_WAY, T)
+    new_state, metrics = step(hr.replicate(state, mesh), hr.shard_batch(batch, mesh))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    grad = jax.jit(jax.grad(lambda p: mean_loss(eqx.combine(p, static), batch)))(params)
+    # Adam's first step moves every coordinate by -lr * sign(g) (up to its ε).
+    moved = jax.tree.map(
+        lambda a, b: a - b, eqx.filter(new_state.model, eqx.is_inexact_array), params
+    )
+    for m, g in zip(jax.tree.leaves(moved), jax.tree.leaves(grad)):
+        big = np.abs(np.asarray(g)) > 1e-4
+        np.testing.assert_allclose(
+            np.asarray(m)[big], -1e-2 * np.sign(np.asarray(g)[big]), rtol=1e-3
+        )
+    np.testing.assert_allclose(metrics["loss"], jax.jit(mean_loss)(model, batch), rtol=1e-12)
+    assert int(new_state.step) == 1
+    assert 0 <= float(metrics["accuracy"]) <= 1
+    with pytest.raises(ValueError, match="multiple of the number of devices"):
+        hr.shard_batch(tiny_batch(meta_batch=3), _TwoDeviceMesh())
+
+
+class _TwoDeviceMesh:
+    shape = {"tasks": 2}  # all that `shard_batch` reads before it refuses the batch
+
+
+_SHARDED = """
+import jax, numpy as np, equinox as eqx
+from experiments import hyper_representation as hr
+assert len(jax.devices()) == 4
+model = hr.HyperRepresentation(4, 2, key=jax.random.key(0))
+rng = np.random.default_rng(0)
+labels = lambda m: np.tile(np.repeat(np.arange(3, dtype=np.int32), m), (8, 1))
+batch = hr.Batch(rng.random((8, 3, 12, 12, 1), np.float32), labels(1),
+                 rng.random((8, 6, 12, 12, 1), np.float32), labels(2))
+optimizer = hr.make_optimizer(1e-2, 10)
+step = hr.make_meta_step(optimizer, 3, 3)
+out = {}
+for n in (1, 4):
+    mesh = hr.make_mesh(jax.devices()[:n])
+    sharded = hr.shard_batch(batch, mesh)
+    assert len(sharded.support.sharding.device_set) == n
+    assert {s.data.shape[0] for s in sharded.support.addressable_shards} == {8 // n}
+    state = hr.replicate(hr.init_state(model, optimizer), mesh)
+    for _ in range(2):
+        state, metrics = step(state, sharded)
+    out[n] = [np.asarray(x) for x in jax.tree.leaves(eqx.filter(state.model, eqx.is_array))]
+    out[n].append(np.asarray(metrics["loss"]))
+for a, b in zip(out[1], out[4]):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
+print("OK", float(out[4][-1]))
+"""
+
+
+def test_meta_step_sharded_over_4_devices():
+    # The same code path on one device and with the meta-batch split over 4 (fake CPU)
+    # devices: the same two meta-steps (float32, so up to reduction order).
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    ).strip()
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.fixture
+def restore_x64():
+    # The experiment runs in float32 and sets `jax_enable_x64` off; the suite runs in float64.
+    x64 = jax.config.read("jax_enable_x64")
+    yield
+    jax.config.update("jax_enable_x64", x64)
+
+
+@needs_data
+@pytest.mark.slow
+def test_quick_run_reaches_85_percent(tmp_path, restore_x64):
+    # `python -m experiments.hyper_representation --quick`: 5-way 1-shot, a few CPU minutes.
+    results = hr.main(["--quick", "--out", str(tmp_path)])
+    r = results["5w1s"]
+    assert r["test_acc"] >= 85.0, r["test_acc"]
+    assert r["test_episodes"] == 600 and 0 < r["ci95"] < 2
+    assert 0 < r["lake_runs_acc"] <= 100  # Lake's runs: 20-way, a 5-way model; no target
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["5w1s"]["test_acc"] == pytest.approx(r["test_acc"])
+    assert (tmp_path / "hyper_representation.png").stat().st_size > 0
+    # A resumed run finds the setting done and reports the same numbers without training.
+    again = hr.main(["--quick", "--out", str(tmp_path), "--resume"])
+    assert again["5w1s"]["test_acc"] == r["test_acc"]
