@@ -20,6 +20,9 @@ import numpy as np
 import rich.console
 import rich.progress
 
+from . import _distributed
+from ._distributed import is_main_process
+
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -27,17 +30,20 @@ DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
 console = rich.console.Console(stderr=True)
 
 
-def parser(name: str, description: str) -> argparse.ArgumentParser:
+def parser(name: str, description: str, *, distributed: bool = False) -> argparse.ArgumentParser:
     """The command line every experiment accepts; add experiment-specific options to it.
 
     **Arguments:**
 
     - `name`: the experiment's name, used for the default output directory `runs/<name>`.
     - `description`: one line for `--help`.
+    - `distributed`: whether the experiment runs as one process of many; adds
+        `--distributed` and its options (see `experiments/_distributed.py`).
 
     **Returns:**
 
-    An `argparse.ArgumentParser` with `--quick`, `--out`, `--data-dir`, `--seed`, `--resume`.
+    An `argparse.ArgumentParser` with `--quick`, `--out`, `--data-dir`, `--seed`, `--resume`
+    (and `--distributed`, `--coordinator-address`, `--num-processes`, `--process-id`).
     """
     p = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=description)
     p.add_argument("--quick", action="store_true", help="a small budget that runs in CPU minutes")
@@ -59,6 +65,8 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
         action="store_true",
         help="continue from the checkpoints in --out instead of starting afresh",
     )
+    if distributed:
+        _distributed.add_arguments(p)
     p.set_defaults(name=name)
     return p
 
@@ -66,10 +74,15 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
 def setup(args: argparse.Namespace, *, x64: bool = True) -> pathlib.Path:
     """Creates the output directory and sets JAX's precision; call before building arrays.
 
+    With `--distributed` it first joins the other processes (`jax.distributed.initialize`),
+    and silences the console on every process but process 0, which alone writes files.
+
     **Returns:**
 
     The output directory.
     """
+    if _distributed.initialize_from_args(args) and not is_main_process():
+        console.quiet = True
     # Hypergradients are compared with closed forms to ~1e-8, which float32 cannot resolve.
     jax.config.update("jax_enable_x64", x64)
     out = pathlib.Path(args.out)
@@ -150,8 +163,11 @@ class Checkpoints:
         return self.directory / f"{name}.pkl"
 
     def save(self, name: str, state: Any) -> None:
-        """Stores the pytree `state` under `name`."""
-        state = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, state)
+        """Stores the pytree `state` under `name` (process 0 only: with several processes the
+        state is replicated, and every process loads process 0's copy on `--resume`)."""
+        state = _distributed.to_host(state)
+        if not is_main_process():
+            return
         atomic_write(self._path(name), pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
 
     def load(self, name: str, default: Any = None) -> Any:
@@ -174,7 +190,7 @@ def progress(description: str, total: int, completed: int = 0) -> Iterator[Calla
         rich.progress.TimeElapsedColumn(),
         rich.progress.TextColumn("{task.fields[info]}"),
     )
-    with rich.progress.Progress(*columns, console=console) as bar:
+    with rich.progress.Progress(*columns, console=console, disable=not is_main_process()) as bar:
         task = bar.add_task(description, total=total, completed=completed, info="")
         yield lambda info="": bar.update(task, advance=1, info=info)
 
@@ -189,13 +205,15 @@ def _to_json(x: Any) -> Any:
 
 def write_results(out: pathlib.Path, results: dict) -> pathlib.Path:
     """Writes `results` to `<out>/results.json`, NumPy and JAX scalars and arrays as numbers
-    and lists.
+    and lists (on process 0 only).
 
     **Returns:**
 
     The path written.
     """
     path = pathlib.Path(out) / "results.json"
+    if not is_main_process():
+        return path
     text = json.dumps(results, indent=2, default=_to_json, allow_nan=True)
     atomic_write(path, (text + "\n").encode())
     return path
