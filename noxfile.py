@@ -60,9 +60,15 @@ def docs(session: nox.Session) -> None:
     session.run("mkdocs", "build", "--strict")
 
 
-@nox.session
+@nox.session(venv_params=["--system-site-packages"])
 def bench(session: nox.Session) -> None:
-    """Benchmarks against peers (`experiments/benchmarks/`); pass `-- --full` for full size."""
+    """Benchmarks against peers (`experiments/benchmarks/`); pass `-- --full` for full size.
+
+    The PyTorch peers (torch, torchopt: the `bench` extra) are not installed here: from PyPI
+    `torch` is the CUDA build, gigabytes. The session's environment sees the system's
+    site-packages instead, so a PyTorch installed there (e.g. the CPU-only wheel from PyTorch's
+    CPU package index, then `pip install torchopt`) is used; without one, `against_torch`
+    prints "skipped: torch not installed"."""
     session.install("-e", ".[test,experiments]")
     quick = [] if "--full" in session.posargs else ["--quick"]
     session.run("python", "-m", "experiments.benchmarks", *quick, env=CPU_ENV)

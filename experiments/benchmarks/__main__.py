@@ -9,7 +9,17 @@ from ._timing import parser
 
 
 # Module names under `experiments.benchmarks`; each has `main(argv)`.
-BENCHMARKS = ["accuracy", "implicit_vs_jaxopt"]
+BENCHMARKS = [
+    "accuracy",
+    "implicit_vs_jaxopt",
+    "unrolled_memory",
+    "forward_vs_reverse",
+    "against_torch",
+    "task_batching",
+    "hyper_representation_step",
+    "delta_stn_step",
+    "weak_scaling",  # launches 1, 2, 4 loopback processes: ~1.5 min with --quick on 2 cores
+]
 
 
 def main(argv: list[str] | None = None) -> None:

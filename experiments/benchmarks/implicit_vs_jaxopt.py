@@ -289,14 +289,22 @@ def run_case(name, train, val, lam, per_feature, *, tol, repeats, log):
     jaxopt_tol = {"tol": tol}
     iters = jaxopt_hvps(jaxopt_tol, w, lam, train, val) - 1  # less the initial residual
     settings = {
-        "iters": (lx.CG(rtol=0.0, atol=0.0, max_steps=iters), {"tol": 0.0, "maxiter": iters}),
-        "tol": (lx.CG(rtol=tol, atol=tol), jaxopt_tol),
+        "iters": (
+            lx.CG(rtol=0.0, atol=0.0, max_steps=iters),
+            {"tol": 0.0, "maxiter": iters},
+            bx.CG(rtol=0.0, atol=0.0, max_steps=iters),
+        ),
+        "tol": (lx.CG(rtol=tol, atol=tol), jaxopt_tol, bx.CG(rtol=tol, atol=tol)),
     }
     hvp = hvp_times(w, lam, train, count=10 if d > 10_000 else 50)
     rows = []
-    for setting, (cg, cg_kwargs) in settings.items():
+    for setting, (cg, cg_kwargs, lean_cg) in settings.items():
         outs, times = compare(
-            {"bilevax": bilevax_hypergrad(cg), "jaxopt": jaxopt_hypergrad(cg_kwargs)},
+            {
+                "bilevax": bilevax_hypergrad(cg),
+                "jaxopt": jaxopt_hypergrad(cg_kwargs),
+                "bilevax_cg": bilevax_hypergrad(lean_cg),
+            },
             w,
             lam,
             train,
@@ -304,6 +312,9 @@ def run_case(name, train, val, lam, per_feature, *, tol, repeats, log):
             repeats=repeats,
         )
         (out_b, time_b), (out_j, time_j) = [(outs[k], times[k]) for k in ("bilevax", "jaxopt")]
+        out_c, time_c = outs["bilevax_cg"], times["bilevax_cg"]
+        steps_c = lineax_steps(lean_cg, w, lam, train, val)  # bx.CG: one HVP per step
+        agree_c = relerr(out_c[1], out_j[1])
         steps_b = lineax_steps(cg, w, lam, train, val)
         hvps_b = lineax_hvps(steps_b)
         hvps_j = jaxopt_hvps(cg_kwargs, w, lam, train, val)
@@ -315,6 +326,8 @@ def run_case(name, train, val, lam, per_feature, *, tol, repeats, log):
         bound = 1e-6 if setting == "iters" else max(1e3 * tol, 1e-6)
         if not (agree <= bound and abs(float(out_b[0]) - float(out_j[0])) <= 1e-12):
             raise AssertionError(f"[{label}, {setting}] bilevax and jaxopt disagree: {agree:.1e}")
+        if not agree_c <= bound:
+            raise AssertionError(f"[{label}, {setting}] bx.CG and jaxopt disagree: {agree_c:.1e}")
         if reference is not None and setting == "iters" and not max(err_b, err_j) <= 1e-5:
             raise AssertionError(
                 f"[{label}] hypergradient off the dense reference: {err_b:.1e}, {err_j:.1e}"
@@ -340,6 +353,14 @@ def run_case(name, train, val, lam, per_feature, *, tol, repeats, log):
             # Fastest runs on both sides of these: the least disturbed by other load.
             "hvp_eff_bx": _efficiency(time_b, hvps_b, hvp["bilevax"]),
             "hvp_eff_jo": _efficiency(time_j, hvps_j, hvp["jaxopt"]),
+            # bilevax with its lean CG (`bx.CG`): one HVP per iteration, 2-norm stopping rule.
+            "hvps_bxcg": steps_c,
+            "run_bxcg_s": time_c.run_s,
+            "ratio_cg": paired_ratio(time_c, time_j),
+            "compile_bxcg_s": time_c.compile_s,
+            "hvp_eff_bxcg": _efficiency(time_c, steps_c, hvp["bilevax"]),
+            "bxcg_vs_jo": agree_c,
+            "timing_bxcg": time_c.to_dict(),
             "bx_vs_jo": agree,
             "err_bx": err_b,
             "err_jo": err_j,
@@ -350,7 +371,8 @@ def run_case(name, train, val, lam, per_feature, *, tol, repeats, log):
         rows.append(row)
         log(
             f"[{label}, {setting}] bilevax {time_b.run_s * 1e3:.3g} ms, jaxopt "
-            f"{time_j.run_s * 1e3:.3g} ms, ratio {row['ratio']:.2f}, HVPs {hvps_b}/{hvps_j}"
+            f"{time_j.run_s * 1e3:.3g} ms, ratio {row['ratio']:.2f}, HVPs {hvps_b}/{hvps_j}; "
+            f"bx.CG {time_c.run_s * 1e3:.3g} ms, ratio {row['ratio_cg']:.2f}, HVPs {steps_c}"
         )
     return rows
 
@@ -366,6 +388,10 @@ COLUMNS = [
     "run_jo_s",
     "ratio",
     "ratio_min",
+    "hvps_bxcg",
+    "run_bxcg_s",
+    "ratio_cg",
+    "hvp_eff_bxcg",
     "compile_bx_s",
     "compile_jo_s",
     "hvp_bx_s",
@@ -401,7 +427,8 @@ def main(argv=None) -> list[dict]:
     print()
     print(format_table(rows, COLUMNS))
     print(
-        f"\nratio = bilevax / jaxopt run time (goal ≤ {RATIO_GOAL}); hvp_eff = fastest run / "
+        f"\nratio = bilevax (lx.CG) / jaxopt run time, ratio_cg = bilevax (bx.CG) / jaxopt "
+        f"(goal ≤ {RATIO_GOAL}); hvp_eff = fastest run / "
         f"(HVPs × one HVP) (goal ≤ {HVP_GOAL}); 'iters': both run the same CG iterations, "
         f"'tol': each library's own stopping rule with tol = {tol:g}."
     )
@@ -421,9 +448,13 @@ def main(argv=None) -> list[dict]:
     png_path = bar_ratio_plot(
         out / f"{NAME}.png",
         labels,
-        {"bilevax": [r["run_bx_s"] for r in rows], "jaxopt": [r["run_jo_s"] for r in rows]},
-        [r["ratio"] for r in rows],
-        ratio_name="bilevax / jaxopt",
+        {
+            "bilevax (lx.CG)": [r["run_bx_s"] for r in rows],
+            "bilevax (bx.CG)": [r["run_bxcg_s"] for r in rows],
+            "jaxopt": [r["run_jo_s"] for r in rows],
+        },
+        [r["ratio_cg"] for r in rows],
+        ratio_name="bilevax (bx.CG) / jaxopt",
         goal=RATIO_GOAL,
         title="implicit hypergradient, logistic-regression L2 HO (float64, CG)",
     )
