@@ -1,4 +1,4 @@
-import importlib.metadata
+import importlib.metadata as _metadata
 
 from . import nn as nn
 from ._adjoint import (
@@ -52,4 +52,4 @@ from ._stochastic import (
 from ._unrolled import unrolled_hypergrad as unrolled_hypergrad
 
 
-__version__ = importlib.metadata.version("bilevax")
+__version__ = _metadata.version("bilevax")
