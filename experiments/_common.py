@@ -51,7 +51,7 @@ def parser(name: str, description: str, *, distributed: bool = False) -> argpars
         "--out",
         type=pathlib.Path,
         default=pathlib.Path("runs") / name,
-        help="output directory (default: runs/%(prog)s name)",
+        help=f"output directory (default: runs/{name})",
     )
     p.add_argument(
         "--data-dir",
