@@ -26,6 +26,7 @@ import numpy as np
 
 import bilevax as bx
 
+from ._logistic import inner_loss as inner_loss, log_loss as log_loss, outer_loss as outer_loss
 from ._timing import compare, environment, format_table, parser, write_json
 
 
@@ -41,22 +42,6 @@ def make_problem(n: int, d: int, seed: int = 0):
     X = rng.standard_normal((2 * n, d)) / np.sqrt(d) * 3.0
     y = ((X @ rng.standard_normal(d) + 0.3 * rng.standard_normal(2 * n)) > 0).astype(float)
     return (jnp.asarray(X[:n]), jnp.asarray(y[:n])), (jnp.asarray(X[n:]), jnp.asarray(y[n:]))
-
-
-def log_loss(w, data):
-    X, y = data
-    z = X @ w
-    return jnp.mean(jnp.logaddexp(0.0, z) - y * z)
-
-
-def inner_loss(w, lam, data):
-    (X, y), group = data
-    return log_loss(w, (X, y)) + 0.5 * jnp.sum(jnp.exp(lam[group]) * w**2)
-
-
-def outer_loss(w, lam, data):
-    del lam
-    return log_loss(w, data)
 
 
 @functools.partial(jax.jit, static_argnames="iterations")

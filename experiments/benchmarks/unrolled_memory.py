@@ -29,6 +29,7 @@ import numpy as np
 
 import bilevax as bx
 
+from ._logistic import inner_loss as inner_loss, log_loss as log_loss, outer_loss as outer_loss
 from ._timing import compare, environment, format_table, parser, write_json
 
 
@@ -51,22 +52,6 @@ def make_problem(n: int, d: int, groups: int, seed: int = 0):
     group = jnp.asarray(np.arange(d) % groups)
     lam = jnp.asarray(np.linspace(-3.0, -1.0, groups))
     return train, val, group, lam
-
-
-def log_loss(w, data):
-    X, y = data
-    z = X @ w
-    return jnp.mean(jnp.logaddexp(0.0, z) - y * z)
-
-
-def inner_loss(w, lam, data):
-    (X, y), group = data
-    return log_loss(w, (X, y)) + 0.5 * jnp.sum(jnp.exp(lam[group]) * w**2)
-
-
-def outer_loss(w, lam, data):
-    del lam
-    return log_loss(w, data)
 
 
 def contender(name: str, num_steps: int, learning_rate: float = 1.0):
