@@ -189,28 +189,7 @@ def warm_start(zoo, seed: int, quick: bool) -> dict:
 
 def preconditioning(zoo, seed: int, quick: bool) -> dict:
     """Plain against Jacobi-preconditioned CG on ridge with features over three decades."""
-    rng = np.random.default_rng(seed)
-    d, n = 30, 120
-    scales = np.geomspace(1.0, 1e3, d)
-    X = rng.normal(size=(n + 40, d)) * scales
-    y = X @ (rng.normal(size=d) / scales) + 0.3 * rng.normal(size=n + 40)
-    train = (jnp.asarray(X[:n]), jnp.asarray(y[:n]))
-    val = (jnp.asarray(X[n:]), jnp.asarray(y[n:]))
-    lam = jnp.full(d, -2.0)
-
-    def inner(w, lam, data):
-        X, y = data
-        return 0.5 * jnp.mean((X @ w - y) ** 2) + 0.5 * jnp.sum(jnp.exp(lam) * w**2)
-
-    def outer(w, lam, data):
-        del lam
-        X, y = data
-        return 0.5 * jnp.mean((X @ w - y) ** 2)
-
-    A = train[0].T @ train[0] / n + jnp.diag(jnp.exp(lam))
-    w_star = jnp.linalg.solve(A, train[0].T @ train[1] / n)
-    g = val[0].T @ (val[0] @ w_star - val[1]) / val[0].shape[0]
-    exact = -jnp.linalg.solve(A, g) * jnp.exp(lam) * w_star
+    inner, outer, w_star, lam, train, val, exact, A = zoo.scaled_ridge(seed=seed)
     out = {"condition_number": float(np.linalg.cond(np.asarray(A)))}
     for name, preconditioner in [
         ("none", None),

@@ -216,6 +216,35 @@ def mlp(seed=3) -> Problem:
     )
 
 
+def scaled_ridge(d=30, n=120, seed=0):
+    """Ridge regression whose features span three decades of scale: H is badly conditioned
+    because of its diagonal, which Jacobi preconditioning undoes."""
+    rng = np.random.default_rng(seed)
+    scales = np.geomspace(1.0, 1e3, d)
+    X = rng.normal(size=(n + 40, d)) * scales
+    y = X @ (rng.normal(size=d) / scales) + 0.3 * rng.normal(size=n + 40)
+    train = (jnp.asarray(X[:n]), jnp.asarray(y[:n]))
+    val = (jnp.asarray(X[n:]), jnp.asarray(y[n:]))
+    lam = jnp.full(d, -2.0)
+
+    def inner(w, lam, data):
+        X, y = data
+        return 0.5 * jnp.mean((X @ w - y) ** 2) + 0.5 * jnp.sum(jnp.exp(lam) * w**2)
+
+    def outer(w, lam, data):
+        del lam
+        X, y = data
+        return 0.5 * jnp.mean((X @ w - y) ** 2)
+
+    Xt, yt = train
+    A = Xt.T @ Xt / n + jnp.diag(jnp.exp(lam))
+    w_star = jnp.linalg.solve(A, Xt.T @ yt / n)
+    Xv, yv = val
+    g = Xv.T @ (Xv @ w_star - yv) / Xv.shape[0]
+    exact = -jnp.linalg.solve(A, g) * jnp.exp(lam) * w_star
+    return inner, outer, w_star, lam, train, val, exact, A
+
+
 def reference_solution(problem: Problem, hparams=None, start=None):
     """w*(λ) by Newton's method on the flattened parameters (dense Hessian, plain JAX) from
     `start` (default `problem.init`): an implementation independent of bilevax's solvers,

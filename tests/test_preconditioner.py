@@ -6,42 +6,13 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 import pytest
-from helpers import relerr
+from helpers import relerr, scaled_ridge
 
 import bilevax as bx
 
 
-def _scaled_ridge(d=30, n=120, seed=0):
-    """Ridge regression whose features span three decades of scale: H is badly conditioned
-    because of its diagonal, which Jacobi preconditioning undoes."""
-    rng = np.random.default_rng(seed)
-    scales = np.geomspace(1.0, 1e3, d)
-    X = rng.normal(size=(n + 40, d)) * scales
-    y = X @ (rng.normal(size=d) / scales) + 0.3 * rng.normal(size=n + 40)
-    train = (jnp.asarray(X[:n]), jnp.asarray(y[:n]))
-    val = (jnp.asarray(X[n:]), jnp.asarray(y[n:]))
-    lam = jnp.full(d, -2.0)
-
-    def inner(w, lam, data):
-        X, y = data
-        return 0.5 * jnp.mean((X @ w - y) ** 2) + 0.5 * jnp.sum(jnp.exp(lam) * w**2)
-
-    def outer(w, lam, data):
-        del lam
-        X, y = data
-        return 0.5 * jnp.mean((X @ w - y) ** 2)
-
-    Xt, yt = train
-    A = Xt.T @ Xt / n + jnp.diag(jnp.exp(lam))
-    w_star = jnp.linalg.solve(A, Xt.T @ yt / n)
-    Xv, yv = val
-    g = Xv.T @ (Xv @ w_star - yv) / Xv.shape[0]
-    exact = -jnp.linalg.solve(A, g) * jnp.exp(lam) * w_star
-    return inner, outer, w_star, lam, train, val, exact, A
-
-
 def test_jacobi_preconditioning_cuts_cg_iterations_with_the_same_answer():
-    inner, outer, w_star, lam, train, val, exact, A = _scaled_ridge()
+    inner, outer, w_star, lam, train, val, exact, A = scaled_ridge()
     assert np.linalg.cond(np.asarray(A)) > 1e6
 
     def run(preconditioner):
@@ -70,7 +41,7 @@ def test_jacobi_preconditioning_cuts_cg_iterations_with_the_same_answer():
 
 
 def test_user_preconditioner_exact_inverse_needs_one_step():
-    inner, outer, w_star, lam, train, val, exact, A = _scaled_ridge(d=8)
+    inner, outer, w_star, lam, train, val, exact, A = scaled_ridge(d=8)
     inverse = lx.TaggedLinearOperator(
         lx.MatrixLinearOperator(jnp.linalg.inv(A)),
         (lx.symmetric_tag, lx.positive_semidefinite_tag),
