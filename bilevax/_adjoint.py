@@ -7,13 +7,14 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, PyTree
 
-from ._checks import check_linear_solver
+from ._checks import check_bool, check_int, check_linear_solver
 from ._custom_types import Data, HParams
-from ._implicit_jvp import implicit_solution
-from ._loops import result_from, solve_to_tolerance, unroll
-from ._misc import stop_gradient, tree_norm
+from ._ift import general_solver, implicit_solution, optimality_for
+from ._iterate import result_from, solve_to_tolerance, unroll
+from ._linear_solver import default_linear_solver
+from ._misc import stop_gradient, tree_norm, tree_where_nan
 from ._solution import RESULTS
-from ._solvers import AbstractInnerSolver
+from ._solver import AbstractInnerSolver
 
 
 class AbstractAdjoint(eqx.Module):
@@ -46,20 +47,29 @@ class ImplicitAdjoint(AbstractAdjoint):
     their compositions (`jax.hessian`) all work. Exact at an exact minimiser; its error grows
     with the final gradient norm, so keep `tol` small. With a [`bilevax.ProximalGradient`][]
     or [`bilevax.ProjectedGradient`][] solver the condition is the solver's fixed point
-    instead of $\nabla_w L = 0$, whose Jacobian is not symmetric: `lx.CG` and `lx.Cholesky`
+    instead of $\nabla_w L = 0$, whose Jacobian is not symmetric: CG and `lx.Cholesky`
     then run on the normal equations.
 
     **Arguments:**
 
-    - `linear_solver`: any `lineax` solver for $H x = b$, or [`bilevax.Neumann`][]. `lx.CG`
-        (the default) suits a positive definite Hessian; `lx.GMRES` or `lx.BiCGStab` an
-        indefinite one; `lx.LU()` or `lx.Cholesky()` a small one (they form $H$).
+    - `linear_solver`: any `lineax` solver for $H x = b$, or [`bilevax.Neumann`][];
+        wrap it in [`bilevax.Preconditioned`][] to precondition it. The default (`None`) is
+        [`bilevax.CG`][] with relative tolerance the inner solve's `tol` (never below
+        $10^{-10}$ in float64, $10^{-5}$ in float32), so the derivative is as accurate as the
+        solution it differentiates. `lx.GMRES` or `lx.BiCGStab` suit an indefinite Hessian;
+        `lx.LU()` or `lx.Cholesky()` a small one (they form $H$).
+    - `throw`: whether a failed linear solve (tolerance not reached, breakdown, a non-finite
+        system) raises when the derivative is computed (the default), or gives NaN
+        derivatives (an approximate one for a solve cut short at its `max_steps`).
     """
 
-    linear_solver: lx.AbstractLinearSolver = lx.CG(rtol=1e-6, atol=1e-6)
+    linear_solver: lx.AbstractLinearSolver | None = None
+    throw: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
-        check_linear_solver(self.linear_solver)
+        if self.linear_solver is not None:
+            check_linear_solver(self.linear_solver)
+        check_bool("throw", self.throw)
 
     def solve(self, inner_loss, init, hparams, data, solver, max_steps, tol, static_params):
         loss = _flat_loss(stop_gradient(inner_loss), static_params)
@@ -71,14 +81,16 @@ class ImplicitAdjoint(AbstractAdjoint):
             max_steps,
             tol,
         )
+        optimality, inputs, symmetric = optimality_for(
+            solver, static_params, inner_loss, hparams, data
+        )
+        linear_solver = self.linear_solver
+        if linear_solver is None:
+            linear_solver = default_linear_solver(params, tol)
+        if not symmetric:
+            linear_solver = general_solver(linear_solver)
         params = implicit_solution(
-            params,
-            inner_loss,
-            hparams,
-            data,
-            self.linear_solver,
-            static_params=static_params,
-            solver=solver,
+            params, optimality, inputs, linear_solver, symmetric=symmetric, throw=self.throw
         )
         return params, result, stats
 
@@ -94,22 +106,37 @@ class UnrolledAdjoint(AbstractAdjoint):
         $k$ stores the state at $k$ evenly spaced steps and recomputes the steps in between
         during the backward pass: one extra forward pass, memory $O(k + T/k)$
         ($O(\sqrt{T})$ at $k = \sqrt{T}$).
+    - `truncate`: differentiate through the last `truncate` steps only (truncated
+        back-propagation, Shaban et al. 2019); `None` for all of them.
     """
 
-    checkpoints: int | None = None
+    checkpoints: int | None = eqx.field(static=True, default=None)
+    truncate: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         check_checkpoints(self.checkpoints)
+        if self.truncate is not None:
+            check_int("truncate", self.truncate, 1)
 
     def solve(self, inner_loss, init, hparams, data, solver, max_steps, tol, static_params):
         loss = _flat_loss(inner_loss, static_params)
         args = (hparams, data)
-        params = unroll(loss, init, args, solver, max_steps, checkpoints=self.checkpoints)
+        params = unroll(
+            loss,
+            init,
+            args,
+            solver,
+            max_steps,
+            checkpoints=self.checkpoints,
+            truncate=self.truncate,
+        )
         final_loss, grad = jax.value_and_grad(loss)(stop_gradient(params), stop_gradient(args))
         grad_norm = tree_norm(
             solver.residual(loss, stop_gradient(params), grad, stop_gradient(args))
         )
         result = result_from(final_loss, grad, grad_norm, tol)
+        # A diverged unroll is a failure, not an approximation: its parameters become NaN.
+        params = tree_where_nan(result == RESULTS.nonfinite, params)
         return params, result, {"num_steps": jnp.asarray(max_steps), "grad_norm": grad_norm}
 
 

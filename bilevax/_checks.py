@@ -19,9 +19,54 @@ def check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
 
 
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+
+
 def check_nonnegative(name: str, value) -> None:
-    if isinstance(value, int | float) and not value >= 0:
+    """A real scalar >= 0: a Python number, a NumPy or JAX scalar (checked when concrete),
+    or a traced scalar (checked for its type only)."""
+    if isinstance(value, bool) or value is None:
+        raise TypeError(f"`{name}` must be a real number >= 0, got {value!r}.")
+    if isinstance(value, numbers.Real):
+        if not value >= 0:
+            raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+        return
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape != () or dtype is None or not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"`{name}` must be a real scalar >= 0, got {value!r}.")
+    if isinstance(value, jax.core.Tracer):
+        return
+    if not bool(value >= 0):
         raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+
+
+def check_hparams(hparams: PyTree) -> PyTree:
+    """The hyperparameters with Python floats made arrays (differentiable); refuses a pytree
+    with no floating-point array, whose hypergradient would be `None`."""
+    hparams = jax.tree.map(
+        lambda x: jnp.asarray(x) if isinstance(x, float) and not isinstance(x, bool) else x,
+        hparams,
+    )
+    if not any(eqx.is_inexact_array(x) for x in jax.tree.leaves(hparams)):
+        raise TypeError(
+            "`hparams` must hold at least one floating-point array to differentiate (an "
+            "integer has no gradient: pass e.g. `jnp.asarray(3.0)`); got "
+            f"{_describe(hparams)}."
+        )
+    return hparams
+
+
+def check_instance(name: str, value, cls: type | tuple[type, ...], expected: str) -> None:
+    """Refuses a class (or an uncalled factory) where an instance is expected."""
+    if isinstance(value, type):
+        raise TypeError(
+            f"`{name}` must be an instance, e.g. `{value.__name__}(...)`, not the class "
+            f"{value.__name__} itself."
+        )
+    if not isinstance(value, cls):
+        raise TypeError(f"`{name}` must be {expected}, got {type(value).__name__}.")
 
 
 def check_mode(mode) -> None:
@@ -54,9 +99,11 @@ def check_scalar_loss(name: str, loss, params, hparams, data, params_name: str) 
     if not (
         isinstance(out, jax.ShapeDtypeStruct)
         and out.shape == ()
-        and jnp.issubdtype(out.dtype, jnp.inexact)
+        and jnp.issubdtype(out.dtype, jnp.floating)
     ):
-        raise ValueError(f"`{name}` must return a floating-point scalar, got {_describe(out)}.")
+        raise ValueError(
+            f"`{name}` must return a real floating-point scalar, got {_describe(out)}."
+        )
 
 
 def check_same_structure(name: str, tree: PyTree, reference: PyTree, reference_name: str) -> None:
@@ -82,6 +129,11 @@ def _describe(tree: PyTree) -> str:
 
 
 def check_linear_solver(linear_solver) -> None:
+    if isinstance(linear_solver, type):
+        raise TypeError(
+            "`linear_solver` must be a solver instance, e.g. "
+            f"`{linear_solver.__name__}(...)`, not the class itself."
+        )
     if not isinstance(linear_solver, lx.AbstractLinearSolver):
         raise TypeError(
             "`linear_solver` must be a `lineax` linear solver (e.g. `lx.CG(rtol, atol)`, "

@@ -1,3 +1,4 @@
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
@@ -12,4 +13,10 @@ HParams: TypeAlias = PyTree[Any]
 Data: TypeAlias = PyTree[Any]
 """A problem's data: any pytree, or `None`."""
 
-__all__ = ["Array", "ArrayLike", "Data", "HParams", "Params", "PyTree", "Scalar"]
+InnerLoss: TypeAlias = Callable[[Params, HParams, Data], Scalar]
+"""The training objective $L$: `inner_loss(params, hparams, data) -> scalar`."""
+
+OuterLoss: TypeAlias = Callable[[Params, HParams, Data], Scalar]
+"""The validation objective $E$: `outer_loss(params, hparams, data) -> scalar`."""
+
+__all__ = ["Array", "ArrayLike", "Data", "HParams", "InnerLoss", "OuterLoss", "Params", "PyTree", "Scalar"]

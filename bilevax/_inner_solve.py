@@ -1,14 +1,22 @@
 import equinox as eqx
 
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
-from ._checks import check_callable, check_int, check_nonnegative, check_scalar_loss, split_params
-from ._custom_types import Data, HParams, Params
+from ._checks import (
+    check_bool,
+    check_callable,
+    check_instance,
+    check_int,
+    check_nonnegative,
+    check_scalar_loss,
+    split_params,
+)
+from ._custom_types import Data, HParams, InnerLoss, Params
 from ._solution import RESULTS, Solution
-from ._solvers import GradientDescent, SolverLike, as_inner_solver
+from ._solver import GradientDescent, SolverLike, as_inner_solver
 
 
 def inner_solve(
-    inner_loss,
+    inner_loss: InnerLoss,
     init: Params,
     hparams: HParams,
     data: Data = None,
@@ -48,16 +56,17 @@ def inner_solve(
     **Returns:**
 
     A [`bilevax.Solution`][] with `params`, `result` ([`bilevax.RESULTS`][]) and `stats`
-    (`"num_steps"`, `"grad_norm"`).
+    (`"num_steps"`, `"grad_norm"`). A solve that went non-finite returns NaN parameters
+    (`RESULTS.nonfinite`), never its last finite iterate; one cut short at `max_steps`
+    returns its last iterate, flagged `RESULTS.max_steps_reached`.
     """
     check_callable("inner_loss", inner_loss)
     check_int("max_steps", max_steps, 0)
     check_nonnegative("tol", tol)
-    if not isinstance(adjoint, AbstractAdjoint):
-        raise TypeError(
-            "`adjoint` must be `bx.ImplicitAdjoint(...)` or `bx.UnrolledAdjoint(...)`, "
-            f"got {type(adjoint).__name__}."
-        )
+    check_instance(
+        "adjoint", adjoint, AbstractAdjoint, "`bx.ImplicitAdjoint(...)` or `bx.UnrolledAdjoint(...)`"
+    )
+    check_bool("throw", throw)
     float_init, static_init = split_params(init, "init")
     check_scalar_loss("inner_loss", inner_loss, init, hparams, data, "init")
     inner_solver = as_inner_solver(solver, hparams)

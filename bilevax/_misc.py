@@ -21,3 +21,23 @@ def tree_norm(tree: PyTree[Array]) -> Scalar:
 def tree_isfinite(tree: PyTree[Array]) -> Array:
     leaves = jax.tree.leaves(tree)
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def tree_where_nan(pred, tree: PyTree[Array]) -> PyTree[Array]:
+    """`tree` with every floating-point leaf replaced by NaN where `pred` holds.
+
+    Written as `x + (NaN or 0)`, not `where(pred, NaN, x)`, so that a cotangent still flows to
+    `x` (a `where` would send it zero, and a derivative through a failed value would come out
+    finite)."""
+
+    def leaf(x):
+        if not eqx.is_inexact_array(x):
+            return x
+        return x + jnp.where(pred, jnp.asarray(jnp.nan, x.dtype), jnp.zeros((), x.dtype))
+
+    return jax.tree.map(leaf, tree)
+
+
+def tree_subtract(a: PyTree[Array], b: PyTree[Array]) -> PyTree[Array]:
+    """`a - b` leaf by leaf (`None` leaves, as `eqx.filter_grad` leaves them, stay `None`)."""
+    return jax.tree.map(jnp.subtract, a, b)

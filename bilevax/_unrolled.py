@@ -3,17 +3,24 @@ from typing import Literal
 
 import equinox as eqx
 
-from ._adjoint import check_checkpoints
-from ._checks import check_callable, check_int, check_mode, check_scalar_loss, split_params
-from ._custom_types import Data, HParams, Params
+from ._adjoint import UnrolledAdjoint
+from ._checks import (
+    check_callable,
+    check_hparams,
+    check_int,
+    check_mode,
+    check_scalar_loss,
+    split_params,
+)
+from ._custom_types import Data, HParams, InnerLoss, OuterLoss, Params
 from ._forward import forward_value_and_grad
-from ._loops import unroll
-from ._solvers import GradientDescent, SolverLike, as_inner_solver
+from ._inner_solve import inner_solve
+from ._solver import GradientDescent, SolverLike, as_inner_solver
 
 
 def unrolled_hypergrad(
-    outer_loss,
-    inner_loss,
+    outer_loss: OuterLoss,
+    inner_loss: InnerLoss,
     init: Params | Callable[[HParams], Params],
     hparams: HParams,
     inner_data: Data = None,
@@ -59,35 +66,34 @@ def unrolled_hypergrad(
 
     `(value, hypergrad)` as `jax.value_and_grad` returns them: the outer loss at $w_T$ and its
     total derivative, with the structure of `hparams` (including the direct term
-    $\partial_\lambda E$; `None` at non-floating-point leaves).
+    $\partial_\lambda E$; `None` at non-floating-point leaves). It is
+    `inner_solve(..., max_steps=num_steps, adjoint=bx.UnrolledAdjoint(checkpoints, truncate))`
+    differentiated; an unroll that goes non-finite gives NaN, never a finite hypergradient.
     """
     check_callable("outer_loss", outer_loss)
     check_callable("inner_loss", inner_loss)
     check_int("num_steps", num_steps, 0)
     check_mode(mode)
-    if truncate is not None:
-        check_int("truncate", truncate, 1)
-    check_checkpoints(checkpoints)
+    hparams = check_hparams(hparams)
+    adjoint = UnrolledAdjoint(checkpoints=checkpoints, truncate=truncate)
     init_fn = init if _is_function(init) else (lambda _: init)
     params0 = init_fn(hparams)
-    _, static_params = split_params(params0, "init")
-    check_scalar_loss("inner_loss", inner_loss, params0, hparams, inner_data, "init")
+    split_params(params0, "init")
     check_scalar_loss("outer_loss", outer_loss, params0, hparams, outer_data, "init")
     as_inner_solver(solver, hparams)  # fail early, outside any transformation, on a bad solver
 
     def objective(hparams):
-        float_params, _ = eqx.partition(init_fn(hparams), eqx.is_inexact_array)
-        loss = lambda p, args: inner_loss(eqx.combine(p, static_params), *args)
-        float_params = unroll(
-            loss,
-            float_params,
-            (hparams, inner_data),
-            as_inner_solver(solver, hparams),
-            num_steps,
-            checkpoints=checkpoints,
-            truncate=truncate,
+        solution = inner_solve(
+            inner_loss,
+            init_fn(hparams),
+            hparams,
+            inner_data,
+            solver=solver,
+            max_steps=num_steps,
+            tol=0.0,
+            adjoint=adjoint,
         )
-        return outer_loss(eqx.combine(float_params, static_params), hparams, outer_data)
+        return outer_loss(solution.params, hparams, outer_data)
 
     if mode == "forward":
         return forward_value_and_grad(objective, hparams)

@@ -28,10 +28,11 @@ import lineax as lx
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
-from ._custom_types import Data, HParams, Params
-from ._implicit_jvp import HESSIAN_TAGS
-from ._misc import tree_isfinite, tree_norm
-from ._preconditioner import build_preconditioner
+from .._checks import check_bool, check_int, check_nonnegative, check_same_structure
+from .._custom_types import Data, HParams, Params
+from .._ift import GradientOptimality, jacobian_operator, linear_solve
+from .._linear_solver import CG
+from .._misc import tree_isfinite, tree_norm, tree_subtract
 from ._spectrum import ritz_values
 
 
@@ -41,7 +42,16 @@ class HypergradResult(eqx.Enumeration):
     successful = ""
     linear_solve_failed = (
         "The linear solve `H v = ∇_w E` did not reach its tolerance: raise its `max_steps`, "
-        "add a `preconditioner`, or use a direct solver such as `lx.Cholesky()`."
+        "precondition it (`bx.Preconditioned`), or use a direct solver such as `lx.Cholesky()`."
+    )
+    linear_solve_breakdown = (
+        "The linear solve `H v = ∇_w E` broke down: CG met a direction of non-positive "
+        "curvature (the Hessian is not positive definite at `params_star`), or a Neumann "
+        "series diverged (its `scale` is above 2 / the largest eigenvalue)."
+    )
+    not_stationary = (
+        "`params_star` is not stationary: the inner gradient norm is above `tol`, so the "
+        "hypergradient is that of another point. Solve the inner problem further."
     )
     not_positive_definite = (
         "The Hessian of the inner loss at `params_star` is not positive definite (a Ritz value "
@@ -53,14 +63,16 @@ class HypergradResult(eqx.Enumeration):
 
 
 class HypergradInfo(eqx.Module):
-    r"""What [`bilevax.implicit_hypergrad`][] reports with `has_aux=True`.
+    r"""What [`bilevax.implicit_hypergrad`][] reports with `has_aux=True`, and
+    [`bilevax.diagnostics.hypergrad_info`][] computes.
 
     **Attributes:**
 
     - `result`: a [`bilevax.HypergradResult`][].
     - `inner_grad_norm`: $\|\nabla_w L(w, \lambda)\|_2$ at `params_star`.
     - `residual_norm`: $\|H v - \nabla_w E\|_2$, the linear solve's residual.
-    - `solve_steps`: the linear solver's iterations (0 for a direct solver).
+    - `solve_steps`: the linear solver's iterations (0 for a direct solver, and when the
+        adjoint was given rather than solved for).
     - `hessian_min`, `hessian_max`: the extreme Ritz values of $H$ after `lanczos_steps`
         Lanczos steps; $\lambda_{\min} \le$ `hessian_min` and `hessian_max` $\le
         \lambda_{\max}$, with equality once `lanczos_steps` reaches the number of
@@ -76,6 +88,10 @@ class HypergradInfo(eqx.Module):
         `lanczos_steps > 0`).
     - `adjoint`: the solution $v$ of $H v = \nabla_w E$, to pass back as `adjoint_init` at the
         next outer step (a warm start).
+
+    The result is, in order of precedence: `nonfinite`, the linear solve's failure
+    (`linear_solve_failed`, `linear_solve_breakdown`), `not_positive_definite` (Lanczos),
+    `not_stationary`, `successful`.
     """
 
     result: HypergradResult
@@ -95,60 +111,79 @@ class HypergradInfo(eqx.Module):
         return self.result != HypergradResult.not_positive_definite
 
 
-def hypergrad_with_info(
+def hypergrad_info(
     outer_loss,
     inner_loss,
     params_star: Params,
     hparams: HParams,
     inner_data: Data,
     outer_data: Data,
+    adjoint: PyTree[Array],
     *,
-    linear_solver: lx.AbstractLinearSolver,
-    adjoint_init: PyTree | None,
-    preconditioner,
-    lanczos_steps: int,
-    estimate_error: bool,
-    key: Array,
-    diagnostic_solver: lx.AbstractLinearSolver | None = None,
-):
-    """`(value, hypergrad, HypergradInfo)` by an explicit adjoint solve (see the module)."""
+    tol=1e-6,
+    lanczos_steps: int = 20,
+    estimate_error: bool = True,
+    linear_solver: lx.AbstractLinearSolver | None = None,
+    key: Array | None = None,
+    solve_result: lx.RESULTS | None = None,
+    solve_steps: Array | None = None,
+    hypergrad: PyTree[Array] | None = None,
+) -> HypergradInfo:
+    r"""Diagnoses a hypergradient from the problem and its adjoint $v$ (see the module): a
+    pure function, built on the same Hessian operator and checked linear solve as
+    [`bilevax.implicit_hypergrad`][].
+
+    **Arguments:**
+
+    - `outer_loss`, `inner_loss`, `params_star`, `hparams`, `inner_data`, `outer_data`: as
+        for [`bilevax.implicit_hypergrad`][].
+    - `adjoint`: $v$, e.g. `info.adjoint` from `implicit_hypergrad(..., has_aux=True)`.
+    - `tol`: `params_star` is called stationary when $\|\nabla_w L\|_2 \le$ `tol`.
+    - `lanczos_steps`: Lanczos steps for the extreme eigenvalues of $H$ and
+        $\|\partial^2_{w\lambda} L\|_2$, and the positive-definiteness check (0: none).
+    - `estimate_error`: whether to compute the first-order error estimate (three more linear
+        solves) and, with `lanczos_steps > 0`, the bound.
+    - `linear_solver`: for the estimate's own solves, which must be accurate whatever the
+        accuracy of $v$ (whose error they measure); default [`bilevax.CG`][] at relative
+        tolerance $10^{-8}$ in float64 ($10^{-4}$ in float32).
+    - `key`: a `jax.random.key` for the Lanczos starts (default `jax.random.key(0)`).
+    - `solve_result`, `solve_steps`: how the solve that produced $v$ ended, if known.
+    - `hypergrad`: the hypergradient computed from $v$, if known (checked for finiteness).
+
+    **Returns:**
+
+    A [`bilevax.diagnostics.HypergradInfo`][].
+    """
+    check_int("lanczos_steps", lanczos_steps, 0)
+    check_bool("estimate_error", estimate_error)
+    check_nonnegative("tol", tol)
     float_params, static_params = eqx.partition(params_star, eqx.is_inexact_array)
     float_hparams, static_hparams = eqx.partition(hparams, eqx.is_inexact_array)
+    check_same_structure("adjoint", adjoint, float_params, "the floating-point part of `params_star`")
+    optimality = GradientOptimality(static_params)
 
-    def L(w, lam):
-        return inner_loss(
-            eqx.combine(w, static_params), eqx.combine(lam, static_hparams), inner_data
-        )
+    def grad_L(w, lam):
+        return optimality(w, (inner_loss, eqx.combine(lam, static_hparams), inner_data))
 
     def E(w, lam):
         return outer_loss(
             eqx.combine(w, static_params), eqx.combine(lam, static_hparams), outer_data
         )
 
-    w, lam = float_params, float_hparams
-    grad_L = jax.grad(L)
+    w, lam, v = float_params, float_hparams, adjoint
     grad = grad_L(w, lam)
     value, (outer_w, outer_lam) = jax.value_and_grad(E, argnums=(0, 1))(w, lam)
-    hessian = lx.linearise(
-        lx.JacobianLinearOperator(lambda w, _: grad_L(w, lam), w, tags=HESSIAN_TAGS)
+    hessian = jacobian_operator(
+        optimality, w, (inner_loss, hparams, inner_data), symmetric=True
     )
-    precondition_key, lanczos_key, mixed_key = jax.random.split(key, 3)
-    options = {}
-    operator = build_preconditioner(preconditioner, hessian, precondition_key)
-    if operator is not None:
-        options["preconditioner"] = operator
-
-    def solve(b, y0=None, solver=linear_solver):
-        opts = options if y0 is None else {**options, "y0": y0}
-        return lx.linear_solve(hessian, b, solver, options=opts, throw=False)
+    lanczos_key, mixed_key = jax.random.split(jax.random.key(0) if key is None else key)
 
     def mixed_t(u):  # B^T u: the λ-gradient of ⟨∇_w L, u⟩
         return jax.vjp(lambda lam: grad_L(w, lam), lam)[1](u)[0]
 
-    solution = solve(outer_w, adjoint_init)
-    v = solution.value
-    hypergrad = jax.tree.map(jnp.subtract, outer_lam, mixed_t(v))
-    residual = jax.tree.map(jnp.subtract, hessian.mv(v), outer_w)
+    if hypergrad is None:
+        hypergrad = tree_subtract(outer_lam, mixed_t(v))
+    residual = tree_subtract(hessian.mv(v), outer_w)
     inner_grad_norm, residual_norm = tree_norm(grad), tree_norm(residual)
     dtype = jnp.result_type(*jax.tree.leaves(grad))
     nan = jnp.asarray(jnp.nan, dtype)
@@ -170,30 +205,27 @@ def hypergrad_with_info(
 
     error_estimate = error_bound = nan
     if estimate_error:
-        # The estimate's own solves are accurate, relative to their right-hand sides, whatever
-        # the tolerance of `linear_solver` (whose error they measure).
-        if diagnostic_solver is None:
+        if linear_solver is None:
             rtol = 1e-8 if jnp.finfo(dtype).bits >= 64 else 1e-4
-            diagnostic_solver = lx.CG(rtol=rtol, atol=0.0)
-        precise = lambda b: solve(b, solver=diagnostic_solver).value
+            linear_solver = CG(rtol=rtol, atol=0.0)
+        precise = lambda b: linear_solve(hessian, b, linear_solver, throw=False)[0]
         newton = precise(grad)
 
         def F(w):  # ∂_λE(w) − B(w)^T v at fixed v
-            return jax.tree.map(
-                jnp.subtract,
+            return tree_subtract(
                 jax.grad(E, argnums=1)(w, lam),
                 jax.vjp(lambda lam: grad_L(w, lam), lam)[1](v)[0],
             )
 
         def G(w):  # H(w) v − ∇_w E(w) at fixed v
             hv = jax.jvp(lambda w: grad_L(w, lam), (w,), (v,))[1]
-            return jax.tree.map(jnp.subtract, hv, jax.grad(E)(w, lam))
+            return tree_subtract(hv, jax.grad(E)(w, lam))
 
         dF = jax.jvp(F, (w,), (newton,))[1]
         dG = jax.jvp(G, (w,), (newton,))[1]
         sensitivity = jax.tree.map(jnp.add, dF, mixed_t(precise(dG)))
         solve_error = mixed_t(precise(residual))
-        error_estimate = tree_norm(jax.tree.map(jnp.subtract, sensitivity, solve_error))
+        error_estimate = tree_norm(tree_subtract(sensitivity, solve_error))
         if lanczos_steps > 0 and flat_lam.size > 0:
             # ‖Dĥ‖₂ from the small λ-side Gram operator Dĥ Dĥᵀ, with
             # Dĥ[u] = ∂_w F[u] + Bᵀ H⁻¹ ∂_w G[u] and Dĥᵀ[y] = ∂_w Fᵀ y + ∂_w Gᵀ H⁻¹ B y.
@@ -215,23 +247,33 @@ def hypergrad_with_info(
                 hessian_min
             )
 
-    tolerance = 10 * jnp.finfo(dtype).eps * jnp.abs(hessian_max) * max(lanczos_steps, 1)
-    result = HypergradResult.where(
-        solution.result == lx.RESULTS.successful,
-        HypergradResult.successful,
-        HypergradResult.linear_solve_failed,
-    )
+    result = HypergradResult.successful
     if lanczos_steps > 0:
+        tolerance = 10 * jnp.finfo(dtype).eps * jnp.abs(hessian_max) * lanczos_steps
         result = HypergradResult.where(
             hessian_min > tolerance, result, HypergradResult.not_positive_definite
         )
-    finite = tree_isfinite(hypergrad) & jnp.isfinite(value)
+    result = HypergradResult.where(
+        inner_grad_norm <= tol, result, HypergradResult.not_stationary
+    )
+    finite = (
+        tree_isfinite(hypergrad)
+        & tree_isfinite(v)
+        & jnp.isfinite(value)
+        & jnp.isfinite(inner_grad_norm)
+        & jnp.isfinite(residual_norm)
+    )
     result = HypergradResult.where(finite, result, HypergradResult.nonfinite)
-    info = HypergradInfo(
+    if solve_result is not None:
+        # After the finiteness test: a failed solve's NaN (under `throw=False`) is its doing.
+        result = HypergradResult.where(
+            solve_result == lx.RESULTS.successful, result, _from_solve(solve_result)
+        )
+    return HypergradInfo(
         result=result,
         inner_grad_norm=inner_grad_norm,
         residual_norm=residual_norm,
-        solve_steps=jnp.asarray(solution.stats.get("num_steps", 0)),
+        solve_steps=jnp.asarray(0 if solve_steps is None else solve_steps),
         hessian_min=hessian_min,
         hessian_max=hessian_max,
         mixed_norm=mixed_norm,
@@ -239,5 +281,14 @@ def hypergrad_with_info(
         error_bound=error_bound,
         adjoint=v,
     )
-    # `hypergrad` has `None` at the non-floating-point leaves, as `eqx.filter_grad` gives.
-    return value, hypergrad, info
+
+
+def _from_solve(solve_result: lx.RESULTS) -> HypergradResult:
+    """The info's result for a linear solve that did not succeed."""
+    result = HypergradResult.linear_solve_failed
+    for lineax_result, ours in (
+        (lx.RESULTS.breakdown, HypergradResult.linear_solve_breakdown),
+        (lx.RESULTS.nonfinite_input, HypergradResult.nonfinite),
+    ):
+        result = HypergradResult.where(solve_result == lineax_result, ours, result)
+    return result

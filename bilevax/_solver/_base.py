@@ -1,4 +1,5 @@
 import abc
+import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -9,7 +10,7 @@ import optax
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
-from ._custom_types import HParams
+from .._custom_types import HParams
 
 
 _State = TypeVar("_State")
@@ -132,7 +133,20 @@ def as_inner_solver(solver: SolverLike, hparams: HParams) -> AbstractInnerSolver
     """Turns the `solver` argument of the primitives into an [`AbstractInnerSolver`][].
 
     A callable that is not itself a solver is called on `hparams` first (a learned step size).
+    A class, or an optax factory such as `optax.adam`, is refused: passed uncalled, it would
+    take the hyperparameters for its learning rate.
     """
+    if isinstance(solver, type):
+        raise TypeError(
+            f"`solver` must be a solver instance, e.g. `{solver.__name__}(...)`, not the class "
+            f"{solver.__name__} itself."
+        )
+    if _is_factory(solver):
+        name = getattr(solver, "__name__", repr(solver))
+        raise TypeError(
+            f"`solver` is the factory `{solver.__module__}.{name}`, not an optimiser: call it "
+            f"(e.g. `optax.{name}(1e-2)`). A learned step size is a `lambda hparams: ...`."
+        )
     if not isinstance(solver, AbstractInnerSolver | optax.GradientTransformation):
         if not isinstance(solver, optx.AbstractMinimiser) and callable(solver):
             solver = solver(hparams)
@@ -147,3 +161,8 @@ def as_inner_solver(solver: SolverLike, hparams: HParams) -> AbstractInnerSolver
         "an `optax.GradientTransformation`, an `optimistix` minimiser, or a callable "
         f"`hparams -> solver` returning one of those; got {type(solver).__name__}."
     )
+
+
+def _is_factory(solver) -> bool:
+    module = getattr(solver, "__module__", None) or ""
+    return inspect.isfunction(solver) and module.split(".")[0] in ("optax", "optimistix")

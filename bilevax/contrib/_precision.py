@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 
-from ._custom_types import Data, HParams, Params
-from ._hypergrad_info import HypergradInfo
-from ._implicit import implicit_hypergrad
-from ._inner_solve import inner_solve
-from ._solvers import GradientDescent, SolverLike
+from .._custom_types import Data, HParams, Params
+from ..diagnostics._info import HypergradInfo
+from .._implicit import implicit_hypergrad
+from .._inner_solve import inner_solve
+from .._solver import GradientDescent, SolverLike
 
 
 class PrecisionPolicy(eqx.Module):

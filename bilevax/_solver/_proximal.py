@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PyTree
 
-from ._checks import check_callable
-from ._solvers import AbstractInnerSolver
+from .._checks import check_callable
+from ._base import AbstractInnerSolver
 
 
 _FistaState = tuple[PyTree[Array], Array] | None

@@ -49,10 +49,12 @@ class CG(lx.AbstractLinearSolver[_CGState]):
         SciPy. With `rtol = atol = 0` exactly `max_steps` iterations run (fewer only if the
         residual is exactly zero).
 
-    The result is `lx.RESULTS.successful` when the stopping rule holds, and
+    The result is `lx.RESULTS.successful` when the stopping rule holds,
     `lx.RESULTS.max_steps_reached` when the limit was hit first (with `rtol = atol = 0`,
-    running `max_steps` iterations counts as success). The statistics are `num_steps` and
-    `max_steps`.
+    running `max_steps` iterations counts as success), and `lx.RESULTS.breakdown` when an
+    iteration meets a direction of non-positive curvature, $p^\top A p \le 0$: the
+    operator is not positive definite (a Hessian away from a strict minimiser), and CG's
+    answer would mean nothing. The statistics are `num_steps` and `max_steps`.
     """
 
     rtol: float
@@ -124,27 +126,32 @@ class CG(lx.AbstractLinearSolver[_CGState]):
         threshold = jnp.maximum(self.atol, self.rtol * b_norm) ** 2
 
         def cond(carry):
-            _, _, _, gamma, rr, step = carry
+            _, _, _, gamma, rr, step, curved = carry
             # `gamma > 0` stops at an exact solution (and on a breakdown) with no 0/0.
-            return (step < max_steps) & (rr > threshold) & (gamma > 0)
+            return (step < max_steps) & (rr > threshold) & (gamma > 0) & curved
 
         def body(carry):
-            y, r, p, gamma, _, step = carry
+            y, r, p, gamma, _, step, _ = carry
             ap = operator.mv(p)
-            alpha = gamma / _dot(p, ap)
+            curvature = _dot(p, ap)
+            curved = curvature > 0
+            alpha = gamma / jnp.where(curved, curvature, 1)
             y = _axpy(alpha, p, y)
             r = _axpy(-alpha, ap, r)
             z = apply_m(r)
             gamma_new = _dot(r, z)
             rr = gamma_new if preconditioner is None else _dot(r, r)
             p = _axpy(gamma_new / gamma, p, z)
-            return y, r, p, gamma_new, rr, step + 1
+            return y, r, p, gamma_new, rr, step + 1, curved
 
-        carry = (y, r, p, gamma, rr, jnp.zeros((), dtype=jnp.int32))
-        y, _, _, _, rr, num_steps = jax.lax.while_loop(cond, body, carry)
+        # The counter and flag are made from `b_norm` (not fresh constants) so that they take
+        # the batch's sharding when vmapped over tasks on an `Explicit` mesh.
+        step0 = jnp.zeros_like(b_norm, dtype=jnp.int32)
+        carry = (y, r, p, gamma, rr, step0, step0 == 0)
+        y, _, _, _, rr, num_steps, curved = jax.lax.while_loop(cond, body, carry)
         if state.negate:
             y = jax.tree.map(jnp.negative, y)
-        finite = jnp.isfinite(rr)
+        finite = jnp.isfinite(rr) & curved
         converged = (rr <= threshold) | jnp.asarray(self._no_tolerance())
         result = lx.RESULTS.where(
             finite & converged,

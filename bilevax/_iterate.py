@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree, Scalar
 
-from ._misc import stop_gradient, tree_isfinite, tree_norm
+from ._misc import stop_gradient, tree_isfinite, tree_norm, tree_where_nan
 from ._solution import RESULTS
-from ._solvers import AbstractInnerSolver, Loss
+from ._solver import AbstractInnerSolver, Loss
 
 
 def solve_to_tolerance(
@@ -54,6 +54,8 @@ def solve_to_tolerance(
     params, _, loss, grad, num_steps = jax.lax.while_loop(cond, body, init_carry)
     grad_norm = residual_norm(params, grad)
     result = result_from(loss, grad, grad_norm, tol)
+    # The last finite iterate of a diverged solve would be a plausible wrong answer.
+    params = tree_where_nan(result == RESULTS.nonfinite, params)
     return params, result, {"num_steps": num_steps, "grad_norm": grad_norm}
 
 

@@ -126,3 +126,77 @@ class Damped(lx.AbstractLinearSolver):
 
     def assume_full_rank(self) -> bool:
         return True
+
+
+class Preconditioned(lx.AbstractLinearSolver):
+    r"""Another `lineax` solver with a preconditioner $P \approx A^{-1}$ built from the
+    operator at each solve: preconditioning as an option of the linear solve, so every
+    implicit path has it ([`bilevax.ImplicitAdjoint`][], [`bilevax.implicit_hypergrad`][],
+    [`bilevax.implicit_diff`][], HOAG). The wrapped solver must accept a `preconditioner`
+    option, as [`bilevax.CG`][] and `lx.CG` do.
+
+    **Arguments:**
+
+    - `solver`: the `lineax` solver, e.g. `bx.CG(rtol, atol)`.
+    - `preconditioner`: a [`bilevax.JacobiPreconditioner`][] (or another
+        [`bilevax.AbstractPreconditioner`][]), or a positive definite `lineax` operator.
+    - `key`: a `jax.random.key` for a randomised preconditioner (Hutchinson's samples);
+        default `jax.random.key(0)`.
+    """
+
+    solver: lx.AbstractLinearSolver
+    preconditioner: AbstractPreconditioner | lx.AbstractLinearOperator
+    key: Array | None = None
+
+    def __check_init__(self):
+        if not isinstance(self.solver, lx.AbstractLinearSolver):
+            raise TypeError(f"`solver` must be a `lineax` solver, got {self.solver!r}.")
+        if not isinstance(self.preconditioner, AbstractPreconditioner | lx.AbstractLinearOperator):
+            raise TypeError(
+                "`preconditioner` must be a `bx.JacobiPreconditioner(...)` (or another "
+                "`bx.AbstractPreconditioner`), or a positive definite `lineax` operator "
+                f"approximating the inverse; got {type(self.preconditioner).__name__}."
+            )
+
+    def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
+        key = jax.random.key(0) if self.key is None else self.key
+        preconditioner = build_preconditioner(self.preconditioner, lx.linearise(operator), key)
+        options = {**options, "preconditioner": preconditioner}
+        return self.solver.init(operator, options), options
+
+    def compute(self, state, vector: PyTree[Array], options: dict[str, Any]):
+        state, own_options = state
+        return self.solver.compute(state, vector, {**own_options, **options})
+
+    def transpose(self, state, options: dict[str, Any]):
+        state, own_options = state
+        state, own_options = self.solver.transpose(state, own_options)
+        return (state, own_options), options
+
+    def conj(self, state, options: dict[str, Any]):
+        state, own_options = state
+        state, own_options = self.solver.conj(state, own_options)
+        return (state, own_options), options
+
+    def assume_full_rank(self) -> bool:
+        return self.solver.assume_full_rank()
+
+
+def default_linear_solver(params: PyTree[Array], tol: Any = None) -> lx.AbstractLinearSolver:
+    r"""The implicit paths' default: [`bilevax.CG`][] stopping at
+    $\|r\|_2 \le \mathrm{rtol}\,\|b\|_2$, with `rtol` the inner solve's `tol` when there is
+    one (so the adjoint is as accurate as the solution it differentiates), and never below
+    what the parameters' dtype resolves: $10^{-10}$ in float64, $10^{-5}$ in float32,
+    $10^{-2}$ below."""
+    from ._cg import CG
+
+    leaves = jax.tree.leaves(params)
+    bits = max(jnp.finfo(x.dtype).bits for x in leaves) if leaves else 64
+    floor = 1e-10 if bits >= 64 else 1e-5 if bits >= 32 else 1e-2
+    if tol is None:
+        rtol = floor
+    elif isinstance(tol, int | float):
+        rtol = max(float(tol), floor)
+    else:
+        rtol = jnp.maximum(tol, floor)
+    return CG(rtol=rtol, atol=0.0)

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Int, PRNGKeyArray, PyTree
 
-from ._checks import check_callable, check_int, check_scalar_loss
-from ._custom_types import Data, HParams, Params
+from .._checks import check_callable, check_int, check_scalar_loss
+from .._custom_types import Data, HParams, Params
 
 
 StepSize = ArrayLike | Callable[[Array], ArrayLike]

@@ -10,13 +10,12 @@ import lineax as lx
 import optax
 from jaxtyping import Array, Int, PyTree, Scalar
 
-from ._adjoint import ImplicitAdjoint
-from ._checks import check_int
-from ._custom_types import Data, HParams, Params
-from ._hypergrad_info import HypergradInfo
-from ._implicit import implicit_hypergrad
-from ._inner_solve import inner_solve
-from ._solvers import GradientDescent, SolverLike
+from .._adjoint import ImplicitAdjoint
+from .._checks import check_int
+from .._custom_types import Data, HParams, Params
+from .._implicit import adjoint_hypergrad
+from .._inner_solve import inner_solve
+from .._solver import GradientDescent, SolverLike
 
 
 class HOAGState(eqx.Module):
@@ -62,6 +61,8 @@ class HOAG(eqx.Module):
     - `linear_max_steps`: CG's step limit (default: ten times the number of parameters).
     - `warm_start_params`, `warm_start_adjoint`: start the inner solve (the linear solve)
         where the previous one ended, instead of at `init` (at zero).
+    - `throw`: whether a failed linear solve raises (the default) or makes the step's
+        hypergradient, and so the hyperparameters, NaN (with `"solve_result"` saying why).
     """
 
     optimizer: optax.GradientTransformation
@@ -73,6 +74,7 @@ class HOAG(eqx.Module):
     linear_max_steps: int | None = eqx.field(static=True, default=None)
     warm_start_params: bool = eqx.field(static=True, default=True)
     warm_start_adjoint: bool = eqx.field(static=True, default=True)
+    throw: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
         check_int("max_steps", self.max_steps, 1)
@@ -119,7 +121,8 @@ class HOAG(eqx.Module):
 
         `(state, stats)`: the new state, and a dict with the outer `"value"` and
         `"hypergrad"` at the step's hyperparameters, the `"tol"` used, the `"inner_steps"`
-        and `"solve_steps"` taken, and the inner `"grad_norm"`.
+        and `"solve_steps"` taken, the inner `"grad_norm"`, and how the two solves ended
+        (`"inner_result"`, a [`bilevax.RESULTS`][]; `"solve_result"`, an `lx.RESULTS`).
         """
         # Traced tolerances are fine for both solvers; their annotations say float.
         tol = cast(Any, self.tolerance(state.step))
@@ -139,20 +142,17 @@ class HOAG(eqx.Module):
             state.adjoint if self.warm_start_adjoint else jax.tree.map(jnp.zeros_like, float_init)
         )
         linear_solver = lx.CG(rtol=tol, atol=tol, max_steps=self.linear_max_steps)
-        out = implicit_hypergrad(
+        value, hypergrad, adjoint, solve_result, solve_stats = adjoint_hypergrad(
             outer_loss,
             inner_loss,
             sol.params,
             state.hparams,
             inner_data,
             outer_data,
-            linear_solver=linear_solver,
+            linear_solver,
+            throw=self.throw,
             adjoint_init=adjoint_init,
-            has_aux=True,
-            lanczos_steps=0,
-            estimate_error=False,
         )
-        value, hypergrad, info = cast(tuple[Any, Any, HypergradInfo], out)
         float_hparams = eqx.filter(state.hparams, eqx.is_inexact_array)
         # Adam's bias correction mixes an int32 count with floats (strict promotion refuses).
         with jax.numpy_dtype_promotion("standard"):
@@ -161,7 +161,7 @@ class HOAG(eqx.Module):
         new_state = HOAGState(
             hparams=hparams,
             params=sol.params,
-            adjoint=info.adjoint,
+            adjoint=adjoint,
             opt_state=opt_state,
             step=state.step + 1,
         )
@@ -170,7 +170,9 @@ class HOAG(eqx.Module):
             "hypergrad": hypergrad,
             "tol": tol,
             "inner_steps": sol.stats["num_steps"],
-            "solve_steps": info.solve_steps,
+            "solve_steps": solve_stats["num_steps"],
             "grad_norm": sol.stats["grad_norm"],
+            "inner_result": sol.result,
+            "solve_result": solve_result,
         }
         return new_state, stats

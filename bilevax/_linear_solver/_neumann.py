@@ -4,6 +4,8 @@ import jax
 import lineax as lx
 from jaxtyping import Array, ArrayLike, PyTree
 
+from .._misc import tree_norm
+
 
 class Neumann(lx.AbstractLinearSolver):
     r"""Truncated Neumann series, a `lineax` solver for $A x = b$:
@@ -13,7 +15,10 @@ class Neumann(lx.AbstractLinearSolver):
     It converges when the spectrum of $\alpha A$ lies in $(0, 2)$; with few steps it acts as
     a cheap, biased approximation of $A^{-1}$ (Lorraine et al. 2020), whose error decays as
     $|1 - \alpha \mu|^{K+1}$ for each eigenvalue $\mu$ of $A$. It uses $K$ matrix-vector
-    products and never reports failure, since it has no convergence test.
+    products. It is approximate by design, so a short series is not a failure; a series
+    that diverges (its last term larger than its first, $\|(I - \alpha A)^K b\| > \|b\|$,
+    which a convergent series never has for a symmetric $A$) is reported as
+    `lx.RESULTS.breakdown`, and non-finite values as a failure by the caller's policy.
 
     **Arguments:**
 
@@ -45,9 +50,11 @@ class Neumann(lx.AbstractLinearSolver):
             power = jax.tree.map(lambda p, ap: p - self.scale * ap, power, operator.mv(power))
             return (power, jax.tree.map(lambda t, p: t + p, total, power)), None
 
-        (_, total), _ = jax.lax.scan(term, (vector, vector), length=self.steps)
+        (power, total), _ = jax.lax.scan(term, (vector, vector), length=self.steps)
         solution = jax.tree.map(lambda t: self.scale * t, total)
-        return solution, lx.RESULTS.successful, {"num_steps": self.steps}
+        diverged = tree_norm(power) > tree_norm(vector)
+        result = lx.RESULTS.where(diverged, lx.RESULTS.breakdown, lx.RESULTS.successful)
+        return solution, result, {"num_steps": self.steps}
 
     def transpose(self, state: lx.AbstractLinearOperator, options: dict[str, Any]):
         return state.transpose(), options

@@ -1,0 +1,185 @@
+import functools
+import inspect
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+from jaxtyping import PyTree
+
+from ._checks import check_bool, check_callable, check_linear_solver, check_same_structure
+from ._ift import general_solver, implicit_solution
+from ._linear_solver import default_linear_solver
+from ._misc import stop_gradient
+
+
+def implicit_diff(
+    solve_fn: Callable,
+    optimality_fn: Callable | None = None,
+    *,
+    fixed_point_fn: Callable | None = None,
+    linear_solver: lx.AbstractLinearSolver | None = None,
+    symmetric: bool = False,
+    has_aux: bool = False,
+    throw: bool = True,
+) -> Callable:
+    r"""Attaches implicit differentiation to any solver: the bilevax form of jaxopt's
+    `custom_root` and `custom_fixed_point`.
+
+    `solve_fn(init, *args)` is any routine returning $w^*$ with $F(w^*, \text{args}) = 0$: a
+    closed form, an `optimistix` or `lineax` call, a hand-written CG or coordinate-descent
+    loop. It is run without being differentiated; the returned function gives its output the
+    derivative of the implicit function theorem,
+    $$\mathrm{d}w^* = -(\partial_w F)^{-1}\,\partial_{\theta} F \cdot \mathrm{d}\theta,
+      \qquad \theta = \text{args},$$
+    as a `jax.custom_jvp`, so forward mode (`jax.jvp`, `jax.jacfwd`), reverse mode
+    (`jax.grad`; one transposed solve through `lax.custom_linear_solve`) and their
+    compositions (`jax.hessian`) all work, as do `jax.jit` and `jax.vmap`. $\partial_w F$ is
+    applied through JVPs only, unless `linear_solver` forms it (`lx.LU()`).
+
+    **Arguments:**
+
+    - `solve_fn`: `(init, *args) -> solution`, where `solution` is a pytree of floating-point
+        arrays. The derivative with respect to `init` is zero, as at an exact solution.
+    - `optimality_fn`: `(solution, *args) -> residual`, with the structure of `solution`, zero
+        at a solution. For a minimiser of `loss` this is `jax.grad(loss)` (and pass
+        `symmetric=True`). Arrays it closes over are differentiated too.
+    - `fixed_point_fn`: instead of `optimality_fn`, a map `T(solution, *args)` whose fixed
+        point is the solution (the residual is then $w - T(w)$), as in jaxopt's
+        `custom_fixed_point`. Give exactly one of the two.
+    - `linear_solver`: any `lineax` solver, or [`bilevax.Neumann`][]. The default is
+        [`bilevax.CG`][] with the default tolerance of the solution's dtype (see
+        [`bilevax.ImplicitAdjoint`][]). CG and `lx.Cholesky` are applied to the normal equations $J^\top J x = J^\top b$ unless
+        `symmetric=True` (jaxopt's default `solve_normal_cg`); `lx.GMRES`, `lx.BiCGStab` and
+        `lx.LU()` solve the general system directly.
+    - `symmetric`: whether $\partial_w F$ is symmetric positive semidefinite, as the Hessian of
+        a convex loss is; then CG runs on $J$ itself and reverse mode reuses the same solve.
+    - `has_aux`: whether `solve_fn` returns `(solution, aux)`; `aux` is returned as it is, not
+        differentiated.
+    - `throw`: whether a failed linear solve raises (the default) or gives NaN (see
+        [the failure policy](../trustworthy-hypergradients.md#failure-policy)).
+
+    **Returns:**
+
+    A function with the signature of `solve_fn`: arguments after `init` may be passed by
+    position or by keyword.
+
+    !!! example
+
+        ```python
+        def ridge(init, lam, X, y):  # any routine: here a closed form
+            return jnp.linalg.solve(X.T @ X + lam * jnp.eye(X.shape[1]), X.T @ y)
+
+        loss = lambda w, lam, X, y: 0.5 * jnp.sum((X @ w - y) ** 2) + 0.5 * lam * w @ w
+        ridge = bx.implicit_diff(ridge, jax.grad(loss), symmetric=True)
+        jax.grad(lambda lam: jnp.sum(ridge(None, lam, X, y)))(1.0)
+        ```
+    """
+    check_callable("solve_fn", solve_fn)
+    if (optimality_fn is None) == (fixed_point_fn is None):
+        raise ValueError("give exactly one of `optimality_fn` and `fixed_point_fn`.")
+    residual_fn: Callable
+    if fixed_point_fn is not None:
+        check_callable("fixed_point_fn", fixed_point_fn)
+        residual_fn = _FixedPointResidual(fixed_point_fn)
+        name = "fixed_point_fn"
+    else:
+        assert optimality_fn is not None
+        check_callable("optimality_fn", optimality_fn)
+        residual_fn = optimality_fn
+        name = "optimality_fn"
+    if linear_solver is not None:
+        check_linear_solver(linear_solver)
+    check_bool("symmetric", symmetric)
+    check_bool("has_aux", has_aux)
+    check_bool("throw", throw)
+    signature = _signature(solve_fn)
+
+    @functools.wraps(solve_fn)
+    def wrapped(init, *args, **kwargs):
+        args = _positional(signature, init, args, kwargs)
+        # A Python float is differentiable (`jax.jacfwd(f)(1.0)` keeps it as the primal of a
+        # tracer), but the custom JVP would take it for static: copy scalars into arrays.
+        args = jax.tree.map(lambda x: jnp.array(x) if _is_inexact(x) else x, args)
+        out = solve_fn(stop_gradient(init), *stop_gradient(args))
+        solution, aux = out if has_aux else (out, None)
+        float_solution, static_solution = eqx.partition(solution, eqx.is_inexact_array)
+        if not jax.tree.leaves(float_solution):
+            raise TypeError("`solve_fn` must return a pytree of floating-point arrays.")
+        residual_shape = eqx.filter_eval_shape(residual_fn, solution, *args)
+        check_same_structure(f"the output of `{name}`", residual_shape, solution, "the solution")
+        fn = eqx.filter_closure_convert(residual_fn, solution, *args)
+        solver = linear_solver
+        if solver is None:
+            solver = default_linear_solver(float_solution)
+        float_solution = implicit_solution(
+            float_solution,
+            _UserOptimality(static_solution),
+            (fn, args),
+            solver if symmetric else general_solver(solver),
+            symmetric=symmetric,
+            throw=throw,
+        )
+        solution = eqx.combine(float_solution, static_solution)
+        return (solution, aux) if has_aux else solution
+
+    return wrapped
+
+
+def _signature(fn) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+def _positional(signature, init, args, kwargs) -> tuple:
+    """The arguments after `init` as one positional tuple, bound by `solve_fn`'s signature, so
+    that keyword arguments are differentiated like positional ones and reach `optimality_fn`
+    in the same order (as in jaxopt)."""
+    if not kwargs:
+        return args
+    if signature is None:
+        raise TypeError(
+            "keyword arguments need a `solve_fn` whose signature `inspect.signature` can read; "
+            "pass the arguments by position instead."
+        )
+    try:
+        bound = signature.bind(init, *args, **kwargs)
+    except TypeError as error:
+        raise TypeError(
+            f"the arguments do not match the signature of `solve_fn`: {error}"
+        ) from error
+    bound.apply_defaults()
+    if bound.kwargs:
+        raise TypeError(
+            "`solve_fn` has keyword-only parameters "
+            f"({', '.join(bound.kwargs)}); implicit_diff needs them positional-or-keyword."
+        )
+    return tuple(bound.args[1:])
+
+
+def _is_inexact(x) -> bool:
+    return isinstance(x, float | complex) or (eqx.is_inexact_array(x) and x.ndim == 0)
+
+
+class _FixedPointResidual(eqx.Module):
+    fixed_point_fn: Callable
+
+    def __call__(self, params, *args):
+        # w − T(w): its Jacobian I − ∂T suits `bx.Neumann` (the series Σ ∂Tᵏ) as it stands.
+        return jax.tree.map(jnp.subtract, params, self.fixed_point_fn(params, *args))
+
+
+class _UserOptimality(eqx.Module):
+    """A user's `optimality_fn(solution, *args)`; `inputs = (closure_converted_fn, args)`."""
+
+    static_solution: PyTree
+
+    def __call__(self, params, inputs):
+        fn, args = inputs
+        residual = fn(eqx.combine(params, self.static_solution), *args)
+        return eqx.filter(residual, eqx.is_inexact_array)
+
+
