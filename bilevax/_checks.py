@@ -29,16 +29,21 @@ def check_nonnegative(name: str, value) -> None:
     or a traced scalar (checked for its type only)."""
     if isinstance(value, bool) or value is None:
         raise TypeError(f"`{name}` must be a real number >= 0, got {value!r}.")
-    if isinstance(value, numbers.Real):
+    if isinstance(value, int | float):
         if not value >= 0:
             raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
         return
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
-    if shape != () or dtype is None or not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+    real = dtype is not None and (
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    )
+    if shape != () or not real:
         raise TypeError(f"`{name}` must be a real scalar >= 0, got {value!r}.")
-    if isinstance(value, jax.core.Tracer):
+    try:
+        negative = bool(value < 0)
+    except jax.errors.ConcretizationTypeError:  # traced: checked for its type only
         return
-    if not bool(value >= 0):
+    if negative:
         raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
 
 

@@ -19,4 +19,14 @@ InnerLoss: TypeAlias = Callable[[Params, HParams, Data], Scalar]
 OuterLoss: TypeAlias = Callable[[Params, HParams, Data], Scalar]
 """The validation objective $E$: `outer_loss(params, hparams, data) -> scalar`."""
 
-__all__ = ["Array", "ArrayLike", "Data", "HParams", "InnerLoss", "OuterLoss", "Params", "PyTree", "Scalar"]
+__all__ = [
+    "Array",
+    "ArrayLike",
+    "Data",
+    "HParams",
+    "InnerLoss",
+    "OuterLoss",
+    "Params",
+    "PyTree",
+    "Scalar",
+]

@@ -50,15 +50,17 @@ def implicit_diff(
         `custom_fixed_point`. Give exactly one of the two.
     - `linear_solver`: any `lineax` solver, or [`bilevax.Neumann`][]. The default is
         [`bilevax.CG`][] with the default tolerance of the solution's dtype (see
-        [`bilevax.ImplicitAdjoint`][]). CG and `lx.Cholesky` are applied to the normal equations $J^\top J x = J^\top b$ unless
-        `symmetric=True` (jaxopt's default `solve_normal_cg`); `lx.GMRES`, `lx.BiCGStab` and
-        `lx.LU()` solve the general system directly.
+        [`bilevax.ImplicitAdjoint`][]). CG and `lx.Cholesky` are applied to the normal
+        equations $J^\top J x = J^\top b$ unless `symmetric=True` (jaxopt's default
+        `solve_normal_cg`); `lx.GMRES`, `lx.BiCGStab` and `lx.LU()` solve the general system
+        directly.
     - `symmetric`: whether $\partial_w F$ is symmetric positive semidefinite, as the Hessian of
         a convex loss is; then CG runs on $J$ itself and reverse mode reuses the same solve.
     - `has_aux`: whether `solve_fn` returns `(solution, aux)`; `aux` is returned as it is, not
         differentiated.
-    - `throw`: whether a failed linear solve raises (the default) or gives NaN (see
-        [the failure policy](../trustworthy-hypergradients.md#failure-policy)).
+    - `throw`: whether a failed linear solve raises (the default), or gives NaN
+        derivatives (an approximate one for a solve cut short at its `max_steps`): the
+        failure policy of the docs' "Failures" page.
 
     **Returns:**
 
@@ -181,5 +183,3 @@ class _UserOptimality(eqx.Module):
         fn, args = inputs
         residual = fn(eqx.combine(params, self.static_solution), *args)
         return eqx.filter(residual, eqx.is_inexact_array)
-
-

@@ -64,7 +64,10 @@ def inner_solve(
     check_int("max_steps", max_steps, 0)
     check_nonnegative("tol", tol)
     check_instance(
-        "adjoint", adjoint, AbstractAdjoint, "`bx.ImplicitAdjoint(...)` or `bx.UnrolledAdjoint(...)`"
+        "adjoint",
+        adjoint,
+        AbstractAdjoint,
+        "`bx.ImplicitAdjoint(...)` or `bx.UnrolledAdjoint(...)`",
     )
     check_bool("throw", throw)
     float_init, static_init = split_params(init, "init")

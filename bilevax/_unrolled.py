@@ -2,6 +2,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import equinox as eqx
+from jaxtyping import Array
 
 from ._adjoint import UnrolledAdjoint
 from ._checks import (
@@ -31,7 +32,7 @@ def unrolled_hypergrad(
     mode: Literal["reverse", "forward"] = "reverse",
     truncate: int | None = None,
     checkpoints: int | None = None,
-):
+) -> tuple[Array, HParams]:
     r"""Hypergradient of $E(w_T(\lambda), \lambda)$, where $w_T$ is the result of `num_steps`
     steps of `solver` on the inner loss from `init` (Franceschi et al. 2017, 2018).
 

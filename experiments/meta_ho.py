@@ -167,17 +167,6 @@ def make_meta_step(
     """
     if partitioning not in PARTITIONINGS:
         raise ValueError(f"`partitioning` must be one of {PARTITIONINGS}, got {partitioning!r}.")
-    if partitioning == "shard_map" and method == "implicit":
-        # Inside `shard_map`, equinox's `cached_filter_eval_shape` (which lineax's Jacobian
-        # operator calls) drops the arrays' shardings, and `filter_closure_convert` then rejects
-        # its own arguments ("Closure-converted function called with different dynamic
-        # arguments"): an upstream bug, the one that also stops the implicit path under an
-        # `Explicit` mesh (docs/scaling.md).
-        raise ValueError(
-            "`partitioning='shard_map'` needs `method='unrolled'` for now (the implicit adjoint "
-            "fails inside `jax.shard_map` on an equinox bug); use `partitioning='auto'` with "
-            "`method='implicit'`."
-        )
     opt = optimizer(learning_rate)
     replicated = NamedSharding(mesh, P())
     per_task = functools.partial(task_value_and_grad, method=method, unrolled_steps=unrolled_steps)
@@ -294,7 +283,7 @@ def main(argv=None) -> dict:
         choices=PARTITIONINGS,
         default="auto",
         help="the compiler's partitioning of the vmap (auto), or one program per device "
-        "(shard_map, with --method unrolled only)",
+        "(shard_map)",
     )
     p.add_argument("--test-tasks", type=int, default=500)
     args = p.parse_args(argv)

@@ -6,22 +6,22 @@ Synthetic data (nothing is downloaded): $x_i \sim \mathcal N(0, I_d)$, a sparse 
 vector, labels $y_i = \operatorname{sign}(x_i^\top w_\text{true} + \varepsilon_i)$ with 10% of
 them flipped. One L2 strength $e^{\lambda_j}$ per feature, $\lambda_j \in [-10, 1]$ (clipped):
 
-$$G(z, \lambda) = \frac1n \sum_i \log(1 + e^{-y_i x_i^\top z})
-    + \tfrac12 \sum_j e^{\lambda_j} z_j^2, \qquad
-  F(z) = \frac1m \sum_{i \in \text{val}} \log(1 + e^{-y_i x_i^\top z}).$$
+$$L(w, \lambda) = \frac1n \sum_i \log(1 + e^{-y_i x_i^\top w})
+    + \tfrac12 \sum_j e^{\lambda_j} w_j^2, \qquad
+  E(w) = \frac1m \sum_{i \in \text{val}} \log(1 + e^{-y_i x_i^\top w}).$$
 
-Methods, all started from $\lambda = 0$, $z = 0$:
+Methods, all started from $\lambda = 0$, $w = 0$:
 
-- `soba`: [`bilevax.SOBA`][] with constant step sizes;
-- `saba`: [`bilevax.SABA`][] with the same step sizes (its memory starts with one pass);
+- `soba`: [`bilevax.contrib.SOBA`][] with constant step sizes;
+- `saba`: [`bilevax.contrib.SABA`][] with the same step sizes (its memory starts with one pass);
 - `deterministic`: hypergradient descent with full-batch oracles: per outer step, a
   warm-started [`bilevax.inner_solve`][] (gradient descent, at most `--inner-steps` steps) and
   [`bilevax.implicit_hypergrad`][] with `--cg-steps` CG iterations.
 
 Cost is counted in per-sample oracle evaluations (one gradient, or one Hessian- or
 Jacobian-vector product, of one sample's loss), and reported in **data passes**: evaluations
-divided by $n + m$. The outer objective reported is $h(\lambda) = F(z^*(\lambda))$ at each
-method's current $\lambda$, with $z^*(\lambda)$ solved to $\|\nabla_z G\| \le 10^{-9}$ (not
+divided by $n + m$. The outer objective reported is $h(\lambda) = E(w^*(\lambda))$ at each
+method's current $\lambda$, with $w^*(\lambda)$ solved to $\|\nabla_w L\| \le 10^{-9}$ (not
 counted).
 
     python -m experiments.stochastic_bilevel [--quick] [--out DIR] [--seed S] [--resume]
@@ -68,8 +68,8 @@ def make_data(seed: int, n_train: int, n_val: int, n_test: int, dim: int) -> dic
     }
 
 
-def _logistic(z, batch):
-    return jnp.mean(jax.nn.softplus(-batch["y"] * (batch["X"] @ z)))
+def _logistic(w, batch):
+    return jnp.mean(jax.nn.softplus(-batch["y"] * (batch["X"] @ w)))
 
 
 def strength(lam):
@@ -79,21 +79,21 @@ def strength(lam):
     return jnp.exp(jnp.clip(lam, LOWER, UPPER))
 
 
-def inner_loss(z, lam, batch):
-    return _logistic(z, batch) + 0.5 * jnp.sum(strength(lam) * z**2)
+def inner_loss(w, lam, batch):
+    return _logistic(w, batch) + 0.5 * jnp.sum(strength(lam) * w**2)
 
 
-def outer_loss(z, lam, batch):
+def outer_loss(w, lam, batch):
     del lam
-    return _logistic(z, batch)
+    return _logistic(w, batch)
 
 
 @eqx.filter_jit
-def exact_inner(lam, z_warm, data):
-    r"""$z^*(\lambda)$ to a tight tolerance (BFGS, warm-started), for evaluation only."""
+def exact_inner(lam, w_warm, data):
+    r"""$w^*(\lambda)$ to a tight tolerance (BFGS, warm-started), for evaluation only."""
     return bx.inner_solve(
         inner_loss,
-        z_warm,
+        w_warm,
         lam,
         data["train"],
         solver=optx.BFGS(rtol=1e-12, atol=1e-12),
@@ -102,30 +102,30 @@ def exact_inner(lam, z_warm, data):
     ).params
 
 
-def evaluate(lam, z_warm, data) -> tuple[dict, jax.Array]:
+def evaluate(lam, w_warm, data) -> tuple[dict, jax.Array]:
     if not np.all(np.isfinite(np.asarray(lam))):  # a diverged run: say so in the curve
-        return {"val_loss": float("nan"), "test_loss": float("nan")}, z_warm
-    z = exact_inner(lam, z_warm, data)
+        return {"val_loss": float("nan"), "test_loss": float("nan")}, w_warm
+    w = exact_inner(lam, w_warm, data)
     losses = {
-        "val_loss": float(outer_loss(z, lam, data["val"])),
-        "test_loss": float(outer_loss(z, lam, data["test"])),
+        "val_loss": float(outer_loss(w, lam, data["val"])),
+        "test_loss": float(outer_loss(w, lam, data["test"])),
     }
-    return losses, z
+    return losses, w
 
 
 @eqx.filter_jit
-def _exact_value_and_hypergrad(lam, z_warm, data):
-    z = exact_inner(lam, z_warm, data)
+def _exact_value_and_hypergrad(lam, w_warm, data):
+    w = exact_inner(lam, w_warm, data)
     value, hypergrad = bx.implicit_hypergrad(
         outer_loss,
         inner_loss,
-        z,
+        w,
         lam,
         data["train"],
         data["val"],
         linear_solver=lx.CG(rtol=1e-12, atol=1e-12),
     )
-    return value, hypergrad, z
+    return value, hypergrad, w
 
 
 def reference_optimum(data, ckpt) -> dict:
@@ -137,10 +137,10 @@ def reference_optimum(data, ckpt) -> dict:
     if saved is not None:
         return saved
     dim = data["train"]["X"].shape[1]
-    warm = {"z": jnp.zeros(dim)}
+    warm = {"w": jnp.zeros(dim)}
 
     def fun(lam):
-        value, hypergrad, warm["z"] = _exact_value_and_hypergrad(jnp.asarray(lam), warm["z"], data)
+        value, hypergrad, warm["w"] = _exact_value_and_hypergrad(jnp.asarray(lam), warm["w"], data)
         return float(value), np.asarray(hypergrad)
 
     res = scipy.optimize.minimize(
@@ -151,7 +151,7 @@ def reference_optimum(data, ckpt) -> dict:
         bounds=[(LOWER, UPPER)] * dim,
         options={"maxiter": 500, "gtol": 1e-9},
     )
-    losses, _ = evaluate(jnp.asarray(res.x), warm["z"], data)
+    losses, _ = evaluate(jnp.asarray(res.x), warm["w"], data)
     reference = {**losses, "lam": res.x, "iterations": int(res.nit)}
     ckpt.save("reference", reference)
     return reference
@@ -166,17 +166,17 @@ def _lipschitz(data) -> float:
 def solvers(args) -> dict:
     kwargs = dict(batch_size=args.batch_size, outer_batch_size=args.batch_size)
     return {
-        "soba": bx.SOBA(args.inner_lr, args.soba_outer_lr, **kwargs),
-        "saba": bx.SABA(args.inner_lr, args.saba_outer_lr, **kwargs),
+        "soba": bx.contrib.SOBA(args.inner_lr, args.soba_outer_lr, **kwargs),
+        "saba": bx.contrib.SABA(args.inner_lr, args.saba_outer_lr, **kwargs),
     }
 
 
 @eqx.filter_jit
 def _stochastic_chunk(solver, state, data, num_steps: int, key):
-    return bx.stochastic_bilevel(
+    return bx.contrib.stochastic_bilevel(
         solver,
-        inner_loss,
         outer_loss,
+        inner_loss,
         state.params,
         state.hparams,
         data["train"],
@@ -194,7 +194,7 @@ def run_stochastic(name, solver, data, passes: float, seed: int, ckpt) -> dict:
     # Per step: a gradient and one VJP of it (H v and the cross term) per inner sample, one
     # gradient per outer sample.
     per_step = 2 * b_in + b_out
-    init_cost = 2 * n + m if isinstance(solver, bx.SABA) else 0
+    init_cost = 2 * n + m if isinstance(solver, bx.contrib.SABA) else 0
     total_steps = int((passes * (n + m) - init_cost) / per_step)
     if total_steps < EVALS_PER_RUN:
         raise ValueError(
@@ -207,24 +207,24 @@ def run_stochastic(name, solver, data, passes: float, seed: int, ckpt) -> dict:
     if saved is None:
         dim = data["train"]["X"].shape[1]
         state = solver.init(
-            inner_loss, outer_loss, jnp.zeros(dim), jnp.zeros(dim), data["train"], data["val"]
+            outer_loss, inner_loss, jnp.zeros(dim), jnp.zeros(dim), data["train"], data["val"]
         )
-        losses, z = evaluate(state.hparams, state.params, data)
+        losses, w = evaluate(state.hparams, state.params, data)
         history = {"passes": [init_cost / (n + m)], **{k: [v] for k, v in losses.items()}}
         seconds = 0.0
     else:
-        state, history, z, seconds = saved
+        state, history, w, seconds = saved
     with _common.progress(name, EVALS_PER_RUN, len(history["passes"]) - 1) as advance:
         while len(history["passes"]) - 1 < EVALS_PER_RUN:
             start = time.perf_counter()
             state = jax.block_until_ready(_stochastic_chunk(solver, state, data, chunk, key))
             seconds += time.perf_counter() - start
-            losses, z = evaluate(state.hparams, z, data)
+            losses, w = evaluate(state.hparams, w, data)
             evals = init_cost + int(state.num_steps) * per_step
             history["passes"].append(evals / (n + m))
             for k, v in losses.items():
                 history[k].append(v)
-            ckpt.save(name, (state, history, z, seconds))
+            ckpt.save(name, (state, history, w, seconds))
             advance(f"val {losses['val_loss']:.5f}")
     return {
         "passes": history["passes"],
@@ -235,17 +235,17 @@ def run_stochastic(name, solver, data, passes: float, seed: int, ckpt) -> dict:
         "test_loss": history["test_loss"][-1],
         "steps": int(state.num_steps),
         "seconds": seconds,
-        "finite": bool(np.all(np.isfinite(np.asarray(state.hparams)))),
+        "finite": bool(state.result == bx.RESULTS.successful),
     }
 
 
 @eqx.filter_jit
-def deterministic_step(lam, z, data, inner_lr, outer_lr, inner_steps: int, cg_steps: int):
-    """One outer step of full-batch hypergradient descent; returns the new λ and z and the
+def deterministic_step(lam, w, data, inner_lr, outer_lr, inner_steps: int, cg_steps: int):
+    """One outer step of full-batch hypergradient descent; returns the new λ and w and the
     inner steps taken."""
     sol = bx.inner_solve(
         inner_loss,
-        z,
+        w,
         lam,
         data["train"],
         solver=bx.GradientDescent(inner_lr),
@@ -260,6 +260,9 @@ def deterministic_step(lam, z, data, inner_lr, outer_lr, inner_steps: int, cg_st
         data["train"],
         data["val"],
         linear_solver=lx.CG(rtol=1e-10, atol=1e-10, max_steps=cg_steps),
+        # A truncated solve is the point of this baseline: keep CG's answer after `cg_steps`
+        # iterations rather than raising because it has not reached its tolerance.
+        throw=False,
     )
     return lam - outer_lr * hypergrad, sol.params, sol.stats["num_steps"]
 
@@ -270,12 +273,12 @@ def run_deterministic(data, passes: float, args, ckpt) -> dict:
     saved = ckpt.load("deterministic")
     if saved is None:
         dim = data["train"]["X"].shape[1]
-        lam, z = jnp.zeros(dim), jnp.zeros(dim)
-        losses, z_eval = evaluate(lam, z, data)
+        lam, w = jnp.zeros(dim), jnp.zeros(dim)
+        losses, w_eval = evaluate(lam, w, data)
         history = {"passes": [0.0], **{k: [v] for k, v in losses.items()}}
         evals, seconds, steps = 0, 0.0, 0
     else:
-        lam, z, z_eval, history, evals, seconds, steps = saved
+        lam, w, w_eval, history, evals, seconds, steps = saved
     budget = passes * (n + m)
     per_eval = budget / EVALS_PER_RUN
     with _common.progress("deterministic", EVALS_PER_RUN, len(history["passes"]) - 1) as advance:
@@ -284,8 +287,8 @@ def run_deterministic(data, passes: float, args, ckpt) -> dict:
             start = time.perf_counter()
             # Step only while the step's largest cost fits, so the budget is never exceeded.
             while evals + (args.inner_steps + 1 + args.cg_steps + 1) * n + m <= target:
-                lam, z, inner = deterministic_step(
-                    lam, z, data, inner_lr, args.det_outer_lr, args.inner_steps, args.cg_steps
+                lam, w, inner = deterministic_step(
+                    lam, w, data, inner_lr, args.det_outer_lr, args.inner_steps, args.cg_steps
                 )
                 # Inner: one gradient per step plus the one at the start (the stopping test);
                 # hypergradient: at most `cg_steps` HVPs, one VJP for the cross term, one outer
@@ -293,11 +296,11 @@ def run_deterministic(data, passes: float, args, ckpt) -> dict:
                 evals += (int(inner) + 1 + args.cg_steps + 1) * n + m
                 steps += 1
             seconds += time.perf_counter() - start
-            losses, z_eval = evaluate(lam, z_eval, data)
+            losses, w_eval = evaluate(lam, w_eval, data)
             history["passes"].append(evals / (n + m))
             for k, v in losses.items():
                 history[k].append(v)
-            ckpt.save("deterministic", (lam, z, z_eval, history, evals, seconds, steps))
+            ckpt.save("deterministic", (lam, w, w_eval, history, evals, seconds, steps))
             advance(f"val {losses['val_loss']:.5f}")
     return {
         "passes": history["passes"],
@@ -327,7 +330,7 @@ def plot(results: dict, path) -> None:
         gap = np.maximum(np.asarray(r["val_curve"]) - best, 1e-12)
         ax_log.semilogy(r["passes"], gap, label=name, marker=".")
     ax.axhline(best, color="k", linestyle="--", linewidth=1, label="L-BFGS reference")
-    ax.set_ylabel(r"validation loss $h(\lambda) = F(z^*(\lambda))$")
+    ax.set_ylabel(r"validation loss $h(\lambda) = E(w^*(\lambda))$")
     ax_log.set_ylabel(r"$h(\lambda) - h_{\mathrm{ref}}$")
     for a in (ax, ax_log):
         a.set_xlabel("data passes (per-sample oracle evaluations / (n + m))")
@@ -348,7 +351,7 @@ def main(argv=None) -> dict:
     p.add_argument("--dim", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=64)
     # Step sizes: each method's best of a small grid on the --quick problem (see the docs).
-    p.add_argument("--inner-lr", type=float, default=0.5, help="SOBA/SABA step of z and v")
+    p.add_argument("--inner-lr", type=float, default=0.5, help="SOBA/SABA step of w and v")
     p.add_argument("--soba-outer-lr", type=float, default=8.0, help="SOBA step of λ")
     p.add_argument("--saba-outer-lr", type=float, default=128.0, help="SABA step of λ")
     p.add_argument("--det-outer-lr", type=float, default=1600.0, help="deterministic step of λ")

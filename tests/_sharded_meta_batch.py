@@ -12,7 +12,15 @@ the task data sharded over a 4-device mesh with axis "tasks", for each mesh axis
   with `bx.ImplicitAdjoint`; and the mean meta-gradient (a reduction across the sharded task
   axis), both as the mean of those and as `jax.grad` of the mean validation loss;
 - "hgrad_b": per task, `bx.unrolled_hypergrad`;
-- "hgrad_c": per task, `bx.implicit_hypergrad` at the one-device solution (passed in as data).
+- "hgrad_c": per task, `bx.implicit_hypergrad` at the one-device solution (passed in as data);
+- "hgrad_c_lineax": the same with `lx.CG` (lineax's CG) in place of `bx.CG`.
+The implicit computations solve with `bx.CG`, the default linear solver.
+In the sharded runs, the implicit hypergradients are also computed inside `jax.shard_map`
+(each device its own tasks, as `experiments/meta_ho.py --partitioning shard_map` does):
+- "shard_map_hgrad_a", "shard_map_hgrad_a_lineax": (a) with `bx.CG` and with `lx.CG`,
+  `check_vma=False`;
+- "shard_map_hgrad_c_vma": (c) in a `shard_map` that checks its manual axes (`check_vma=True`,
+  the default), with `throw=False` (equinox's `error_if` is not typed for them).
 OUT.json gets the values (float64, exactly: JSON floats round-trip), how each sharded input and
 output was laid out over the devices, and the closed-form hypergradients.
 """
@@ -69,10 +77,11 @@ def main(out_path: str, axis_type_names: list[str]) -> None:
         del lam
         return mse(w, data)
 
-    linear_solver = lx.CG(rtol=1e-13, atol=1e-13)
+    linear_solver = bx.CG(rtol=1e-13, atol=1e-13)
+    lineax_solver = lx.CG(rtol=1e-13, atol=1e-13)
     solver = bx.GradientDescent(LEARNING_RATE)
 
-    def solve(lam, data):
+    def solve(lam, data, linear_solver=linear_solver):
         return bx.inner_solve(
             inner_loss,
             jnp.zeros(D),
@@ -84,8 +93,8 @@ def main(out_path: str, axis_type_names: list[str]) -> None:
             adjoint=bx.ImplicitAdjoint(linear_solver),
         )
 
-    def val_loss(lam, data):
-        return outer_loss(solve(lam, data).params, lam, data["val"])
+    def val_loss(lam, data, linear_solver=linear_solver):
+        return outer_loss(solve(lam, data, linear_solver).params, lam, data["val"])
 
     def task_solution(lam, data):
         sol = solve(lam, data)
@@ -95,8 +104,8 @@ def main(out_path: str, axis_type_names: list[str]) -> None:
             "successful": sol.result == bx.RESULTS.successful,
         }
 
-    def task_hgrad_a(lam, data):
-        return jax.value_and_grad(val_loss)(lam, data)
+    def task_hgrad_a(lam, data, linear_solver=linear_solver):
+        return jax.value_and_grad(val_loss)(lam, data, linear_solver)
 
     def task_hgrad_b(lam, data):
         return bx.unrolled_hypergrad(
@@ -110,7 +119,7 @@ def main(out_path: str, axis_type_names: list[str]) -> None:
             num_steps=NUM_UNROLLED_STEPS,
         )
 
-    def task_hgrad_c(lam, data):
+    def task_hgrad_c(lam, data, linear_solver=linear_solver, throw=True):
         # At the one-device `inner_solve` solution, passed in as task data (so that a failure
         # here is `implicit_hypergrad`'s own, not the inner solver's).
         return bx.implicit_hypergrad(
@@ -121,6 +130,7 @@ def main(out_path: str, axis_type_names: list[str]) -> None:
             data["train"],
             data["val"],
             linear_solver=linear_solver,
+            throw=throw,
         )
 
     def hgrad_a_and_meta_gradient(lam, data):
@@ -139,16 +149,47 @@ def main(out_path: str, axis_type_names: list[str]) -> None:
             "meta_grad": grad,
         }
 
-    def per_task(fn):
-        return lambda lam, data: jax.vmap(fn, in_axes=(None, 0))(lam, data)
+    def per_task(fn, **kwargs):
+        return lambda lam, data: jax.vmap(
+            lambda lam, data: fn(lam, data, **kwargs), in_axes=(None, 0)
+        )(lam, data)
 
     # Each quantity is its own `jit`, so that a failure under one mesh type is pinned to it.
     computations = {
         "solution": jax.jit(per_task(task_solution)),
         "hgrad_b": jax.jit(per_task(task_hgrad_b)),
         "hgrad_c": jax.jit(per_task(task_hgrad_c)),
+        "hgrad_c_lineax": jax.jit(per_task(task_hgrad_c, linear_solver=lineax_solver)),
         "hgrad_a": jax.jit(hgrad_a_and_meta_gradient),
     }
+
+    def in_shard_map(mesh, fn, check_vma):
+        # Each device runs the `vmap` over its own tasks; λ is replicated. Where the manual
+        # axes are checked, λ is cast to varying first: JAX types a replicated λ as invariant,
+        # and then sums its per-task cotangents across the devices.
+        def per_device(lam, data):
+            if check_vma:
+                lam = jax.lax.pcast(lam, ("tasks",), to="varying")
+            return fn(lam, data)
+
+        return jax.jit(
+            jax.shard_map(
+                per_device,
+                mesh=mesh,
+                in_specs=(P(), P("tasks")),
+                out_specs=P("tasks"),
+                check_vma=check_vma,
+            )
+        )
+
+    def shard_map_computations(mesh):
+        return {
+            "shard_map_hgrad_a": in_shard_map(mesh, per_task(task_hgrad_a), False),
+            "shard_map_hgrad_a_lineax": in_shard_map(
+                mesh, per_task(task_hgrad_a, linear_solver=lineax_solver), False
+            ),
+            "shard_map_hgrad_c_vma": in_shard_map(mesh, per_task(task_hgrad_c, throw=False), True),
+        }
 
     def layout(x):
         sharding = x.sharding
@@ -161,7 +202,7 @@ def main(out_path: str, axis_type_names: list[str]) -> None:
             ),
         }
 
-    def run_all(lam, data):
+    def run_all(lam, data, computations=computations):
         """{name: {"values": {key: nested list}, "layouts": {key: layout}} or {"error": str}}."""
         out = {}
         for name, fn in computations.items():
@@ -202,7 +243,9 @@ def main(out_path: str, axis_type_names: list[str]) -> None:
         with set_mesh(mesh):
             sharded_data = jax.device_put(task_data, NamedSharding(mesh, P("tasks")))
             replicated_lam = jax.device_put(jnp.asarray(lam), NamedSharding(mesh, P()))
-            results[name] = run_all(replicated_lam, sharded_data)
+            results[name] = run_all(
+                replicated_lam, sharded_data, {**computations, **shard_map_computations(mesh)}
+            )
         results[name]["inputs"] = [layout(x) for x in jax.tree.leaves(sharded_data)]
         results[name]["mesh_axis_types"] = [str(t) for t in mesh.axis_types]
 

@@ -245,6 +245,35 @@ def scaled_ridge(d=30, n=120, seed=0):
     return inner, outer, w_star, lam, train, val, exact, A
 
 
+def saddle(d=5, seed=4) -> Problem:
+    """An indefinite inner problem: L = ½ wᵀ diag(c) w − λᵀw with c of both signs, so
+    w* = λ / c is a saddle point (H = diag(c) is not positive definite) and CG must not be
+    trusted there; E = ½‖w − 1‖²."""
+    rng = np.random.default_rng(seed)
+    curvature = jnp.asarray(rng.uniform(0.5, 2.0, d) * np.where(np.arange(d) % 2, -1.0, 1.0))
+
+    def inner(w, lam, data):
+        return 0.5 * jnp.sum(data * w**2) - jnp.vdot(lam, w)
+
+    def outer(w, lam, data):
+        del lam, data
+        return 0.5 * jnp.sum((w - 1.0) ** 2)
+
+    return Problem(
+        name="saddle",
+        inner=inner,
+        outer=outer,
+        init=jnp.zeros(d),
+        hparams=jnp.asarray(rng.normal(size=d)),
+        inner_data=curvature,
+        outer_data=None,
+        learning_rate=0.1,
+        exact_params=lambda lam: lam / curvature,
+        exact_hypergrad=lambda lam: (lam / curvature - 1.0) / curvature,
+        strongly_convex=False,
+    )
+
+
 def reference_solution(problem: Problem, hparams=None, start=None):
     """w*(λ) by Newton's method on the flattened parameters (dense Hessian, plain JAX) from
     `start` (default `problem.init`): an implementation independent of bilevax's solvers,

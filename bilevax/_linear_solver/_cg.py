@@ -57,8 +57,8 @@ class CG(lx.AbstractLinearSolver[_CGState]):
     answer would mean nothing. The statistics are `num_steps` and `max_steps`.
     """
 
-    rtol: float
-    atol: float
+    rtol: float | Array
+    atol: float | Array
     max_steps: int | None = None
 
     def __check_init__(self):
@@ -126,38 +126,35 @@ class CG(lx.AbstractLinearSolver[_CGState]):
         threshold = jnp.maximum(self.atol, self.rtol * b_norm) ** 2
 
         def cond(carry):
-            _, _, _, gamma, rr, step, curved = carry
+            _, _, _, gamma, rr, step, curvature = carry
             # `gamma > 0` stops at an exact solution (and on a breakdown) with no 0/0.
-            return (step < max_steps) & (rr > threshold) & (gamma > 0) & curved
+            return (step < max_steps) & (rr > threshold) & (gamma > 0) & (curvature > 0)
 
         def body(carry):
             y, r, p, gamma, _, step, _ = carry
             ap = operator.mv(p)
             curvature = _dot(p, ap)
-            curved = curvature > 0
-            alpha = gamma / jnp.where(curved, curvature, 1)
+            alpha = gamma / jnp.where(curvature > 0, curvature, 1)
             y = _axpy(alpha, p, y)
             r = _axpy(-alpha, ap, r)
             z = apply_m(r)
             gamma_new = _dot(r, z)
             rr = gamma_new if preconditioner is None else _dot(r, r)
             p = _axpy(gamma_new / gamma, p, z)
-            return y, r, p, gamma_new, rr, step + 1, curved
+            return y, r, p, gamma_new, rr, step + 1, curvature
 
-        # The counter and flag are made from `b_norm` (not fresh constants) so that they take
-        # the batch's sharding when vmapped over tasks on an `Explicit` mesh.
+        # The counter and the last curvature are made from `b_norm` (not fresh constants) so
+        # that they take the batch's sharding when vmapped over tasks on an `Explicit` mesh.
         step0 = jnp.zeros_like(b_norm, dtype=jnp.int32)
-        carry = (y, r, p, gamma, rr, step0, step0 == 0)
-        y, _, _, _, rr, num_steps, curved = jax.lax.while_loop(cond, body, carry)
+        carry = (y, r, p, gamma, rr, step0, jnp.ones_like(b_norm))
+        y, _, _, _, rr, num_steps, curvature = jax.lax.while_loop(cond, body, carry)
         if state.negate:
             y = jax.tree.map(jnp.negative, y)
-        finite = jnp.isfinite(rr) & curved
+        finite = jnp.isfinite(rr) & jnp.isfinite(curvature)
         converged = (rr <= threshold) | jnp.asarray(self._no_tolerance())
-        result = lx.RESULTS.where(
-            finite & converged,
-            lx.RESULTS.successful,
-            lx.RESULTS.where(finite, lx.RESULTS.max_steps_reached, lx.RESULTS.breakdown),
-        )
+        result = lx.RESULTS.where(converged, lx.RESULTS.successful, lx.RESULTS.max_steps_reached)
+        result = lx.RESULTS.where(curvature > 0, result, lx.RESULTS.breakdown)
+        result = lx.RESULTS.where(finite, result, lx.RESULTS.nonfinite_input)
         return y, result, {"num_steps": num_steps, "max_steps": self.max_steps}
 
     def transpose(self, state: _CGState, options: dict[str, Any]):

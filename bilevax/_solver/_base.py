@@ -1,5 +1,6 @@
 import abc
 import inspect
+import numbers
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -68,6 +69,18 @@ class GradientDescent(AbstractInnerSolver[PyTree[Array]]):
 
     learning_rate: ArrayLike
     momentum: ArrayLike = 0.0
+
+    def __check_init__(self):
+        for name in ("learning_rate", "momentum"):
+            value = getattr(self, name)
+            dtype = getattr(value, "dtype", None)
+            real = isinstance(value, numbers.Real) or (
+                dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+            )
+            if isinstance(value, bool) or not real:
+                raise TypeError(f"`{name}` must be a real number or array, got {value!r}.")
+        if isinstance(self.momentum, int | float) and not 0 <= self.momentum < 1:
+            raise ValueError(f"`momentum` must be in [0, 1), got {self.momentum!r}.")
 
     def init(self, fn, params, args):
         del fn, args

@@ -11,7 +11,7 @@ import optax
 from jaxtyping import Array, Int, PyTree, Scalar
 
 from .._adjoint import ImplicitAdjoint
-from .._checks import check_int
+from .._checks import check_bool, check_instance, check_int
 from .._custom_types import Data, HParams, Params
 from .._implicit import adjoint_hypergrad
 from .._inner_solve import inner_solve
@@ -19,7 +19,7 @@ from .._solver import GradientDescent, SolverLike
 
 
 class HOAGState(eqx.Module):
-    """The state [`bilevax.HOAG`][] carries from one outer step to the next, explicitly.
+    """The state [`bilevax.contrib.HOAG`][] carries from one outer step to the next, explicitly.
 
     **Attributes:**
 
@@ -47,10 +47,10 @@ class HOAG(eqx.Module):
     $$\epsilon_k = \max(\epsilon_0 \, \rho^k, \epsilon_{\min}),$$
 
     so early steps, far from the optimum, are cheap, and the hypergradient error (which is
-    $O(\epsilon_k)$, see [`bilevax.HypergradInfo`][]) shrinks as the steps do; Pedregosa
+    $O(\epsilon_k)$, see [`bilevax.diagnostics.HypergradInfo`][]) shrinks as the steps do; Pedregosa
     shows the iterates converge when $\sum_k \epsilon_k < \infty$. `decay=1` gives the usual
     fixed-tolerance loop. Each step starts the inner solver at the previous inner solution
-    and CG at the previous adjoint, both carried in the [`bilevax.HOAGState`][].
+    and CG at the previous adjoint, both carried in the [`bilevax.contrib.HOAGState`][].
 
     **Arguments:**
 
@@ -77,7 +77,14 @@ class HOAG(eqx.Module):
     throw: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
+        check_instance(
+            "optimizer",
+            self.optimizer,
+            optax.GradientTransformation,
+            "an `optax.GradientTransformation`, e.g. `optax.adam(1e-2)`",
+        )
         check_int("max_steps", self.max_steps, 1)
+        check_bool("throw", self.throw)
         for name in ("initial_tol", "final_tol", "decay"):
             value = getattr(self, name)
             if isinstance(value, int | float) and not value > 0:

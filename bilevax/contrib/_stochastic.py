@@ -1,14 +1,17 @@
 r"""Single-loop stochastic bilevel solvers: SOBA and SABA (Dagréou et al. 2022).
 
-The inner variable $z$, the linear-system variable $v$ and the hyperparameters $x$ move
-together, each along a direction that is a sum of per-sample terms, so mini-batches give
-unbiased estimates of it:
+In the notation and sign convention of the rest of bilevax ($w$ the inner variables, $\lambda$
+the hyperparameters, $L$ the inner loss, $E$ the outer loss, $H = \nabla^2_w L$), the inner
+variables $w$, the adjoint $v$ and the hyperparameters $\lambda$ move together, each along a
+direction that is a mean of per-sample terms, so that a mini-batch gives an unbiased estimate of
+it:
 
-$$D_z = \nabla_z G(z, x), \qquad D_v = \nabla^2_{zz} G(z, x)\, v + \nabla_z F(z, x), \qquad
-  D_x = \nabla^2_{xz} G(z, x)\, v + \nabla_x F(z, x).$$
+$$D_w = \nabla_w L, \qquad D_v = H v - \nabla_w E, \qquad
+  D_\lambda = \partial_\lambda E - (\partial^2_{\lambda w} L)\, v.$$
 
-At $z = z^*(x)$ and $v = v^*(x) = -H^{-1} \nabla_z F$ (the zeros of $D_z$ and $D_v$),
-$D_x$ is the implicit hypergradient.
+At $w = w^*(\lambda)$ and $v = v^* = H^{-1} \nabla_w E$ (the zeros of $D_w$ and $D_v$),
+$D_\lambda$ is the implicit hypergradient, with the sign of [`bilevax.implicit_hypergrad`][],
+and $v^*$ is its adjoint. (Dagréou et al. write the adjoint with the opposite sign.)
 """
 
 import abc
@@ -17,17 +20,34 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Int, PRNGKeyArray, PyTree
+from jaxtyping import Array, ArrayLike, Bool, Int, PRNGKeyArray, PyTree
 
-from .._checks import check_callable, check_int, check_scalar_loss
-from .._custom_types import Data, HParams, Params
+from .._checks import (
+    _describe,
+    check_callable,
+    check_instance,
+    check_int,
+    check_same_structure,
+    check_scalar_loss,
+)
+from .._custom_types import Data, HParams, InnerLoss, OuterLoss, Params
+from .._misc import tree_isfinite, tree_where_nan
+from .._solution import RESULTS
 
 
 StepSize = ArrayLike | Callable[[Array], ArrayLike]
 
 
 class Directions(eqx.Module):
-    """The three SOBA directions: see [`bilevax.stochastic_directions`][]."""
+    r"""The three directions of the single-loop framework, as
+    [`bilevax.contrib.stochastic_directions`][] returns them.
+
+    **Attributes:**
+
+    - `params`: $D_w$, shaped like `params`.
+    - `v`: $D_v$, shaped like `params`.
+    - `hparams`: $D_\lambda$, shaped like `hparams`.
+    """
 
     params: PyTree[Array]
     v: PyTree[Array]
@@ -35,25 +55,30 @@ class Directions(eqx.Module):
 
 
 def _inner_oracles(inner_loss, params, v, hparams, batch):
-    r"""$\nabla_z G$, and $(\nabla^2_{zz} G\, v, \nabla^2_{xz} G\, v)$ from one VJP of it."""
-    grad_z = lambda z, x: jax.grad(inner_loss)(z, x, batch)
-    grad, vjp = jax.vjp(grad_z, params, hparams)
+    r"""$\nabla_w L$, and $(H v, (\partial^2_{\lambda w} L)\, v)$ from one VJP of it."""
+    grad_w = lambda w, lam: jax.grad(inner_loss)(w, lam, batch)
+    grad, vjp = jax.vjp(grad_w, params, hparams)
     hvp, cross = vjp(v)  # the Hessian is symmetric, so the VJP with v is H v
     return grad, hvp, cross
 
 
 def _outer_oracles(outer_loss, params, hparams, batch):
+    r"""$(\nabla_w E, \partial_\lambda E)$."""
     return jax.grad(outer_loss, argnums=(0, 1))(params, hparams, batch)
 
 
-def _combine(grad, hvp, cross, outer_z, outer_x) -> Directions:
-    add = lambda a, b: jax.tree.map(jnp.add, a, b)
-    return Directions(params=grad, v=add(hvp, outer_z), hparams=add(cross, outer_x))
+def _combine(grad, hvp, cross, outer_grad_w, outer_grad_lam) -> Directions:
+    sub = lambda a, b: jax.tree.map(jnp.subtract, a, b)
+    directions = (grad, sub(hvp, outer_grad_w), sub(outer_grad_lam, cross))
+    # A NaN in one sample reaches only the entries that depend on it (a NaN target reaches
+    # D_v but not D_λ); the rest would look right. The failure policy makes all of them NaN.
+    directions = tree_where_nan(~tree_isfinite(directions), directions)
+    return Directions(*directions)
 
 
 def stochastic_directions(
-    inner_loss,
-    outer_loss,
+    outer_loss: OuterLoss,
+    inner_loss: InnerLoss,
     params: Params,
     v: Params,
     hparams: HParams,
@@ -62,41 +87,67 @@ def stochastic_directions(
 ) -> Directions:
     r"""The directions of the single-loop framework of Dagréou et al. (2022) on one batch:
 
-    $$D_z = \nabla_z G, \qquad D_v = \nabla^2_{zz} G\, v + \nabla_z F, \qquad
-      D_x = \nabla^2_{xz} G\, v + \nabla_x F,$$
+    $$D_w = \nabla_w L, \qquad D_v = H v - \nabla_w E, \qquad
+      D_\lambda = \partial_\lambda E - (\partial^2_{\lambda w} L)\, v,$$
 
-    with $G$ = `inner_loss` on `inner_batch` and $F$ = `outer_loss` on `outer_batch`, using
-    one gradient, one VJP of the gradient (for both second-order terms) and one outer
-    gradient. With full batches, at $z = z^*$ and $v = -H^{-1}\nabla_z F$, $D_z = D_v = 0$ and
-    $D_x$ is the implicit hypergradient ([`bilevax.implicit_hypergrad`][]).
+    with $L$ = `inner_loss` on `inner_batch`, $E$ = `outer_loss` on `outer_batch` and
+    $H = \nabla^2_w L$, using one gradient of $L$, one VJP of that gradient (for both
+    second-order terms) and one gradient of $E$. With full batches, at $w = w^*$ and
+    $v = H^{-1} \nabla_w E$, $D_w = D_v = 0$ and $D_\lambda$ is the implicit hypergradient of
+    [`bilevax.implicit_hypergrad`][] (same sign; $v$ is its adjoint). A non-finite value in
+    the data or the iterates makes all three directions NaN.
 
     **Arguments:**
 
-    - `inner_loss`, `outer_loss`: `(params, hparams, batch) -> scalar`.
-    - `params`, `v`: pytrees of floating-point arrays of the same structure ($z$ and $v$).
-    - `hparams`: a pytree of floating-point arrays ($x$).
-    - `inner_batch`, `outer_batch`: the data passed to the two losses.
+    - `outer_loss`, `inner_loss`: `(params, hparams, batch) -> scalar`.
+    - `params`, `v`: pytrees of floating-point arrays of the same structure ($w$ and $v$).
+    - `hparams`: a pytree of floating-point arrays ($\lambda$).
+    - `inner_batch`, `outer_batch`: the data passed to `inner_loss` and `outer_loss`.
 
     **Returns:**
 
-    A `Directions` module with fields `params` ($D_z$), `v` ($D_v$) and `hparams` ($D_x$).
+    A [`bilevax.contrib.Directions`][] with fields `params` ($D_w$), `v` ($D_v$) and
+    `hparams` ($D_\lambda$).
     """
+    check_callable("outer_loss", outer_loss)
+    check_callable("inner_loss", inner_loss)
     grad, hvp, cross = _inner_oracles(inner_loss, params, v, hparams, inner_batch)
-    outer_z, outer_x = _outer_oracles(outer_loss, params, hparams, outer_batch)
-    return _combine(grad, hvp, cross, outer_z, outer_x)
+    outer_grad_w, outer_grad_lam = _outer_oracles(outer_loss, params, hparams, outer_batch)
+    return _combine(grad, hvp, cross, outer_grad_w, outer_grad_lam)
 
 
 class StochasticState(eqx.Module):
-    """The state of a single-loop stochastic bilevel solver, returned by its `init` and
-    `step`: the inner variables `params` ($z$), the linear-system variable `v`, the
-    hyperparameters `hparams` ($x$), the number of steps taken, and the solver's own state
-    (SABA's memory of per-sample oracles; `None` for SOBA)."""
+    r"""The state of a single-loop stochastic bilevel solver, as its `init` and `step` return
+    it.
+
+    **Attributes:**
+
+    - `params`: the inner variables $w$.
+    - `v`: the adjoint $v$, an estimate of $H^{-1} \nabla_w E$.
+    - `hparams`: the hyperparameters $\lambda$.
+    - `num_steps`: the number of steps taken.
+    - `result`: [`bilevax.RESULTS`][]`.successful`, or `RESULTS.nonfinite` from the first
+        step (or `init`) at which any of `params`, `v`, `hparams` was non-finite; from then
+        on all three are NaN, so that no finite number comes out of a failed run.
+    - `memory`: the solver's own state (SABA's table of per-sample oracles; `None` for
+        SOBA).
+    """
 
     params: PyTree[Array]
     v: PyTree[Array]
     hparams: PyTree[Array]
     num_steps: Int[Array, ""]
+    result: RESULTS
     memory: PyTree[Array] | None = None
+
+
+def _checked_state(params, v, hparams, num_steps, memory, failed: Bool[Array, ""]):
+    """The state, with the failure policy applied: once any iterate is non-finite (now, or at
+    an earlier step as `failed` says), all three are NaN and `result` is `nonfinite`."""
+    failed = failed | ~tree_isfinite((params, v, hparams))
+    params, v, hparams = tree_where_nan(failed, (params, v, hparams))
+    result = RESULTS.where(failed, RESULTS.nonfinite, RESULTS.successful)
+    return StochasticState(params, v, hparams, num_steps, result, memory)
 
 
 class AbstractStochasticBilevel(eqx.Module):
@@ -115,8 +166,8 @@ class AbstractStochasticBilevel(eqx.Module):
 
     def init(
         self,
-        inner_loss,
-        outer_loss,
+        outer_loss: OuterLoss,
+        inner_loss: InnerLoss,
         params: Params,
         hparams: HParams,
         inner_data: Data,
@@ -124,42 +175,73 @@ class AbstractStochasticBilevel(eqx.Module):
         v: Params | None = None,
         key: PRNGKeyArray | None = None,
     ) -> StochasticState:
-        """The state before the first step, with $v = 0$ unless `v` is given. `key` draws
-        SABA's first batch (SOBA ignores it)."""
-        _check(inner_loss, outer_loss, params, hparams, inner_data, outer_data)
+        r"""The state before the first step.
+
+        **Arguments:**
+
+        - `outer_loss`, `inner_loss`: `(params, hparams, batch) -> scalar`, means over the
+            batch's samples.
+        - `params`, `hparams`: the starting $w$ and $\lambda$, pytrees of floating-point
+            arrays.
+        - `inner_data`, `outer_data`: pytrees of arrays with a leading axis of samples.
+        - `v`: the starting adjoint, shaped like `params`; zeros by default.
+        - `key`: draws SABA's first batches (SOBA ignores it).
+
+        **Returns:**
+
+        A [`bilevax.contrib.StochasticState`][] at step 0.
+        """
+        _check(outer_loss, inner_loss, params, hparams, inner_data, outer_data)
         if v is None:
             v = jax.tree.map(jnp.zeros_like, params)
+        else:
+            check_same_structure("v", v, params, "params")
         if key is None:
             key = jax.random.key(0)
-        state = StochasticState(params, v, hparams, jnp.zeros((), jnp.int32))
-        memory = self._init_memory(inner_loss, outer_loss, state, inner_data, outer_data, key)
-        return eqx.tree_at(lambda s: s.memory, state, memory, is_leaf=lambda x: x is None)
+        memory = self._init_memory(
+            outer_loss, inner_loss, params, v, hparams, inner_data, outer_data, key
+        )
+        num_steps = jnp.zeros((), jnp.int32)
+        return _checked_state(params, v, hparams, num_steps, memory, jnp.asarray(False))
 
-    def _init_memory(self, inner_loss, outer_loss, state, inner_data, outer_data, key):
-        del inner_loss, outer_loss, state, inner_data, outer_data, key
+    def _init_memory(self, outer_loss, inner_loss, params, v, hparams, inner_data, outer_data, key):
+        del outer_loss, inner_loss, params, v, hparams, inner_data, outer_data, key
         return None
 
     @abc.abstractmethod
     def _directions(
-        self, inner_loss, outer_loss, state, inner_data, outer_data, key
+        self, outer_loss, inner_loss, state, inner_data, outer_data, key
     ) -> tuple[Directions, PyTree[Array] | None]:
         """The step's directions and the new memory."""
 
     def step(
         self,
-        inner_loss,
-        outer_loss,
+        outer_loss: OuterLoss,
+        inner_loss: InnerLoss,
         state: StochasticState,
         inner_data: Data,
         outer_data: Data,
         key: PRNGKeyArray,
     ) -> StochasticState:
-        r"""One step: $z \leftarrow z - \rho_t D_z$, $v \leftarrow v - \rho_t D_v$,
-        $x \leftarrow x - \gamma_t D_x$. SOBA draws this step's mini-batches with `key`;
-        SABA draws the next step's (its first at `init`), for the reason given in its source.
-        Pure: jit it, scan it, or vmap it over tasks."""
+        r"""One step: $w \leftarrow w - \rho_t D_w$, $v \leftarrow v - \rho_t D_v$,
+        $\lambda \leftarrow \lambda - \gamma_t D_\lambda$. SOBA draws this step's mini-batches
+        with `key`; SABA draws the next step's (its first at `init`), for the reason given in
+        its source. Pure: jit it, scan it, or vmap it over tasks.
+
+        **Arguments:**
+
+        - `outer_loss`, `inner_loss`: as given to `init`.
+        - `state`: the state from `init` or the previous step.
+        - `inner_data`, `outer_data`: as given to `init`.
+        - `key`: a JAX PRNG key for the mini-batches.
+
+        **Returns:**
+
+        The next [`bilevax.contrib.StochasticState`][]; its `result` is `RESULTS.nonfinite`,
+        and its iterates NaN, once any iterate has been non-finite.
+        """
         directions, memory = self._directions(
-            inner_loss, outer_loss, state, inner_data, outer_data, key
+            outer_loss, inner_loss, state, inner_data, outer_data, key
         )
         rho = _step_size(self.inner_lr, state.num_steps)
         gamma = _step_size(self.outer_lr, state.num_steps)
@@ -168,12 +250,13 @@ class AbstractStochasticBilevel(eqx.Module):
         move = lambda tree, d, lr: jax.tree.map(
             lambda a, b: a - jnp.asarray(lr).astype(a.dtype) * b, tree, d
         )
-        return StochasticState(
-            params=move(state.params, directions.params, rho),
-            v=move(state.v, directions.v, rho),
-            hparams=move(state.hparams, directions.hparams, gamma),
-            num_steps=state.num_steps + 1,
-            memory=memory,
+        return _checked_state(
+            move(state.params, directions.params, rho),
+            move(state.v, directions.v, rho),
+            move(state.hparams, directions.hparams, gamma),
+            state.num_steps + 1,
+            memory,
+            state.result == RESULTS.nonfinite,
         )
 
     def samples_per_step(self, inner_data: Data, outer_data: Data) -> tuple[int, int]:
@@ -190,18 +273,19 @@ class AbstractStochasticBilevel(eqx.Module):
 
 class SOBA(AbstractStochasticBilevel):
     r"""SOBA, the StOchastic Bilevel Algorithm of Dagréou et al. (2022): SGD on
-    $(z, v, x)$ jointly along the directions of [`bilevax.stochastic_directions`][], each
-    estimated on a fresh mini-batch (indices drawn uniformly with replacement).
+    $(w, v, \lambda)$ jointly along the directions of
+    [`bilevax.contrib.stochastic_directions`][], each estimated on a fresh mini-batch
+    (indices drawn uniformly with replacement).
 
     With step sizes $\rho_t \propto t^{-2/5}$ and $\gamma_t \propto t^{-3/5}$ it converges to
-    a stationary point of $h(x) = F(z^*(x), x)$; with constant steps it stalls at a noise
-    floor proportional to the step sizes (SABA removes it).
+    a stationary point of $h(\lambda) = E(w^*(\lambda), \lambda)$; with constant steps it
+    stalls at a noise floor proportional to the step sizes (SABA removes it).
 
     **Arguments:**
 
-    - `inner_lr`: $\rho$, the step size of $z$ and $v$: a float or a schedule
+    - `inner_lr`: $\rho$, the step size of $w$ and $v$: a float or a schedule
         `step -> float` (e.g. an `optax` schedule).
-    - `outer_lr`: $\gamma$, the step size of $x$, likewise.
+    - `outer_lr`: $\gamma$, the step size of $\lambda$, likewise.
     - `batch_size`: inner samples per step; `None` uses all of them (deterministic).
     - `outer_batch_size`: outer samples per step; `None` uses all of them.
     """
@@ -215,13 +299,13 @@ class SOBA(AbstractStochasticBilevel):
         _check_batch_size("batch_size", self.batch_size)
         _check_batch_size("outer_batch_size", self.outer_batch_size)
 
-    def _directions(self, inner_loss, outer_loss, state, inner_data, outer_data, key):
+    def _directions(self, outer_loss, inner_loss, state, inner_data, outer_data, key):
         inner_key, outer_key = jax.random.split(key)
         inner_idx = _sample(inner_key, inner_data, self.batch_size, "inner_data")
         outer_idx = _sample(outer_key, outer_data, self.outer_batch_size, "outer_data")
         directions = stochastic_directions(
-            inner_loss,
             outer_loss,
+            inner_loss,
             state.params,
             state.v,
             state.hparams,
@@ -233,8 +317,9 @@ class SOBA(AbstractStochasticBilevel):
 
 class SABA(AbstractStochasticBilevel):
     r"""SABA, the Stochastic Average Bilevel Algorithm of Dagréou et al. (2022): SOBA with
-    each of the five per-sample oracles ($\nabla_z G_i$, $\nabla^2_{zz} G_i v$,
-    $\nabla^2_{xz} G_i v$, $\nabla_z F_j$, $\nabla_x F_j$) variance-reduced as in SAGA:
+    each of the five per-sample oracles ($\nabla_w L_i$, $H_i v$,
+    $(\partial^2_{\lambda w} L_i)\, v$, $\nabla_w E_j$, $\partial_\lambda E_j$)
+    variance-reduced as in SAGA:
 
     $$\hat d = \frac{1}{|B|} \sum_{i \in B} \big(d_i(\text{now}) - m_i\big)
       + \frac1n \sum_{i=1}^n m_i, \qquad m_i \leftarrow d_i(\text{now}) \text{ for } i \in B,$$
@@ -242,8 +327,8 @@ class SABA(AbstractStochasticBilevel):
     where $m_i$ is the last value computed for sample $i$. The estimate's variance vanishes
     as the iterates converge, so SABA converges with **constant** step sizes, linearly on
     strongly convex problems. It stores one copy of each oracle per sample: memory
-    $n_{inner}(2\dim z + \dim x) + n_{outer}(\dim z + \dim x)$. The memory starts at the
-    oracles of the initial point (one pass over both data sets, in `init`).
+    $n_{inner}(2\dim w + \dim \lambda) + n_{outer}(\dim w + \dim \lambda)$. The memory starts
+    at the oracles of the initial point (one pass over both data sets, in `init`).
 
     **Arguments:**
 
@@ -267,12 +352,15 @@ class SABA(AbstractStochasticBilevel):
     # step, with that step's key), and its stored values are read right after the table is
     # written. Reading the table *before* writing it in the same step makes XLA copy the
     # whole table, O(n) per step (15 ms instead of 0.3 ms at n = 20 000, d = 50).
-    def _init_memory(self, inner_loss, outer_loss, state, inner_data, outer_data, key):
+    def _init_memory(self, outer_loss, inner_loss, params, v, hparams, inner_data, outer_data, key):
         n_inner = num_samples(inner_data, "inner_data")
         n_outer = num_samples(outer_data, "outer_data")
         chunk = self.init_chunk
-        inner = _per_sample_inner(inner_loss, state, inner_data, jnp.arange(n_inner), chunk)
-        outer = _per_sample_outer(outer_loss, state, outer_data, jnp.arange(n_outer), chunk)
+        iterates = (params, v, hparams)
+        inner = _per_sample_inner(inner_loss, *iterates, inner_data, jnp.arange(n_inner), chunk)
+        outer = _per_sample_outer(
+            outer_loss, params, hparams, outer_data, jnp.arange(n_outer), chunk
+        )
         mean = lambda tree: jax.tree.map(lambda a: jnp.mean(a, axis=0), tree)
         memory = {"inner": inner, "outer": outer}
         memory.update(inner_mean=mean(inner), outer_mean=mean(outer))
@@ -290,11 +378,13 @@ class SABA(AbstractStochasticBilevel):
             "outer_old": jax.tree.map(lambda t: t[outer_idx], memory["outer"]),
         }
 
-    def _directions(self, inner_loss, outer_loss, state, inner_data, outer_data, key):
+    def _directions(self, outer_loss, inner_loss, state, inner_data, outer_data, key):
         memory = state.memory
         inner_idx, outer_idx = memory["inner_idx"], memory["outer_idx"]
-        inner = _per_sample_inner(inner_loss, state, inner_data, inner_idx)
-        outer = _per_sample_outer(outer_loss, state, outer_data, outer_idx)
+        inner = _per_sample_inner(
+            inner_loss, state.params, state.v, state.hparams, inner_data, inner_idx
+        )
+        outer = _per_sample_outer(outer_loss, state.params, state.hparams, outer_data, outer_idx)
         inner_dir, inner_table, inner_mean = _saga(
             inner, memory["inner_old"], memory["inner"], memory["inner_mean"], inner_idx
         )
@@ -329,19 +419,20 @@ def _saga(new, old, table, mean, idx):
     return estimate, table, mean
 
 
-def _per_sample_inner(inner_loss, state, data, idx, chunk=None):
-    """Per-sample $(\\nabla_z G_i, \\nabla^2_{zz} G_i v, \\nabla^2_{xz} G_i v)$, stacked."""
+def _per_sample_inner(inner_loss, params, v, hparams, data, idx, chunk=None):
+    r"""Per-sample $(\nabla_w L_i, H_i v, (\partial^2_{\lambda w} L_i)\, v)$, stacked."""
 
     def one(i):
-        batch = _take(data, i[None])
-        return _inner_oracles(inner_loss, state.params, state.v, state.hparams, batch)
+        return _inner_oracles(inner_loss, params, v, hparams, _take(data, i[None]))
 
     return _map(one, idx, chunk)
 
 
-def _per_sample_outer(outer_loss, state, data, idx, chunk=None):
+def _per_sample_outer(outer_loss, params, hparams, data, idx, chunk=None):
+    r"""Per-sample $(\nabla_w E_j, \partial_\lambda E_j)$, stacked."""
+
     def one(i):
-        return _outer_oracles(outer_loss, state.params, state.hparams, _take(data, i[None]))
+        return _outer_oracles(outer_loss, params, hparams, _take(data, i[None]))
 
     return _map(one, idx, chunk)
 
@@ -354,8 +445,8 @@ def _map(fn, idx, chunk):
 
 def stochastic_bilevel(
     solver: AbstractStochasticBilevel,
-    inner_loss,
-    outer_loss,
+    outer_loss: OuterLoss,
+    inner_loss: InnerLoss,
     params: Params,
     hparams: HParams,
     inner_data: Data,
@@ -365,15 +456,16 @@ def stochastic_bilevel(
     key: PRNGKeyArray,
     state: StochasticState | None = None,
 ) -> StochasticState:
-    r"""Runs `num_steps` steps of a single-loop stochastic bilevel solver ([`bilevax.SOBA`][]
-    or [`bilevax.SABA`][]) in one `lax.scan`.
+    r"""Runs `num_steps` steps of a single-loop stochastic bilevel solver
+    ([`bilevax.contrib.SOBA`][] or [`bilevax.contrib.SABA`][]) in one `lax.scan`.
 
     **Arguments:**
 
-    - `solver`: the solver.
-    - `inner_loss`, `outer_loss`: `(params, hparams, batch) -> scalar`, means over the
+    - `solver`: the solver, an instance (`bx.contrib.SOBA(...)`, not the class).
+    - `outer_loss`, `inner_loss`: `(params, hparams, batch) -> scalar`, means over the
         batch's samples.
-    - `params`, `hparams`: the starting $z$ and $x$, pytrees of floating-point arrays.
+    - `params`, `hparams`: the starting $w$ and $\lambda$, pytrees of floating-point arrays
+        (ignored when `state` is given).
     - `inner_data`, `outer_data`: pytrees of arrays with a leading axis of samples.
     - `num_steps`: how many steps.
     - `key`: a JAX PRNG key. Step $t$ draws its batches from `fold_in(k, t)` with `k` a key
@@ -383,24 +475,28 @@ def stochastic_bilevel(
 
     **Returns:**
 
-    The final [`bilevax.StochasticState`][].
+    The final [`bilevax.contrib.StochasticState`][]. Check its `result`: a run whose iterates
+    became non-finite (a step size too large, NaN data) ends with `RESULTS.nonfinite` and NaN
+    iterates.
     """
+    check_instance(
+        "solver",
+        solver,
+        AbstractStochasticBilevel,
+        "`bx.contrib.SOBA(...)` or `bx.contrib.SABA(...)`",
+    )
     check_int("num_steps", num_steps, 0)
-    if not isinstance(solver, AbstractStochasticBilevel):
-        raise TypeError(
-            f"`solver` must be `bx.SOBA(...)` or `bx.SABA(...)`, got {type(solver).__name__}."
-        )
     init_key, key = jax.random.split(key)
     if state is None:
         state = solver.init(
-            inner_loss, outer_loss, params, hparams, inner_data, outer_data, key=init_key
+            outer_loss, inner_loss, params, hparams, inner_data, outer_data, key=init_key
         )
     else:
-        _check(inner_loss, outer_loss, state.params, state.hparams, inner_data, outer_data)
+        _check(outer_loss, inner_loss, state.params, state.hparams, inner_data, outer_data)
 
     def body(state, _):
         step_key = jax.random.fold_in(key, state.num_steps)
-        state = solver.step(inner_loss, outer_loss, state, inner_data, outer_data, step_key)
+        state = solver.step(outer_loss, inner_loss, state, inner_data, outer_data, step_key)
         return state, None
 
     state, _ = jax.lax.scan(body, state, length=num_steps)
@@ -443,14 +539,17 @@ def _check_batch_size(name, value):
         check_int(name, value, 1)
 
 
-def _check(inner_loss, outer_loss, params, hparams, inner_data, outer_data):
-    check_callable("inner_loss", inner_loss)
+def _check(outer_loss, inner_loss, params, hparams, inner_data, outer_data):
     check_callable("outer_loss", outer_loss)
+    check_callable("inner_loss", inner_loss)
     for name, tree in (("params", params), ("hparams", hparams)):
+        # Every leaf takes gradient steps, so every leaf must be a floating-point array: an
+        # integer has no gradient, and a Python float would come back an array.
         leaves = jax.tree.leaves(tree)
         if not leaves or not all(eqx.is_inexact_array(x) for x in leaves):
             raise TypeError(
-                f"`{name}` must be a pytree of floating-point JAX arrays, got {tree!r}."
+                f"`{name}` must be a pytree of floating-point JAX arrays, every leaf of which "
+                f"is optimised (e.g. `jnp.zeros(d)`, `jnp.asarray(1.0)`); got {_describe(tree)}."
             )
     num_samples(inner_data, "inner_data")
     num_samples(outer_data, "outer_data")

@@ -68,7 +68,7 @@ class HypergradInfo(eqx.Module):
 
     **Attributes:**
 
-    - `result`: a [`bilevax.HypergradResult`][].
+    - `result`: a [`bilevax.diagnostics.HypergradResult`][].
     - `inner_grad_norm`: $\|\nabla_w L(w, \lambda)\|_2$ at `params_star`.
     - `residual_norm`: $\|H v - \nabla_w E\|_2$, the linear solve's residual.
     - `solve_steps`: the linear solver's iterations (0 for a direct solver, and when the
@@ -159,7 +159,9 @@ def hypergrad_info(
     check_nonnegative("tol", tol)
     float_params, static_params = eqx.partition(params_star, eqx.is_inexact_array)
     float_hparams, static_hparams = eqx.partition(hparams, eqx.is_inexact_array)
-    check_same_structure("adjoint", adjoint, float_params, "the floating-point part of `params_star`")
+    check_same_structure(
+        "adjoint", adjoint, float_params, "the floating-point part of `params_star`"
+    )
     optimality = GradientOptimality(static_params)
 
     def grad_L(w, lam):
@@ -173,9 +175,7 @@ def hypergrad_info(
     w, lam, v = float_params, float_hparams, adjoint
     grad = grad_L(w, lam)
     value, (outer_w, outer_lam) = jax.value_and_grad(E, argnums=(0, 1))(w, lam)
-    hessian = jacobian_operator(
-        optimality, w, (inner_loss, hparams, inner_data), symmetric=True
-    )
+    hessian = jacobian_operator(optimality, w, (inner_loss, hparams, inner_data), symmetric=True)
     lanczos_key, mixed_key = jax.random.split(jax.random.key(0) if key is None else key)
 
     def mixed_t(u):  # B^T u: the λ-gradient of ⟨∇_w L, u⟩
@@ -253,9 +253,7 @@ def hypergrad_info(
         result = HypergradResult.where(
             hessian_min > tolerance, result, HypergradResult.not_positive_definite
         )
-    result = HypergradResult.where(
-        inner_grad_norm <= tol, result, HypergradResult.not_stationary
-    )
+    result = HypergradResult.where(inner_grad_norm <= tol, result, HypergradResult.not_stationary)
     finite = (
         tree_isfinite(hypergrad)
         & tree_isfinite(v)
