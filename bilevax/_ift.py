@@ -11,8 +11,8 @@ a solver's fixed-point residual for a constrained or non-smooth one, or a user's
 - **adjoint** (reverse mode): with $v = J^{-\top} \nabla_w E$, the hypergradient is
   $\nabla_\lambda E(w^*(\lambda), \lambda) = \partial_\lambda E - (\partial_\lambda F)^\top v$.
 
-Both use one Jacobian operator ([`jacobian_operator`][]), applied through JVPs only, and one
-checked linear solve ([`linear_solve`][]) that carries the failure policy: a solve that failed
+Both use one Jacobian operator (`jacobian_operator`), applied through JVPs only, and one
+checked linear solve (`linear_solve`) that carries the failure policy: a solve that failed
 raises, or (with `throw=False`) returns NaN where its answer is meaningless.
 """
 
@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, PyTree
 
+from ._linear_solver import CG
 from ._misc import stop_gradient, tree_isfinite, tree_where_nan
+from ._sharding import linear_operator, sharded_linear_solve
 
 
 # The Hessian of the inner loss at a minimiser is symmetric positive semidefinite; the tags
@@ -65,165 +67,19 @@ def optimality_for(solver, static_params, inner_loss, hparams, data):
     return SolverOptimality(static_params), (inner_loss, hparams, data, solver), False
 
 
-def _structure(x: Array) -> jax.ShapeDtypeStruct:
-    # The sharding is kept (where the array has one), so that the operator's input
-    # structure matches the sharded vectors it is applied to: under an `Explicit` or `Auto`
-    # mesh, and inside `shard_map` (a manual mesh). The manual axes an array varies over are
-    # not: lineax drops them from every structure (see `_VaryingJVP`).
-    sharding = getattr(jax.typeof(x), "sharding", None) if hasattr(jax, "typeof") else None
-    try:
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    except Exception:
-        return jax.ShapeDtypeStruct(x.shape, x.dtype)
-
-
-def _varying_axes(x) -> frozenset:
-    """The manual axes of `shard_map` over which `x` varies (empty outside `shard_map`, and
-    inside one that does not check them)."""
-    aval = jax.typeof(x) if hasattr(jax, "typeof") else None
-    manual = getattr(aval, "mat", None)  # JAX >= 0.9
-    varying = getattr(manual, "varying", None) if manual is not None else getattr(aval, "vma", None)
-    return frozenset(varying or ())
-
-
-def _pcast_varying(x, axes: tuple[str, ...]):
-    missing = tuple(axis for axis in axes if axis not in _varying_axes(x))
-    if not missing:
-        return x
-    if hasattr(jax.lax, "pcast"):
-        return jax.lax.pcast(x, missing, to="varying")
-    return jax.lax.pvary(x, missing)  # pyright: ignore[reportAttributeAccessIssue]
-
-
-class _VaryingJVP(eqx.Module):
-    """`jax.linearize`'s JVP, accepting tangents that do not vary over the manual axes that
-    its primal varies over (inside a `shard_map` that checks them).
-
-    lineax keeps an operator's structure without those axes, and traces the operator on it
-    (for its output structure); the JVP then refuses the invariant tangent ("linearized
-    function called on tangent values inconsistent with the original primal values"). Each
-    tangent leaf is cast to varying over the axes it lacks, which is no cast at all on the
-    vectors of a solve, which already vary."""
-
-    jvp: Any  # a pytree of the linearisation's residuals
-    axes: tuple[tuple[str, ...], ...] = eqx.field(static=True)  # per leaf, sorted
-
-    def __call__(self, tangent):
-        leaves, treedef = jax.tree.flatten(tangent)
-        leaves = [_pcast_varying(x, axes) for x, axes in zip(leaves, self.axes, strict=True)]
-        return self.jvp(jax.tree.unflatten(treedef, leaves))
-
-
-class _VaryingJacobian(lx.FunctionLinearOperator):
-    """The operator of a `_VaryingJVP`, whose output structure is traced with the JVP's
-    residuals as they are: lineax traces it with `eqx.cached_filter_eval_shape`, which retypes
-    every array it is given (the residuals too) without the manual axes it varies over, and
-    the linear pass then meets a varying tangent and an invariant residual ("requires varying
-    manual axes to match")."""
-
-    def out_structure(self):
-        # (A lambda: `jax.eval_shape` keys a cache on the function, and a module holding
-        # tracers cannot be compared.)
-        out = jax.eval_shape(lambda vector: self.fn(vector), self.in_structure())
-        return jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding), out
-        )
-
-
 def jacobian_operator(optimality, params, inputs, *, symmetric: bool) -> lx.AbstractLinearOperator:
     r"""$J = \partial_w F(w, \text{inputs})$ as a `lineax` operator, linearised once: one
     `jax.linearize` of $F$, after which each product is a linear pass (for the gradient
     condition, a Hessian-vector product, forward-over-reverse). It is formed as a matrix only
-    if a dense solver asks for one.
-
-    Its input structure keeps the type of `params`, sharding included, so that the operator
-    applies to sharded vectors: under an `Explicit` or `Auto` mesh, and inside `shard_map`
-    (where the JVP is wrapped so that it accepts tangents that lineax has typed as invariant
-    over the manual axes, see `_VaryingJVP`)."""
+    if a dense solver asks for one. Its input structure keeps the type of `params`, sharding
+    included, so that it applies to sharded vectors (see `_sharding.py`)."""
     _, jvp = jax.linearize(lambda w: optimality(w, inputs), params)
-    structure = jax.tree.map(_structure, params)
-    tags = HESSIAN_TAGS if symmetric else ()
-    axes = tuple(tuple(sorted(_varying_axes(x))) for x in jax.tree.leaves(params))
-    if not any(axes):
-        return lx.FunctionLinearOperator(jvp, structure, tags=tags)
-    # Not closure-converted: a jaxpr traced on lineax's invariant structure would cast
-    # tangents that already vary. `_VaryingJVP` is a pytree of its arrays, as closure
-    # conversion would make it.
-    return _VaryingJacobian(
-        _VaryingJVP(jvp, axes),
-        structure,
-        tags=tags,
-        closure_convert=False,  # pyright: ignore[reportCallIssue]
-    )
-
-
-def _mesh_typed(tree: PyTree[Array]) -> bool:
-    """Whether any leaf's type carries a mesh (an `Auto` or `Explicit` one, or `shard_map`'s
-    manual axes), or a mesh is set for the trace."""
-    if not hasattr(jax, "typeof"):
-        return False
-    avals = [jax.typeof(x) for x in jax.tree.leaves(tree)]
-    meshes = [getattr(getattr(aval, "sharding", None), "mesh", None) for aval in avals]
-    get_abstract_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
-    if get_abstract_mesh is not None:
-        meshes.append(get_abstract_mesh())
-    return any(mesh is not None and not mesh.empty for mesh in meshes)
-
-
-def _solve(
-    operator: lx.AbstractLinearOperator,
-    vector: PyTree[Array],
-    linear_solver: lx.AbstractLinearSolver,
-    options: dict[str, Any] | None,
-) -> tuple[PyTree[Array], lx.RESULTS, dict[str, Any]]:
-    """`lx.linear_solve(..., throw=False)` as `(value, result, stats)`, keeping shardings.
-
-    On arrays typed with a mesh, lineax's primitive cannot be used: its abstract evaluation
-    (and equinox's `vprim` batching of it) rebuilds every output type without its sharding,
-    so that under a `vmap` over an `Explicit` mesh axis the answer comes out typed on an
-    empty mesh ("Resource axis: ... is not found in mesh: ()" on the next operation), and
-    inside `shard_map` the operator, typed on the manual mesh, rejects the stripped vectors
-    ("Closure-converted function called with different dynamic arguments"). There the solver
-    runs on the vectors themselves, in `lax.custom_linear_solve` for its derivatives (the
-    implicit ones of a linear solve, as lineax's), so every type, sharding included, is
-    propagated by JAX. Elsewhere it is `lx.linear_solve`."""
-    options = {} if options is None else options
-    if not _mesh_typed(vector):
-        solution = lx.linear_solve(operator, vector, linear_solver, options=options, throw=False)
-        return solution.value, solution.result, solution.stats
-    # As lineax does, the solver is set up on the operator without its derivative: the
-    # derivative of the solve comes from `custom_linear_solve`, through `operator.mv`.
-    dynamic, static = eqx.partition(operator, eqx.is_array)
-    state = linear_solver.init(eqx.combine(jax.lax.stop_gradient(dynamic), static), options)
-    static_stats = []  # non-array statistics (`max_steps`) cannot leave a traced solve
-
-    def run(state, options, b):
-        value, result, stats = linear_solver.compute(state, b, options)
-        dynamic, static = eqx.partition(stats, eqx.is_array)
-        static_stats.append(static)
-        return value, (result, dynamic)
-
-    def transpose_solve(_, b):
-        transposed_state, transposed_options = linear_solver.transpose(state, options)
-        return run(transposed_state, transposed_options, b)
-
-    symmetric = lx.is_symmetric(operator)
-    value, (result, stats) = jax.lax.custom_linear_solve(
-        operator.mv,
-        vector,
-        lambda _, b: run(state, options, b),
-        None if symmetric else transpose_solve,
-        symmetric=symmetric,
-        has_aux=True,
-    )
-    return value, result, eqx.combine(stats, static_stats[0])
+    return linear_operator(jvp, params, tags=HESSIAN_TAGS if symmetric else ())
 
 
 def general_solver(linear_solver: lx.AbstractLinearSolver) -> lx.AbstractLinearSolver:
     """The solver for a non-symmetric Jacobian: CG and Cholesky need a symmetric positive
     definite operator, so they run on the normal equations (jaxopt's `solve_normal_cg`)."""
-    from ._linear_solver import CG
-
     if isinstance(linear_solver, lx.CG | lx.Cholesky | CG):
         return lx.Normal(cast(Any, linear_solver))
     return linear_solver
@@ -283,7 +139,7 @@ def linear_solve(
     `throw=False` the answer is NaN, except for a solve cut short at its `max_steps`, whose
     approximate answer is kept (approximate is not failed) and flagged by the result.
     """
-    value, result, stats = _solve(operator, vector, linear_solver, options)
+    value, result, stats = sharded_linear_solve(operator, vector, linear_solver, options)
     finite = tree_isfinite(vector) & tree_isfinite(value)
     result = lx.RESULTS.where(finite, result, lx.RESULTS.nonfinite_input)
     failed = result != lx.RESULTS.successful
@@ -319,7 +175,7 @@ def implicit_solution(
     - `linear_solver`: the `lineax` solver for $J x = b$ (and $J^\top x = b$).
     - `symmetric`: whether $J$ is symmetric positive semidefinite (the Hessian of a loss);
         otherwise `linear_solver` should accept a general operator (see `general_solver`).
-    - `throw`: the failure policy of [`linear_solve`][].
+    - `throw`: the failure policy of `linear_solve`.
     """
     return _implicit(
         stop_gradient(params_star),
@@ -384,7 +240,7 @@ def adjoint(
     adjoint_init: PyTree[Array] | None = None,
 ) -> tuple[PyTree[Array], lx.RESULTS, dict[str, Any]]:
     r"""The adjoint $v = J^{-\top} \nabla_w E$ by one checked linear solve: what reverse mode
-    through [`implicit_solution`][] computes, returned so that it can be inspected, reused as
+    through `implicit_solution` computes, returned so that it can be inspected, reused as
     a warm start (HOAG), or fed to the diagnostics; `adjoint_init` is the linear solver's
     initial guess (its `y0` option). Returns `(v, result, stats)`."""
     jacobian = jacobian_operator(optimality, params, inputs, symmetric=symmetric)
