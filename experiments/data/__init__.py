@@ -1,13 +1,19 @@
 """Data loaders for the experiments: MNIST (IDX), Omniglot (npz, official PNG zips, Lake's
 one-shot runs), seeded splits and few-shot episodes.
 
-Files are found in `--data-dir`, then `$BILEVAX_DATA`, then `../shared/data`, and checked
-against the `SHA256SUMS` there; preprocessed arrays are cached in `cache_dir()`.
+Files are read from one data directory: `--data-dir` when given, else `$BILEVAX_DATA` when set,
+else `../shared/data`; a file missing there is an error, never looked up elsewhere. They are
+checked against the `SHA256SUMS` there (an `UncheckedDataWarning` when there is none); a file
+that cannot be read raises a `DataError` naming it. Preprocessed arrays are cached in
+`cache_dir()`.
 """
 
 from ._files import (
     ChecksumError as ChecksumError,
+    DataError as DataError,
+    UncheckedDataWarning as UncheckedDataWarning,
     cache_dir as cache_dir,
+    data_root as data_root,
     find as find,
     sha256 as sha256,
 )

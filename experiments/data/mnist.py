@@ -10,7 +10,7 @@ from typing import Literal
 
 import numpy as np
 
-from ._files import PathLike, find
+from ._files import DataError, PathLike, find, reading
 
 
 DOWNLOAD = (
@@ -32,10 +32,16 @@ def read_idx(path: PathLike, *, expected_ndim: int | None = None) -> np.ndarray:
 
     **Raises:**
 
-    `ValueError` naming the file when the magic number, the number of dimensions or the data
-    length is wrong.
+    `DataError` (a `ValueError`) naming the file when it cannot be read (e.g. a truncated or
+    corrupt gzip stream), and `ValueError` naming it when the magic number, the number of
+    dimensions or the data length is wrong.
     """
     path = pathlib.Path(path)
+    with reading(path):
+        return _read_idx(path, expected_ndim)
+
+
+def _read_idx(path: pathlib.Path, expected_ndim: int | None) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         raw = f.read()
@@ -62,8 +68,8 @@ def load_mnist(
 
     **Arguments:**
 
-    - `data_dir`: a directory holding `mnist/<file>.gz`; by default `$BILEVAX_DATA`, then
-        `../shared/data`.
+    - `data_dir`: the directory holding `mnist/<file>.gz`, the only place looked at; by default
+        `$BILEVAX_DATA`, or `../shared/data` when that is not set.
     - `split`: `"test"` (10,000 digits, the files in `../shared/data`) or `"train"` (60,000;
         downloaded by the user).
 
@@ -71,20 +77,28 @@ def load_mnist(
 
     `(images, labels)`: `uint8` images of shape `(N, 28, 28)`, 0 background and 255 ink, and
     `int32` labels in 0..9 of shape `(N,)`.
+
+    **Raises:**
+
+    `FileNotFoundError` for a missing file, `ChecksumError` for one that differs from
+    `SHA256SUMS`, and `DataError` or `ValueError` for one that cannot be read or has the wrong
+    shape, each naming the file and saying where to download it.
     """
     if split not in _FILES:
         raise ValueError(f"`split` must be 'train' or 'test', got {split!r}.")
     image_file, label_file, n = _FILES[split]
     images_path = find(f"mnist/{image_file}", data_dir, download=DOWNLOAD)
     labels_path = find(f"mnist/{label_file}", data_dir, download=DOWNLOAD)
-    images = read_idx(images_path, expected_ndim=3)
-    labels = read_idx(labels_path, expected_ndim=1)
+    with reading(images_path, DOWNLOAD):
+        images = _read_idx(images_path, expected_ndim=3)
+    with reading(labels_path, DOWNLOAD):
+        labels = _read_idx(labels_path, expected_ndim=1)
     if images.shape != (n, 28, 28) or labels.shape != (n,) or images.dtype != np.uint8:
-        raise ValueError(
+        raise DataError(
             f"MNIST {split}: expected {n} uint8 28x28 images and {n} labels, got images "
             f"{images.shape} {images.dtype} ({images_path}) and labels {labels.shape} "
-            f"({labels_path})."
+            f"({labels_path}). Download them again from {DOWNLOAD}."
         )
     if labels.max(initial=0) > 9:
-        raise ValueError(f"{labels_path}: labels outside 0..9.")
+        raise DataError(f"{labels_path}: labels outside 0..9. Download it again from {DOWNLOAD}.")
     return images, labels.astype(np.int32)

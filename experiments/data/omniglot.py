@@ -14,6 +14,7 @@ the preprocessing parameters.
 import dataclasses
 import io
 import json
+import os
 import pathlib
 import re
 import zipfile
@@ -22,7 +23,16 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from ._files import PathLike, cache_key, find, load_cached, save_cached, sha256
+from ._files import (
+    DataError,
+    PathLike,
+    cache_key,
+    find,
+    load_cached,
+    reading,
+    save_cached,
+    sha256,
+)
 from ._split import split
 
 
@@ -128,15 +138,15 @@ def preprocess(paper: np.ndarray, size: int = 28) -> np.ndarray:
 
 
 def _names(ids: np.ndarray, ranges_path: pathlib.Path) -> np.ndarray:
-    rows = json.loads(ranges_path.read_text())["rows"]
-    first = np.array([r["first_id"] for r in rows])
-    last = np.array([r["last_id"] for r in rows])
-    row = np.searchsorted(first, ids, side="right") - 1
-    if np.any(row < 0) or np.any(ids > last[row]):
-        raise ValueError(f"{ranges_path} does not cover every character id.")
-    return np.array(
-        [f"{rows[r]['alphabet']}/character{i - first[r] + 1:02d}" for r, i in zip(row, ids)]
-    )
+    with reading(ranges_path, DOWNLOAD_NPZ):
+        rows = json.loads(ranges_path.read_text())["rows"]
+        first = np.array([r["first_id"] for r in rows], np.int64)
+        last = np.array([r["last_id"] for r in rows], np.int64)
+        alphabets = [str(r["alphabet"]) for r in rows]
+        row = np.searchsorted(first, ids, side="right") - 1
+        if np.any(row < 0) or np.any(ids > last[row]):
+            raise ValueError(f"{ranges_path} does not cover every character id.")
+    return np.array([f"{alphabets[r]}/character{i - first[r] + 1:02d}" for r, i in zip(row, ids)])
 
 
 def load_omniglot(
@@ -148,7 +158,8 @@ def load_omniglot(
 
     **Arguments:**
 
-    - `data_dir`: searched first; then `$BILEVAX_DATA`, then `../shared/data`.
+    - `data_dir`: the data directory, the only place looked at; by default `$BILEVAX_DATA`, or
+        `../shared/data` when that is not set.
     - `size`: the image side after resizing.
     - `cache`: read and write the preprocessed arrays in `cache_dir()`.
     """
@@ -160,12 +171,13 @@ def load_omniglot(
     if arrays is None:
         images, ids = [], []
         for path, (_, first_id) in zip(paths, _NPZ):
-            with np.load(path, allow_pickle=False) as f:
+            with reading(path, DOWNLOAD_NPZ), np.load(path, allow_pickle=False) as f:
                 paper, labels = f["images"], f["labels"]
             expected = np.arange(len(labels))[:, None]
             if paper.shape[1:] != (NUM_DRAWINGS, 105, 105) or np.any(labels != expected):
-                raise ValueError(
-                    f"{path}: expected `images` of shape (C, 20, 105, 105) and `labels[c] == c`."
+                raise DataError(
+                    f"{path}: expected `images` of shape (C, 20, 105, 105) and `labels[c] == c`. "
+                    f"Download it again from {DOWNLOAD_NPZ}."
                 )
             images.append(preprocess(paper, size))
             ids.append(np.arange(len(labels)) + first_id)
@@ -177,6 +189,12 @@ def load_omniglot(
 
 
 def _read_zip(path: pathlib.Path, size: int) -> dict[str, np.ndarray]:
+    with reading(path, DOWNLOAD):
+        papers, ids, names = _read_zip_papers(path)
+    return {"images": preprocess(papers, size), "ids": ids, "names": names}
+
+
+def _read_zip_papers(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # Folder layout `[root/]alphabet/characterNN/IIII_DD.png`, IIII the official character id
     # and DD the drawer.
     found: dict[int, tuple[str, dict[int, np.ndarray]]] = {}
@@ -202,11 +220,7 @@ def _read_zip(path: pathlib.Path, size: int) -> dict[str, np.ndarray]:
         if len(drawings) != NUM_DRAWINGS:
             raise ValueError(f"{path}: {name} has {len(drawings)} drawings, not {NUM_DRAWINGS}.")
         papers.append(np.stack([drawings[d] for d in sorted(drawings)]))
-    return {
-        "images": preprocess(np.stack(papers), size),
-        "ids": ids,
-        "names": np.array([found[i][0] for i in ids]),
-    }
+    return np.stack(papers), ids, np.array([found[i][0] for i in ids])
 
 
 def load_omniglot_zip(
@@ -220,9 +234,12 @@ def load_omniglot_zip(
 
     **Arguments:**
 
-    - `zips`: paths of zip files; a name that is not an existing file is looked up as
-        `omniglot/<name>` in the data directories (`data_dir`, `$BILEVAX_DATA`,
-        `../shared/data`). A character in several zips is kept once.
+    - `zips`: zip files. A bare file name (`"images_background.zip"`) is looked up as
+        `omniglot/<name>` in the data directory (`data_dir`, else `$BILEVAX_DATA`, else
+        `../shared/data`: only that one) and checked against its `SHA256SUMS`; anything with a
+        directory part (`"./images_background.zip"`, `"/data/x.zip"`) is a path, read unchecked.
+        A character in several zips is kept once.
+    - `data_dir`: the data directory for bare names.
     - `size`, `cache`: as in `load_omniglot`.
 
     **Returns:**
@@ -230,12 +247,15 @@ def load_omniglot_zip(
     The `Characters` of all zips, in the order of their official ids, preprocessed exactly as
     `load_omniglot` does.
     """
-    paths = [
-        pathlib.Path(z)
-        if pathlib.Path(z).is_file()
-        else find(f"omniglot/{z}", data_dir, download=DOWNLOAD)
-        for z in zips
-    ]
+    paths = []
+    for z in zips:
+        given = pathlib.Path(z)
+        if os.fspath(z) == given.name:  # a bare name: not "./x.zip", not "dir/x.zip"
+            paths.append(find(f"omniglot/{given.name}", data_dir, download=DOWNLOAD))
+        elif given.is_file():
+            paths.append(given)
+        else:
+            raise FileNotFoundError(f"Omniglot zip {given} not found. Download it from {DOWNLOAD}.")
     parts = []
     for path in paths:
         key = cache_key({path.name: sha256(path)}, {"size": size, "version": _VERSION})

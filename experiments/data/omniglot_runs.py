@@ -8,7 +8,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from ._files import PathLike, find
+from ._files import DataError, PathLike, find, reading
 from .omniglot import preprocess
 
 
@@ -39,12 +39,13 @@ class OneShotRuns(NamedTuple):
 
 
 def load_one_shot_runs(data_dir: PathLike | None = None, *, size: int = 28) -> OneShotRuns:
-    """Reads `omniglot/all_runs.zip` (found in `data_dir`, `$BILEVAX_DATA`, `../shared/data`)."""
+    """Reads `omniglot/all_runs.zip` from the data directory (`data_dir`, else `$BILEVAX_DATA`,
+    else `../shared/data`: only that one)."""
     path = find("omniglot/all_runs.zip", data_dir, download=DOWNLOAD)
     papers = np.empty((NUM_RUNS, 2, NUM_WAYS, 105, 105), bool)
     answer = np.full((NUM_RUNS, NUM_WAYS), -1, np.int64)
 
-    with zipfile.ZipFile(path) as z:
+    with reading(path, DOWNLOAD), zipfile.ZipFile(path) as z:
 
         def read(name: str) -> np.ndarray:
             with Image.open(io.BytesIO(z.read(name))) as image:
@@ -64,6 +65,9 @@ def load_one_shot_runs(data_dir: PathLike | None = None, *, size: int = 28) -> O
                 answer[r, int(match[2]) - 1] = int(match[4]) - 1
     for r in range(NUM_RUNS):
         if sorted(answer[r]) != list(range(NUM_WAYS)):
-            raise ValueError(f"{path}: run{r + 1:02d}/class_labels.txt is not a matching.")
+            raise DataError(
+                f"{path}: run{r + 1:02d}/class_labels.txt is not a matching. Download it again "
+                f"from {DOWNLOAD}."
+            )
     images = preprocess(papers, size)
     return OneShotRuns(images[:, 0], images[:, 1], answer)
