@@ -55,9 +55,18 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def docs(session: nox.Session) -> None:
-    """Build the documentation in strict mode."""
+    """Build the documentation in strict mode, then open it in headless Chromium: no raw TeX.
+
+    The site serves its own MathJax, which the build takes from the npm registry with `npm pack`
+    the first time (`docs/hooks/mathjax_vendor.py`; cached in `build/docs-vendor/`). The browser
+    check (`.ci/check_docs_render.py`, arguments after `--` go to it) cuts off every host but
+    127.0.0.1 and fails on maths left as TeX; it is skipped, saying so, where no Chromium is
+    installed (`apt-get install -y chromium`)."""
     session.install("-e", ".[docs]")
     session.run("mkdocs", "build", "--strict")
+    session.run(
+        "python", ".ci/check_docs_render.py", "site", "--skip-if-no-browser", *session.posargs
+    )
 
 
 @nox.session(venv_params=["--system-site-packages"])
