@@ -8,6 +8,9 @@ import nox
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.sessions = ["tests", "lint"]
+# A second `nox -s tests` reuses its environment (as `nox -r` does): `uv pip install` then only
+# checks what is there. `nox --no-reuse-existing-virtualenvs` starts afresh.
+nox.options.reuse_existing_virtualenvs = True
 
 ROOT = pathlib.Path(__file__).parent
 CONTRACT = ROOT.parent / "shared" / "contract"
@@ -28,6 +31,37 @@ def tests(session: nox.Session) -> None:
         paths.append(str(CONTRACT))
     else:
         session.warn(f"{CONTRACT} not found: running the project's own tests only.")
+    # The slowest tests are printed, so that a slow one is seen and moved to `slow`.
+    _pytest(session, "-q", "-ra", "--durations=15", *paths)
+
+
+# The tests of the library's core, run by `lowest` against the lowest versions allowed.
+CORE_TESTS = [
+    "tests/test_inner_solve.py",
+    "tests/test_implicit.py",
+    "tests/test_unrolled.py",
+    "tests/test_errors.py",
+    "tests/test_failures.py",
+    "tests/test_linearize.py",
+]
+
+
+@nox.session(python="3.11")
+def lowest(session: nox.Session) -> None:
+    """The core tests against the lower bounds in `pyproject.toml` (uv's lowest-direct
+    resolution), so that the floors there are true."""
+    if session.venv_backend != "uv":
+        session.skip("the lowest-direct resolution needs nox's uv backend (`pip install uv`).")
+    session.install("--resolution", "lowest-direct", "-e", ".[test]")
+    session.run(
+        "python",
+        "-c",
+        "import jax, equinox, lineax, optimistix, optax, numpy; "
+        "print('lowest:', 'jax', jax.__version__, 'equinox', equinox.__version__, "
+        "'lineax', lineax.__version__, 'optimistix', optimistix.__version__, "
+        "'optax', optax.__version__, 'numpy', numpy.__version__)",
+    )
+    paths = [*CORE_TESTS, str(CONTRACT)] if CONTRACT.is_dir() else CORE_TESTS
     _pytest(session, "-q", "-ra", *paths)
 
 
