@@ -139,20 +139,23 @@ NAN_DATA = {
 }
 
 
-@pytest.mark.parametrize("case", list(NAN_DATA))
+PATHS = [
+    "inner_solve",
+    "implicit reverse",
+    "implicit forward",
+    "implicit_diff",
+    "hoag",
+    "unrolled",
+    "directions",
+]
+
+
+# Every path with each case, and every path under `jit` with one case.
 @pytest.mark.parametrize(
-    "path",
-    [
-        "inner_solve",
-        "implicit reverse",
-        "implicit forward",
-        "implicit_diff",
-        "hoag",
-        "unrolled",
-        "directions",
-    ],
+    "case, path, jit",
+    [(case, path, False) for case in NAN_DATA for path in PATHS]
+    + [("nan inner data", path, True) for path in PATHS],
 )
-@pytest.mark.parametrize("jit", [False, True])
 def test_nonfinite_data(case, path, jit):
     inner_data, outer_data = NAN_DATA[case]
     runs = {
