@@ -247,13 +247,15 @@ def hypergrad_info(
                 hessian_min
             )
 
-    result = HypergradResult.successful
+    # Applied from the least to the most serious, so that the most serious one stands.
+    result = HypergradResult.where(
+        inner_grad_norm <= tol, HypergradResult.successful, HypergradResult.not_stationary
+    )
     if lanczos_steps > 0:
         tolerance = 10 * jnp.finfo(dtype).eps * jnp.abs(hessian_max) * lanczos_steps
         result = HypergradResult.where(
             hessian_min > tolerance, result, HypergradResult.not_positive_definite
         )
-    result = HypergradResult.where(inner_grad_norm <= tol, result, HypergradResult.not_stationary)
     finite = (
         tree_isfinite(hypergrad)
         & tree_isfinite(v)
