@@ -1,27 +1,31 @@
 r"""Trustworthy hypergradients: the figures of docs/trustworthy-hypergradients.md.
 
-Five measurements on the test zoo (`tests/helpers.py`: ridge with a closed-form
+Five measurements on the problem zoo (`experiments/problems.py`, which the tests also use:
+ridge with a closed-form
 hypergradient, logistic regression, an ill-conditioned quadratic, a tiny MLP):
 
-1. `error_estimate`: the error estimate and bound of `implicit_hypergrad(..., has_aux=True)`
-   against the true error (closed form), as the inner and linear-solve tolerances vary.
-2. `adaptive_tolerance`: HOAG's tightening tolerances against a fixed tight tolerance: total
-   inner steps and CG iterations, and the hyperparameters reached.
+1. `error_estimate`: the error estimate and bound of `bx.diagnostics.hypergrad_info`, at the
+   adjoint that `implicit_hypergrad(..., has_aux=True)` returns, against the true error
+   (closed form), as the inner and linear-solve tolerances vary.
+2. `adaptive_tolerance`: HOAG's (`bx.contrib.HOAG`) tightening tolerances against a fixed
+   tight tolerance: total inner steps and CG iterations, and the hyperparameters reached.
 3. `warm_start`: CG iterations and inner steps with and without warm starts.
-4. `preconditioning`: CG iterations with and without a Jacobi (Hutchinson) preconditioner on
-   a badly scaled ridge problem.
+4. `preconditioning`: CG iterations with and without a Jacobi (Hutchinson) preconditioner
+   (`bx.Preconditioned(lx.CG(...), bx.JacobiPreconditioner(S))`) on a badly scaled ridge
+   problem.
 5. `precision`: the hypergradient's relative error with the inner loop in
    bfloat16/float16/float32/float64 and the hypergradient in float32/float64.
 
 Everything is counted (steps, iterations, errors), nothing timed, so the numbers are the same
 on any machine for a given seed (`--seed` shifts the data of the ridge and logistic problems).
 
-    python -m experiments.hypergrad_diagnostics [--quick] [--out DIR] [--seed S] [--resume]
+Each measurement is checkpointed when it is done, so `--resume` runs only those left.
+
+    python -m experiments.hypergrad_diagnostics [--quick] [--out DIR] [--seed S]
+        [--resume | --overwrite]
 """
 
 import dataclasses
-import importlib.util
-import sys
 
 import equinox as eqx
 import jax
@@ -32,18 +36,26 @@ import optax
 
 import bilevax as bx
 
-from . import _common
+from . import _common, problems
 
 
-def _zoo():
-    """The test zoo, loaded from `tests/helpers.py` (the problems the tests assert on)."""
-    path = _common.REPO_ROOT / "tests" / "helpers.py"
-    spec = importlib.util.spec_from_file_location("_bilevax_test_zoo", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def _diagnosed(zoo, problem, params, *, tol=1e-6, **kwargs):
+    """`(hypergrad, info)`: the implicit hypergradient at `params`, and
+    `bx.diagnostics.hypergrad_info` (Lanczos, the error estimate and bound) at its adjoint."""
+    _, hgrad, aux = zoo.implicit(problem, params, has_aux=True, tol=tol, **kwargs)
+    info = bx.diagnostics.hypergrad_info(
+        problem.outer,
+        problem.inner,
+        params,
+        problem.hparams,
+        problem.inner_data,
+        problem.outer_data,
+        aux.adjoint,
+        tol=tol,
+        solve_steps=aux.solve_steps,
+        hypergrad=hgrad,
+    )
+    return hgrad, info
 
 
 def error_estimate(zoo, seed: int, quick: bool) -> dict:
@@ -62,11 +74,8 @@ def error_estimate(zoo, seed: int, quick: bool) -> dict:
             max_steps=100_000,
             tol=tol,
         )
-        return zoo.implicit(
-            problem,
-            sol.params,
-            linear_solver=lx.CG(rtol=linear_tol, atol=linear_tol),
-            has_aux=True,
+        return _diagnosed(
+            zoo, problem, sol.params, tol=tol, linear_solver=lx.CG(rtol=linear_tol, atol=linear_tol)
         )
 
     big = zoo.ridge(n=150, d=40, seed=seed)
@@ -75,17 +84,15 @@ def error_estimate(zoo, seed: int, quick: bool) -> dict:
     @jax.jit
     def run_linear(linear_tol):
         w_star = big.exact_params(big.hparams)
-        return zoo.implicit(
-            big, w_star, linear_solver=lx.CG(rtol=linear_tol, atol=linear_tol), has_aux=True
-        )
+        return _diagnosed(zoo, big, w_star, linear_solver=lx.CG(rtol=linear_tol, atol=linear_tol))
 
     rows = []
     tols = [1e-2, 1e-6, 1e-10] if quick else [1e-2, 1e-4, 1e-6, 1e-8, 1e-10]
     for tol in tols:
-        _, hgrad, info = run(tol, 1e-13)
+        hgrad, info = run(tol, 1e-13)
         rows.append(_error_row("inner", tol, hgrad, exact, info))
     for linear_tol in [1e-2, 1e-4, 1e-6] if quick else [1e-2, 1e-3, 1e-4, 1e-5, 1e-6]:
-        _, hgrad, info = run_linear(linear_tol)
+        hgrad, info = run_linear(linear_tol)
         rows.append(_error_row("linear", linear_tol, hgrad, big_exact, info))
     return {"rows": rows}
 
@@ -105,6 +112,7 @@ def _error_row(varied, tol, hgrad, exact, info) -> dict:
         solve_steps=int(info.solve_steps),
         hessian_min=float(info.hessian_min),
         hessian_max=float(info.hessian_max),
+        result=_result_name(info.result),
     )
 
 
@@ -147,8 +155,8 @@ def adaptive_tolerance(zoo, seed: int, quick: bool) -> dict:
         solver = bx.GradientDescent(problem.learning_rate, 0.5)
         common = dict(final_tol=1e-10, max_steps=100_000)
         runs = {
-            "adaptive": bx.HOAG(optimizer, solver, initial_tol=1e-2, decay=0.9, **common),
-            "fixed": bx.HOAG(optimizer, solver, initial_tol=1e-10, decay=1.0, **common),
+            "adaptive": bx.contrib.HOAG(optimizer, solver, initial_tol=1e-2, decay=0.9, **common),
+            "fixed": bx.contrib.HOAG(optimizer, solver, initial_tol=1e-10, decay=1.0, **common),
         }
         result = {label: _run_hoag(problem, hoag, num_steps) for label, hoag in runs.items()}
         result["hparams_difference"] = float(
@@ -181,7 +189,7 @@ def warm_start(zoo, seed: int, quick: bool) -> dict:
     }
     out = {}
     for name, extra in variants.items():
-        run = _run_hoag(problem, bx.HOAG(**kwargs, **extra), 60)
+        run = _run_hoag(problem, bx.contrib.HOAG(**kwargs, **extra), 60)
         run.pop("cumulative_inner_steps")
         out[name] = run
     return out
@@ -191,25 +199,16 @@ def preconditioning(zoo, seed: int, quick: bool) -> dict:
     """Plain against Jacobi-preconditioned CG on ridge with features over three decades."""
     inner, outer, w_star, lam, train, val, exact, A = zoo.scaled_ridge(seed=seed)
     out = {"condition_number": float(np.linalg.cond(np.asarray(A)))}
-    for name, preconditioner in [
-        ("none", None),
-        ("jacobi_16", bx.JacobiPreconditioner(16)),
-        ("jacobi_64", bx.JacobiPreconditioner(64)),
-        ("jacobi_exact_diagonal", _exact_jacobi(A)),
+    cg = lx.CG(rtol=1e-12, atol=1e-12, max_steps=3000)
+    for name, linear_solver in [
+        ("none", cg),
+        ("jacobi_16", bx.Preconditioned(cg, bx.JacobiPreconditioner(16))),
+        ("jacobi_64", bx.Preconditioned(cg, bx.JacobiPreconditioner(64))),
+        ("jacobi_exact_diagonal", bx.Preconditioned(cg, _exact_jacobi(A))),
     ]:
         _, hgrad, info = jax.jit(
             lambda: bx.implicit_hypergrad(
-                outer,
-                inner,
-                w_star,
-                lam,
-                train,
-                val,
-                linear_solver=lx.CG(rtol=1e-12, atol=1e-12, max_steps=3000),
-                preconditioner=preconditioner,
-                has_aux=True,
-                lanczos_steps=0,
-                estimate_error=False,
+                outer, inner, w_star, lam, train, val, linear_solver=linear_solver, has_aux=True
             )
         )()
         out[name] = dict(solve_steps=int(info.solve_steps), relerr=zoo.relerr(hgrad, exact))
@@ -239,44 +238,108 @@ def precision(zoo, seed: int, quick: bool) -> dict:
         reference = None if make is zoo.mlp else zoo.reference_hypergrad(problem)
         for solve in solve_dtypes:
             for inner in DTYPES:
-                solve_tol = 1e-10 if solve == "float64" else 1e-6
-                _, hgrad, sol, info = eqx.filter_jit(
-                    lambda: bx.mixed_precision_hypergrad(
-                        problem.outer,
-                        problem.inner,
-                        problem.init,
-                        problem.hparams,
-                        problem.inner_data,
-                        problem.outer_data,
-                        policy=bx.PrecisionPolicy(DTYPES[inner], DTYPES[solve]),
-                        solver=bx.GradientDescent(problem.learning_rate, 0.9),
-                        max_steps=5000,
-                        tol=1e-10,
-                        linear_solver=lx.CG(rtol=solve_tol, atol=solve_tol),
-                        has_aux=True,
-                    )
-                )()
+                row = dict(problem=problem.name, inner=inner, solve=solve)
+                try:
+                    hgrad, sol, info = _mixed_precision(problem, DTYPES[inner], DTYPES[solve])
+                except (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError) as error:
+                    # The failure policy: a linear solve that failed raises (the bfloat16
+                    # MLP's Hessian is indefinite, and `bx.CG` breaks down on it in float32).
+                    rows.append(row | dict(relerr=None, estimate=None, result=_raised(error)))
+                    continue
                 if reference is None:  # the MLP: its all-float64 run is the reference
                     reference = hgrad
                 norm = float(jnp.linalg.norm(jnp.ravel(jnp.asarray(reference, jnp.float64))))
-                rows.append(
-                    dict(
-                        problem=problem.name,
-                        inner=inner,
-                        solve=solve,
-                        relerr=zoo.relerr(hgrad, reference),
-                        estimate=float(info.error_estimate) / norm,
-                        inner_grad_norm=float(sol.stats["grad_norm"]),
-                        inner_steps=int(sol.stats["num_steps"]),
-                        result=_result_name(info.result),
-                    )
+                row |= dict(
+                    relerr=zoo.relerr(hgrad, reference),
+                    # None where the estimate is NaN (its own solves broke down).
+                    estimate=_finite_or_none(float(info.error_estimate) / norm),
+                    inner_grad_norm=float(sol.stats["grad_norm"]),
+                    inner_steps=int(sol.stats["num_steps"]),
+                    result=_result_name(info.result),
                 )
+                rows.append(row)
     return {"rows": rows}
 
 
+def _finite_or_none(x: float) -> float | None:
+    return x if np.isfinite(x) else None
+
+
+def _raised(error: Exception) -> str:
+    """Which failure of the linear solve an error reports."""
+    message = str(error)
+    for phrase, name in [
+        ("broke down", "linear_solve_breakdown"),
+        ("non-finite", "nonfinite"),
+        ("did not reach", "linear_solve_failed"),
+        ("singular", "linear_solve_failed"),
+    ]:
+        if phrase in message:
+            return f"raised: {name}"
+    return "raised"
+
+
+def _mixed_precision(problem, inner_dtype, solve_dtype):
+    """`(hypergrad, solution, info)`: `bx.contrib.mixed_precision_hypergrad` with the inner
+    loop in `inner_dtype`, and `bx.diagnostics.hypergrad_info` in `solve_dtype` at its
+    low-precision solution and adjoint (stationary means the inner solve's `tol`, 1e-10).
+
+    CG runs to 1e-10 in float64 and 1e-6 in float32; in float32 on `bx.CG`'s test (the 2-norm
+    of the residual relative to the right-hand side), which float32 can meet: `lx.CG`'s
+    per-component test on its periodically recomputed residual stalls near 1e-5 on the MLP,
+    and a linear solve that does not reach its tolerance raises."""
+    if solve_dtype == jnp.float64:
+        linear_solver = lx.CG(rtol=1e-10, atol=1e-10)
+    else:
+        linear_solver = bx.CG(rtol=1e-6, atol=0.0)
+    policy = bx.contrib.PrecisionPolicy(inner_dtype, solve_dtype)
+
+    @eqx.filter_jit
+    def run():
+        _, hgrad, sol, aux = bx.contrib.mixed_precision_hypergrad(
+            problem.outer,
+            problem.inner,
+            problem.init,
+            problem.hparams,
+            problem.inner_data,
+            problem.outer_data,
+            policy=policy,
+            solver=bx.GradientDescent(problem.learning_rate, 0.9),
+            max_steps=5000,
+            tol=1e-10,
+            linear_solver=linear_solver,
+            has_aux=True,
+        )
+        info = bx.diagnostics.hypergrad_info(
+            problem.outer,
+            problem.inner,
+            policy.solve(sol.params),
+            policy.solve(problem.hparams),
+            policy.solve(problem.inner_data),
+            policy.solve(problem.outer_data),
+            aux.adjoint,
+            tol=1e-10,
+            solve_steps=aux.solve_steps,
+            hypergrad=hgrad,
+        )
+        return hgrad, sol, info
+
+    return run()
+
+
+RESULT_NAMES = (
+    "successful",
+    "linear_solve_failed",
+    "linear_solve_breakdown",
+    "not_stationary",
+    "not_positive_definite",
+    "nonfinite",
+)
+
+
 def _result_name(result) -> str:
-    for name in ("successful", "linear_solve_failed", "not_positive_definite", "nonfinite"):
-        if bool(result == getattr(bx.HypergradResult, name)):
+    for name in RESULT_NAMES:
+        if bool(result == getattr(bx.diagnostics.HypergradResult, name)):
             return name
     return "unknown"
 
@@ -290,12 +353,8 @@ SECTIONS = {
 }
 
 
-def plot(results: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: dict, path):
+    plt = _common.pyplot()
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2))
     rows = [r for r in results["error_estimate"]["rows"] if r["varied"] == "inner"]
     tols = [r["tol"] for r in rows]
@@ -322,34 +381,22 @@ def plot(results: dict, path) -> None:
     right.set_xticks(np.arange(len(problems)) + 0.3, problems)
     right.set(ylabel="relative error", title="inner dtype (float64 solve)")
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return _common.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
     p = _common.parser("hypergrad_diagnostics", __doc__.splitlines()[0])
     args = p.parse_args(argv)
-    out = _common.setup(args)
-    ckpt = _common.Checkpoints(out, args.resume)
-    zoo = _zoo()
+    run = _common.start(args)
     results = {}
-    done = sum(ckpt.load(name) is not None for name in SECTIONS)
-    with _common.progress("diagnostics", len(SECTIONS), done) as advance:
+    with _common.progress("diagnostics", len(SECTIONS)) as advance:
         for name, section in SECTIONS.items():
             # A finished section is stored whole, so that a resumed run skips it.
-            result = ckpt.load(name)
-            if result is None:
-                result = section(zoo, args.seed, args.quick)
-                ckpt.save(name, result)
-                advance(name)
-            results[name] = result
-    results["config"] = dict(quick=args.quick, seed=args.seed)
-    path = _common.write_results(out, results)
-    plot(results, out / "hypergrad_diagnostics.png")
-    _common.console.print(f"results: {path}")
-    return results
+            results[name] = run.stage(name, lambda: section(problems, args.seed, args.quick))
+            advance(name)
+    results["config"] = run.config
+    return run.finish(results, {"hypergrad_diagnostics.png": lambda path: plot(results, path)})
 
 
 if __name__ == "__main__":
-    main()
+    _common.cli(main)

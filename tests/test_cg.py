@@ -56,6 +56,21 @@ def test_reports_non_convergence():
         lx.linear_solve(operator, b, bx.CG(1e-12, 1e-12, max_steps=5))
 
 
+def test_reports_breakdown_on_an_indefinite_operator():
+    # Tagged positive semidefinite, but it is not: CG meets a direction of negative
+    # curvature and says so instead of returning an answer.
+    rng = np.random.default_rng(6)
+    Q, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    A = jnp.asarray((Q * np.asarray([-2.0, -0.5, 1, 2, 3, 4, 5, 6])) @ Q.T)
+    b = jnp.asarray(rng.standard_normal(8))
+    operator = lx.MatrixLinearOperator((A + A.T) / 2, TAGS)
+    sol = lx.linear_solve(operator, b, bx.CG(1e-12, 1e-12), throw=False)
+    assert sol.result == lx.RESULTS.breakdown
+    assert int(sol.stats["num_steps"]) < 8
+    with pytest.raises(Exception, match="iterative breakdown"):
+        lx.linear_solve(operator, b, bx.CG(1e-12, 1e-12))
+
+
 def test_options_pytrees_and_negative_definite():
     A, b = _spd(12, 50.0, seed=3)
     exact = jnp.linalg.solve(A, b)

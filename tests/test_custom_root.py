@@ -207,5 +207,7 @@ def test_bad_arguments():
     bad = bx.implicit_diff(closed_form, lambda w, lam, X, y: jnp.sum(w))
     with pytest.raises(ValueError, match="`optimality_fn`"):
         bad(None, 1.0, X, Y)
-    with pytest.raises(TypeError, match="`solver`"):
-        bx.implicit_solution(jnp.zeros(2), ridge_loss, 1.0, None, lx.LU(), solver="pg")
+    with pytest.raises(TypeError, match="`throw`"):
+        bx.implicit_diff(closed_form, jax.grad(ridge_loss), throw="yes")
+    with pytest.raises(TypeError, match="`symmetric`"):
+        bx.implicit_diff(closed_form, jax.grad(ridge_loss), symmetric=None)

@@ -16,6 +16,7 @@ def test_quick_run_reproduces_the_documented_figures(tmp_path):
     for row in results["error_estimate"]["rows"]:
         assert 0.95 <= row["estimate_over_error"] <= 1.05
         assert row["bound_over_error"] >= 1.0
+        assert row["result"] == "successful"
     for name in ("ridge", "logistic"):
         run = results["adaptive_tolerance"][name]
         assert run["inner_steps_saved"] > 0.3
@@ -28,6 +29,9 @@ def test_quick_run_reproduces_the_documented_figures(tmp_path):
     bounds = {"float64": 1e-8, "float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-1}
     for row in results["precision"]["rows"]:
         assert row["relerr"] < bounds[row["inner"]]
+        if row["problem"] == "mlp" and row["inner"] == "bfloat16":
+            # The documented dagger: not a strict minimiser, and reported so.
+            assert row["result"] == "not_positive_definite"
     # A resumed run reads every section back from its checkpoints.
     hypergrad_diagnostics.main(["--quick", "--out", str(tmp_path), "--resume"])
     assert json.loads((tmp_path / "results.json").read_text()) == results

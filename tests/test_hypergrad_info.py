@@ -1,5 +1,6 @@
-"""`implicit_hypergrad(..., has_aux=True)`: the reported diagnostics are what they say, and the
-error estimate and bound track the true error against the closed-form ridge hypergradient."""
+"""`bx.diagnostics.hypergrad_info`, on the adjoint that `implicit_hypergrad(..., has_aux=True)`
+returns: the reported diagnostics are what they say, and the error estimate and bound track
+the true error against the closed-form ridge hypergradient."""
 
 import equinox as eqx
 import jax
@@ -13,6 +14,21 @@ import bilevax as bx
 
 
 INNER_TOLS = [1e-2, 1e-4, 1e-6, 1e-8, 1e-10]
+Result = bx.diagnostics.HypergradResult
+
+
+def _diagnose(problem, params, aux, **kwargs):
+    """`bx.diagnostics.hypergrad_info` at `params` with the adjoint of `aux`."""
+    return bx.diagnostics.hypergrad_info(
+        problem.outer,
+        problem.inner,
+        params,
+        problem.hparams,
+        problem.inner_data,
+        problem.outer_data,
+        aux.adjoint,
+        **kwargs,
+    )
 
 
 def _ridge_hypergrad_at_tol(problem):
@@ -27,12 +43,17 @@ def _ridge_hypergrad_at_tol(problem):
             max_steps=100_000,
             tol=tol,
         )
-        return implicit(
+        _, hgrad, aux = implicit(
             problem,
             sol.params,
             linear_solver=lx.CG(rtol=linear_tol, atol=linear_tol),
             has_aux=True,
+            tol=tol,
         )
+        info = _diagnose(problem, sol.params, aux, tol=tol)
+        # The same point against the default stationarity test (1e-6).
+        strict = _diagnose(problem, sol.params, aux, lanczos_steps=0, estimate_error=False)
+        return hgrad, aux, info, strict.result
 
     return run
 
@@ -45,13 +66,19 @@ def test_error_estimate_and_bound_track_the_inner_error():
     run = _ridge_hypergrad_at_tol(problem)
     errors = []
     for tol in INNER_TOLS:
-        _, hgrad, info = run(tol, 1e-13)
+        hgrad, aux, info, strict = run(tol, 1e-13)
         error = float(jnp.linalg.norm(hgrad - exact))
         errors.append(error)
-        assert info.result == bx.HypergradResult.successful
+        assert aux.result == Result.successful
+        assert info.result == Result.successful
         assert float(info.inner_grad_norm) <= tol
         assert 0.95 * error <= float(info.error_estimate) <= 1.05 * error
         assert error <= float(info.error_bound) <= 1.5 * error
+        # A solution stopped above the default tolerance is reported as not stationary.
+        if float(info.inner_grad_norm) > 1e-6:
+            assert strict == Result.not_stationary
+        else:
+            assert strict == Result.successful
     # The error falls with the tolerance, over eight orders of magnitude.
     assert errors[0] > 1e7 * errors[-1]
 
@@ -64,15 +91,16 @@ def test_error_estimate_and_bound_track_the_linear_solve_error():
 
     @jax.jit
     def run(linear_tol):
-        return implicit(
+        _, hgrad, aux = implicit(
             problem,
             w_star,
             linear_solver=lx.CG(rtol=linear_tol, atol=linear_tol),
             has_aux=True,
         )
+        return hgrad, _diagnose(problem, w_star, aux)
 
     for linear_tol in [1e-2, 1e-4, 1e-6]:
-        _, hgrad, info = run(linear_tol)
+        hgrad, info = run(linear_tol)
         error = float(jnp.linalg.norm(hgrad - exact))
         assert error > 1e-12  # the solve's error dominates, not round-off
         assert 0.9 * error <= float(info.error_estimate) <= 1.1 * error
@@ -85,47 +113,79 @@ def test_info_reports_what_it_says():
     w = w_star + 1e-3  # not a minimiser: a visible inner gradient
     solver = lx.CG(rtol=1e-13, atol=1e-13)
     value, hgrad = jax.jit(lambda w: implicit(problem, w, linear_solver=solver))(w)
-    value_aux, hgrad_aux, info = jax.jit(
+    value_fwd, hgrad_fwd = jax.jit(
+        lambda w: implicit(problem, w, linear_solver=solver, mode="forward")
+    )(w)
+    value_aux, hgrad_aux, aux = jax.jit(
         lambda w: implicit(problem, w, linear_solver=solver, has_aux=True)
     )(w)
+    info = jax.jit(lambda w, aux: _diagnose(problem, w, aux))(w, aux)
     # The explicit adjoint path computes the same hypergradient as the custom-JVP path.
     assert float(value_aux) == pytest.approx(float(value), rel=1e-14)
+    assert float(value_fwd) == pytest.approx(float(value), rel=1e-14)
     assert relerr(hgrad_aux, hgrad) < 1e-10
+    assert relerr(hgrad_aux, hgrad_fwd) < 1e-10
     grad = jax.grad(problem.inner)(w, problem.hparams, problem.inner_data)
-    assert float(info.inner_grad_norm) == pytest.approx(float(jnp.linalg.norm(grad)), rel=1e-12)
+    for report in (aux, info):
+        assert float(report.inner_grad_norm) == pytest.approx(
+            float(jnp.linalg.norm(grad)), rel=1e-12
+        )
     H = jax.hessian(problem.inner)(w, problem.hparams, problem.inner_data)
     gE = jax.grad(problem.outer)(w, problem.hparams, problem.outer_data)
-    assert relerr(info.adjoint, jnp.linalg.solve(H, gE)) < 1e-10
-    assert float(info.residual_norm) == pytest.approx(
-        float(jnp.linalg.norm(H @ info.adjoint - gE)), rel=1e-6, abs=1e-15
-    )
+    assert relerr(aux.adjoint, jnp.linalg.solve(H, gE)) < 1e-10
+    assert relerr(info.adjoint, aux.adjoint) == 0
+    for report in (aux, info):
+        assert float(report.residual_norm) == pytest.approx(
+            float(jnp.linalg.norm(H @ aux.adjoint - gE)), rel=1e-6, abs=1e-15
+        )
     # Six parameters, 20 Lanczos steps: the extreme Ritz values are the extreme eigenvalues.
     eigs = np.linalg.eigvalsh(np.asarray(H))
     assert float(info.hessian_min) == pytest.approx(eigs[0], rel=1e-10)
     assert float(info.hessian_max) == pytest.approx(eigs[-1], rel=1e-10)
-    assert 0 < int(info.solve_steps) <= 60
+    assert 0 < int(aux.solve_steps) <= 60
     assert bool(info.positive_definite)
+    # The inner gradient is far above the stationarity test: both reports say so.
+    assert aux.result == Result.not_stationary
+    assert info.result == Result.not_stationary
 
 
 def test_info_without_estimates_is_cheap_and_nan():
     problem = ridge()
     w_star = problem.exact_params(problem.hparams)
-    _, hgrad, info = implicit(problem, w_star, has_aux=True, lanczos_steps=0, estimate_error=False)
+    _, hgrad, aux = implicit(problem, w_star, has_aux=True)
     assert relerr(hgrad, problem.exact_hypergrad(problem.hparams)) < 1e-8
+    assert aux.result == Result.successful
+    for name in ("error_estimate", "error_bound", "hessian_min", "hessian_max", "mixed_norm"):
+        assert np.isnan(float(getattr(aux, name))), name
+    info = _diagnose(problem, w_star, aux, lanczos_steps=0, estimate_error=False)
     assert np.isnan(float(info.error_estimate)) and np.isnan(float(info.hessian_min))
+    assert float(info.residual_norm) == pytest.approx(float(aux.residual_norm), rel=1e-12)
 
 
 def test_bad_arguments_are_named():
     problem = ridge()
     w = problem.init
+    v = jnp.zeros_like(w)
     with pytest.raises(ValueError, match="mode"):
-        implicit(problem, w, has_aux=True, mode="forward")
+        implicit(problem, w, has_aux=True, mode="sideways")
     with pytest.raises(ValueError, match="adjoint_init"):
         implicit(problem, w, adjoint_init=jnp.zeros(3))
+    with pytest.raises(TypeError, match="throw"):
+        implicit(problem, w, throw=None)
     with pytest.raises(ValueError, match="lanczos_steps"):
-        implicit(problem, w, has_aux=True, lanczos_steps=-1)
+        bx.diagnostics.hypergrad_info(
+            problem.outer, problem.inner, w, problem.hparams, None, None, v, lanczos_steps=-1
+        )
+    with pytest.raises(ValueError, match="adjoint"):
+        bx.diagnostics.hypergrad_info(
+            problem.outer, problem.inner, w, problem.hparams, None, None, jnp.zeros(3)
+        )
     with pytest.raises(TypeError, match="preconditioner"):
-        implicit(problem, w, preconditioner="jacobi")
+        bx.Preconditioned(bx.CG(1e-10, 0.0), "jacobi")
+    # The diagnostics' options left `implicit_hypergrad` for `bx.diagnostics.hypergrad_info`.
+    for removed in ("lanczos_steps", "estimate_error", "preconditioner", "key"):
+        with pytest.raises(TypeError, match=removed):
+            implicit(problem, w, has_aux=True, **{removed: None})
 
 
 def test_info_under_vmap_and_jit():
@@ -136,25 +196,20 @@ def test_info_under_vmap_and_jit():
     @jax.vmap
     def run(lam):
         w = problem.exact_params(lam)
-        return bx.implicit_hypergrad(
-            problem.outer,
-            problem.inner,
-            w,
-            lam,
-            problem.inner_data,
-            problem.outer_data,
-            has_aux=True,
-            estimate_error=False,
-        )
+        args = (problem.outer, problem.inner, w, lam, problem.inner_data, problem.outer_data)
+        value, hgrad, aux = bx.implicit_hypergrad(*args, has_aux=True)
+        info = bx.diagnostics.hypergrad_info(*args, aux.adjoint, estimate_error=False)
+        return value, hgrad, info
 
     _, hgrads, info = run(lams)
     for i in range(2):
         assert relerr(hgrads[i], problem.exact_hypergrad(lams[i])) < 1e-8
     assert info.hessian_min.shape == (2,)
+    assert bool(jnp.all(info.hessian_min > 0))
 
 
 def test_ritz_values_are_the_eigenvalues_when_the_krylov_space_closes_early():
-    from bilevax._spectrum import ritz_values
+    from bilevax.diagnostics._spectrum import ritz_values
 
     # Two distinct eigenvalues: Lanczos closes an invariant subspace after two steps and
     # continues with fresh random directions; the values stay inside the spectrum.

@@ -61,8 +61,9 @@ class HOAG(eqx.Module):
     - `linear_max_steps`: CG's step limit (default: ten times the number of parameters).
     - `warm_start_params`, `warm_start_adjoint`: start the inner solve (the linear solve)
         where the previous one ended, instead of at `init` (at zero).
-    - `throw`: whether a failed linear solve raises (the default) or makes the step's
-        hypergradient, and so the hyperparameters, NaN (with `"solve_result"` saying why).
+    - `throw`: whether a failed linear solve raises (the default), or makes the step's
+        hypergradient, and so the hyperparameters, NaN (an approximation for a solve cut short
+        at its `max_steps`), with `"solve_result"` saying why.
     """
 
     optimizer: optax.GradientTransformation
