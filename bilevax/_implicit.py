@@ -100,18 +100,19 @@ def implicit_hypergrad(
     if linear_solver is None:
         linear_solver = default_linear_solver(float_params)
 
+    solve_adjoint = lambda: adjoint_hypergrad(
+        outer_loss,
+        inner_loss,
+        params_star,
+        hparams,
+        inner_data,
+        outer_data,
+        linear_solver,
+        throw=throw,
+        adjoint_init=adjoint_init,
+    )
     if mode == "reverse":
-        value, hypergrad, v, result, stats = adjoint_hypergrad(
-            outer_loss,
-            inner_loss,
-            params_star,
-            hparams,
-            inner_data,
-            outer_data,
-            linear_solver,
-            throw=throw,
-            adjoint_init=adjoint_init,
-        )
+        value, hypergrad, v, result, stats = solve_adjoint()
     else:
         converted = eqx.filter_closure_convert(inner_loss, params_star, hparams, inner_data)
         optimality = GradientOptimality(static_params)
@@ -131,17 +132,7 @@ def implicit_hypergrad(
         if not has_aux:
             return value, hypergrad
         # The info needs the adjoint, which forward mode never forms: one more solve.
-        _, _, v, result, stats = adjoint_hypergrad(
-            outer_loss,
-            inner_loss,
-            params_star,
-            hparams,
-            inner_data,
-            outer_data,
-            linear_solver,
-            throw=throw,
-            adjoint_init=adjoint_init,
-        )
+        _, _, v, result, stats = solve_adjoint()
     if not has_aux:
         return value, hypergrad
     info = hypergrad_info(
