@@ -63,7 +63,15 @@ def through_inner_solve(inner_data, outer_data, linear_solver=None, throw=True):
     return jax.value_and_grad(E)(PROBLEM.hparams)
 
 
-def implicit(inner_data, outer_data, mode, linear_solver=None, throw=True, params=W_STAR):
+def implicit(
+    inner_data=PROBLEM.inner_data,
+    outer_data=PROBLEM.outer_data,
+    mode="reverse",
+    linear_solver=None,
+    throw=True,
+    params=W_STAR,
+    **kwargs,
+):
     return bx.implicit_hypergrad(
         PROBLEM.outer,
         PROBLEM.inner,
@@ -74,6 +82,7 @@ def implicit(inner_data, outer_data, mode, linear_solver=None, throw=True, param
         linear_solver=linear_solver,
         mode=mode,
         throw=throw,
+        **kwargs,
     )
 
 
@@ -182,16 +191,7 @@ def test_nonfinite_data(case, path, jit):
 @pytest.mark.parametrize("case", list(NAN_DATA))
 def test_nonfinite_data_info(case):
     inner_data, outer_data = NAN_DATA[case]
-    value, hgrad, info = bx.implicit_hypergrad(
-        PROBLEM.outer,
-        PROBLEM.inner,
-        W_STAR,
-        PROBLEM.hparams,
-        inner_data,
-        outer_data,
-        has_aux=True,
-        throw=False,
-    )
+    value, hgrad, info = implicit(inner_data, outer_data, has_aux=True, throw=False)
     assert np.isnan(np.asarray(hgrad)).all()
     assert info.result == HypergradResult.nonfinite
 
@@ -263,18 +263,7 @@ def test_truncated_linear_solve(mode, path):
     assert np.all(np.isfinite(np.asarray(hgrad)))
     assert np.linalg.norm(np.asarray(hgrad) - exact) > 1e-6 * np.linalg.norm(exact)
     if path == "implicit":
-        info = bx.implicit_hypergrad(
-            PROBLEM.outer,
-            PROBLEM.inner,
-            W_STAR,
-            PROBLEM.hparams,
-            PROBLEM.inner_data,
-            PROBLEM.outer_data,
-            linear_solver=TRUNCATED,
-            mode=mode,
-            has_aux=True,
-            throw=False,
-        )[2]
+        info = implicit(mode=mode, linear_solver=TRUNCATED, throw=False, has_aux=True)[2]
         assert info.result == HypergradResult.linear_solve_failed
 
 
@@ -298,33 +287,14 @@ def test_divergent_neumann_series(mode, path):
 
 
 def test_divergent_neumann_series_info():
-    info = bx.implicit_hypergrad(
-        PROBLEM.outer,
-        PROBLEM.inner,
-        W_STAR,
-        PROBLEM.hparams,
-        PROBLEM.inner_data,
-        PROBLEM.outer_data,
-        linear_solver=DIVERGENT,
-        has_aux=True,
-        throw=False,
-    )[2]
+    info = implicit(linear_solver=DIVERGENT, throw=False, has_aux=True)[2]
     assert info.result == HypergradResult.linear_solve_breakdown
 
 
 def test_short_neumann_series_is_approximate_not_failed():
     # Approximate by design: a convergent but short series is not a failure.
     scale = 0.5 * PROBLEM.learning_rate
-    _, hgrad, info = bx.implicit_hypergrad(
-        PROBLEM.outer,
-        PROBLEM.inner,
-        W_STAR,
-        PROBLEM.hparams,
-        PROBLEM.inner_data,
-        PROBLEM.outer_data,
-        linear_solver=bx.Neumann(3, scale),
-        has_aux=True,
-    )
+    _, hgrad, info = implicit(linear_solver=bx.Neumann(3, scale), has_aux=True)
     assert info.result == HypergradResult.successful
     assert np.all(np.isfinite(np.asarray(hgrad)))
 
@@ -336,27 +306,11 @@ def test_non_stationary_point_is_reported():
         w = w - PROBLEM.learning_rate * jax.grad(PROBLEM.inner)(
             w, PROBLEM.hparams, PROBLEM.inner_data
         )
-    _, _, info = bx.implicit_hypergrad(
-        PROBLEM.outer,
-        PROBLEM.inner,
-        w,
-        PROBLEM.hparams,
-        PROBLEM.inner_data,
-        PROBLEM.outer_data,
-        has_aux=True,
-    )
+    _, _, info = implicit(params=w, has_aux=True)
     assert info.result == HypergradResult.not_stationary
     assert float(info.inner_grad_norm) > 1e-6
     # At the solution the same call is successful.
-    _, _, info = bx.implicit_hypergrad(
-        PROBLEM.outer,
-        PROBLEM.inner,
-        W_STAR,
-        PROBLEM.hparams,
-        PROBLEM.inner_data,
-        PROBLEM.outer_data,
-        has_aux=True,
-    )
+    _, _, info = implicit(has_aux=True)
     assert info.result == HypergradResult.successful
 
 
