@@ -21,7 +21,8 @@ an upper bound on the inner Hessian (the softmax Hessian is at most $\tfrac12$),
 descent is stable however large $H$ grows. It is recomputed from the current $H$ and held
 constant in the derivative (`stop_gradient`), as a tuning rule, not a learned hyperparameter.
 
-    python -m experiments.effect_of_t [--quick] [--out DIR] [--data-dir DIR] [--seed S] [--resume]
+    python -m experiments.effect_of_t [--quick] [--out DIR] [--data-dir DIR] [--seed S]
+        [--resume | --overwrite]
 """
 
 import time
@@ -233,10 +234,8 @@ HYPER_OPTIMIZER = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
 @eqx.filter_jit
 def hyper_step(H, opt_state, problem: Problem, num_steps: int, l2: float = L2):
     value, hgrad = hypergrad(H, problem, num_steps, l2)
-    # optax's Adam mixes an int32 count with floats, which strict promotion refuses.
-    with jax.numpy_dtype_promotion("standard"):
-        updates, opt_state = HYPER_OPTIMIZER.update(hgrad, opt_state)
-    return optax.apply_updates(H, updates), opt_state, value
+    H, opt_state = _common.optax_step(HYPER_OPTIMIZER, hgrad, opt_state, H)
+    return H, opt_state, value
 
 
 def temp_bytes(H, problem: Problem, num_steps: int, l2: float = L2, **kwargs) -> int:
@@ -287,46 +286,43 @@ def train(
     H0,
     hyper_steps: int,
     lr: float,
-    ckpt: _common.Checkpoints,
+    run: _common.Run,
     l2: float = L2,
 ) -> dict:
     """Adam on H for `hyper_steps` steps with T = `num_steps`, checkpointed every
     `CHECKPOINT_EVERY` steps; returns the evaluation at the final H and the curve of f_T."""
     name = f"T{num_steps}"
-    done = ckpt.load(f"{name}_done")
-    if done is not None:
-        return done
-    opt_state = HYPER_OPTIMIZER.init(H0)
-    opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, H0.dtype)
-    fresh = dict(step=0, H=H0, opt_state=opt_state, curve=[], seconds=0.0)
-    state = ckpt.load(name, fresh)
-    H, opt_state, curve = state["H"], state["opt_state"], state["curve"]
-    seconds = state["seconds"]
-    # Compile outside the timing.
-    jax.block_until_ready(hyper_step(H, opt_state, problem, num_steps, l2))
-    timed_steps = 0
-    with _common.progress(f"T = {num_steps}", hyper_steps, state["step"]) as advance:
-        for k in range(state["step"], hyper_steps):
-            tic = time.perf_counter()
-            H, opt_state, value = hyper_step(H, opt_state, problem, num_steps, l2)
-            value = float(value)  # blocks
-            seconds += time.perf_counter() - tic
-            timed_steps += 1
-            curve.append(value)
-            if (k + 1) % CHECKPOINT_EVERY == 0 and k + 1 < hyper_steps:
-                state = dict(step=k + 1, H=H, opt_state=opt_state, curve=curve, seconds=seconds)
-                ckpt.save(name, state)
-            advance(f"f_T {value:.4f}")
-    result = evaluate(H, problem, num_steps, l2)
-    result.update(
-        T=num_steps,
-        time_per_step_s=seconds / max(len(curve), 1),
-        temp_bytes=temp_bytes(H, problem, num_steps, l2),
-        curve=curve,
-    )
-    ckpt.save(f"{name}_done", result)
-    ckpt.save(f"{name}_H", H)
-    return result
+
+    def fresh():
+        opt_state = HYPER_OPTIMIZER.init(H0)
+        opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, H0.dtype)
+        return dict(H=H0, opt_state=opt_state, curve=[])
+
+    def step(k, state):
+        state["H"], state["opt_state"], value = hyper_step(
+            state["H"], state["opt_state"], problem, num_steps, l2
+        )
+        state["curve"].append(float(value))  # blocks
+        return state, f"f_T {state['curve'][-1]:.4f}  best {min(state['curve']):.4f}"
+
+    def compute():
+        # Compile outside the timing.
+        jax.block_until_ready(hyper_step(H0, fresh()["opt_state"], problem, num_steps, l2))
+        state = run.loop(
+            f"{name}_steps", hyper_steps, fresh, step, description=f"T = {num_steps}",
+            every=CHECKPOINT_EVERY,
+        )  # fmt: skip
+        H, curve = state["H"], state["curve"]
+        run.checkpoints.save(f"{name}_H", H)
+        return dict(
+            evaluate(H, problem, num_steps, l2),
+            T=num_steps,
+            time_per_step_s=state["seconds"] / max(len(curve), 1),
+            temp_bytes=temp_bytes(H, problem, num_steps, l2),
+            curve=curve,
+        )
+
+    return run.stage(name, compute)
 
 
 def memory_comparison(
@@ -369,17 +365,15 @@ def main(argv=None) -> dict:
         "--forward-features", type=int, default=1, help="d for the forward-mode comparison"
     )
     args = p.parse_args(argv)
-    out = _common.setup(args)
-    ts = tuple(args.ts or (QUICK_TS if args.quick else TS))
-    hyper_steps = args.hyper_steps or (100 if args.quick else 200)
-    ckpt = _common.Checkpoints(out, args.resume)
-    start = time.perf_counter()
-    problem = load(_common.data_dir(args, "omniglot").parent, seed=args.seed)
+    args.ts = ts = tuple(args.ts or (QUICK_TS if args.quick else TS))
+    args.hyper_steps = hyper_steps = args.hyper_steps or (100 if args.quick else 200)
+    run = _common.start(args)
+    problem = load(_common.data_dir(args, "omniglot"), seed=args.seed)
     H0 = init_hparams(args.features, args.seed)
 
     per_t = {}
     for T in ts:
-        r = train(T, problem, H0, hyper_steps, args.lr, ckpt, args.l2)
+        r = train(T, problem, H0, hyper_steps, args.lr, run, args.l2)
         per_t[str(T)] = r
         _common.console.print(
             f"T={T:>4}: f_T {r['f_T']:.4f}  f {r['f']:.4f}  gap {r['gap']:+.4f}  "
@@ -388,8 +382,7 @@ def main(argv=None) -> dict:
             + ("" if r["inner_converged"] else "  [inner solve NOT converged]")
         )
 
-    comparison = ckpt.load("comparison")
-    if comparison is None:
+    def compare() -> dict:
         T = max(ts)
         _common.console.print(f"Memory / runtime of one hypergradient at T = {T}:")
         comparison = dict(
@@ -404,57 +397,36 @@ def main(argv=None) -> dict:
         )
         # Compiled memory against T at the reduced width, for all three modes.
         Hr = init_hparams(args.forward_features, args.seed)
+        modes = {
+            "reverse": lambda t: dict(mode="reverse"),
+            "forward": lambda t: dict(mode="forward"),
+            "reverse, checkpoints=sqrt(T)": lambda t: dict(checkpoints=max(1, round(t**0.5))),
+        }
         comparison["memory_vs_T_reduced"] = {
-            label: {str(t): temp_bytes(Hr, problem, t, args.l2, **kwargs) for t in ts}
-            for label, kwargs in [
-                ("reverse", dict(mode="reverse")),
-                ("reverse, checkpoints=sqrt(T)", None),
-                ("forward", dict(mode="forward")),
-            ]
-            if kwargs is not None
+            label: {str(t): temp_bytes(Hr, problem, t, args.l2, **kwargs(t)) for t in ts}
+            for label, kwargs in modes.items()
         }
-        comparison["memory_vs_T_reduced"]["reverse, checkpoints=sqrt(T)"] = {
-            str(t): temp_bytes(Hr, problem, t, args.l2, checkpoints=max(1, round(t**0.5)))
-            for t in ts
-        }
-        ckpt.save("comparison", comparison)
+        return comparison
 
-    chance = 1.0 / problem.num_classes
     results = dict(
         per_T=per_t,
-        comparison=comparison,
+        comparison=run.stage("comparison", compare),
         config=dict(
-            ts=ts,
-            features=args.features,
-            forward_features=args.forward_features,
-            hyper_steps=hyper_steps,
-            lr=args.lr,
-            l2=args.l2,
+            run.config,
             num_classes=problem.num_classes,
             examples=EXAMPLES,
             inner_tol=INNER_TOL,
             step_size=STEP_SIZE,
-            chance=chance,
-            seed=args.seed,
-            quick=args.quick,
-            seconds=time.perf_counter() - start,
+            chance=1.0 / problem.num_classes,
         ),
     )
     print_table(results)
-    plot(results, out / "effect_of_t.png")
-    path = _common.write_results(out, results)
-    _common.console.print(f"Wrote {path} and {out / 'effect_of_t.png'}")
-    return results
+    return run.finish(results, {"effect_of_t.png": lambda path: plot(results, path)})
 
 
 def print_table(results: dict) -> None:
-    from rich.table import Table
-
-    table = Table(title="Effect of T (Omniglot, 100 classes)")
-    for column in ("T", "f_T", "f", "f_T - f", "test acc (w*)", "test acc (w_T)", "ms/step", "MiB"):
-        table.add_column(column, justify="right")
-    for T, r in results["per_T"].items():
-        table.add_row(
+    rows = [
+        (
             T,
             f"{r['f_T']:.4f}",
             f"{r['f']:.4f}",
@@ -464,29 +436,28 @@ def print_table(results: dict) -> None:
             f"{r['time_per_step_s'] * 1e3:.1f}",
             f"{r['temp_bytes'] / 2**20:.2f}",
         )
-    _common.console.print(table)
-    comp = Table(title="One hypergradient at the largest T")
-    for column in ("setting", "d", "#hparams", "time (s)", "temp MiB", "max |Δg| vs reverse"):
-        comp.add_column(column, justify="right")
-    for group in ("main", "reduced"):
-        for label, r in results["comparison"][group].items():
-            comp.add_row(
-                label,
-                str(r["d"]),
-                str(r["num_hparams"]),
-                f"{r['time_s']:.3f}",
-                f"{r['temp_bytes'] / 2**20:.2f}",
-                f"{r['max_abs_diff_vs_reverse']:.1e}",
-            )
-    _common.console.print(comp)
+        for T, r in results["per_T"].items()
+    ]
+    columns = ("T", "f_T", "f", "f_T - f", "test acc (w*)", "test acc (w_T)", "ms/step", "MiB")
+    _common.print_table("Effect of T (Omniglot, 100 classes)", columns, rows, stdout=False)
+    rows = [
+        (
+            label,
+            str(r["d"]),
+            str(r["num_hparams"]),
+            f"{r['time_s']:.3f}",
+            f"{r['temp_bytes'] / 2**20:.2f}",
+            f"{r['max_abs_diff_vs_reverse']:.1e}",
+        )
+        for group in ("main", "reduced")
+        for label, r in results["comparison"][group].items()
+    ]
+    columns = ("setting", "d", "#hparams", "time (s)", "temp MiB", "max |Δg| vs reverse")
+    _common.print_table("One hypergradient at the largest T", columns, rows, stdout=False)
 
 
-def plot(results: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: dict, path):
+    plt = _common.pyplot()
     per_t = results["per_T"]
     ts = np.array([int(t) for t in per_t])
     get = lambda key: np.array([per_t[str(t)][key] for t in ts])
@@ -526,10 +497,8 @@ def plot(results: dict, path) -> None:
         ax.loglog(tt, np.array(list(curve.values())) / 2**20, "--", label=f"{label}, d={dr}")
     ax.set(xlabel="T", ylabel="XLA temp memory (MiB)", title="Compiled memory")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return _common.save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":
-    main()
+    _common.cli(main)

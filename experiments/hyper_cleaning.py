@@ -15,10 +15,8 @@ as corrupted. The model retrained with the learned weights is compared on the te
 the model trained on all the corrupted data (baseline) and on the clean half only (oracle).
 
     python -m experiments.hyper_cleaning [--quick] [--out DIR] [--data-dir DIR] [--seed S]
-                                         [--resume]
+                                         [--resume | --overwrite]
 """
-
-import time
 
 import equinox as eqx
 import jax
@@ -26,7 +24,6 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 import optax
-import rich.console
 from jaxtyping import Array, Float, Int
 
 import bilevax as bx
@@ -135,6 +132,7 @@ def accuracy(params, data):
 
 
 SOLVER = bx.GradientDescent(INNER_LR, INNER_MOMENTUM)
+SOLVE_PRECISION = bx.contrib.PrecisionPolicy(jnp.float32, jnp.float64)
 
 
 @eqx.filter_jit
@@ -168,9 +166,7 @@ def implicit_step(
     # The linear solve runs in float64: lineax's CG declares a breakdown when p·Hp falls below
     # 100·n·eps·‖r‖², and with n = 7850 float32 parameters that rejects every curvature below
     # ~0.1, so an L2 of 1e-3 gives NaN after a few iterations.
-    wide = lambda tree: jax.tree.map(
-        lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
-    )
+    wide = SOLVE_PRECISION.solve
     value, hgrad = bx.implicit_hypergrad(
         outer_loss,
         inner_loss,
@@ -213,20 +209,14 @@ def make_optimizer(learning_rate: float):
     return optax.adam(learning_rate)
 
 
-@eqx.filter_jit
-def _hyper_update(u, hgrad, opt_state, optimizer):
-    # optax's Adam computes `b1**count` with an int32 count, which strict dtype promotion
-    # (as the test suite sets it) rejects.
-    with jax.numpy_dtype_promotion("standard"):
-        updates, opt_state = optimizer.update(hgrad, opt_state)
-    return optax.apply_updates(u, updates), opt_state
+_hyper_update = eqx.filter_jit(_common.optax_step)
 
 
 def hyper_clean(
     method: str,
     problem: Problem,
     hyper_steps: int,
-    ckpt: _common.Checkpoints,
+    run: _common.Run,
     *,
     learning_rate: float,
     num_steps: int,
@@ -240,61 +230,57 @@ def hyper_clean(
     - `method`: `"unrolled"` (`num_steps` inner steps from zero) or `"implicit"` (inner solve
         to `INNER_TOL` warm-started from the previous solution, implicit hypergradient by CG).
     - `hyper_steps`: the number of hypergradient steps.
-    - `ckpt`: where the state goes every `checkpoint_every` steps; a resumed run continues.
+    - `run`: the run; the state is saved every `checkpoint_every` steps, and a resumed run
+        continues from it.
     - `eval_every`: how often to record test accuracy (of the current inner model) and F1.
 
     **Returns:**
 
     The history (validation loss every step; accuracy, precision, recall, F1 every
-    `eval_every` steps) and the final `u`.
+    `eval_every` steps), the final `u` and the seconds spent.
     """
     if method == "unrolled":
-        step = lambda u, w: (*unrolled_step(u, problem, num_steps), w, num_steps)
+        hypergrad = lambda u, w: (*unrolled_step(u, problem, num_steps), w, num_steps)
     elif method == "implicit":
-        step = lambda u, w: implicit_step(u, w, problem)
+        hypergrad = lambda u, w: implicit_step(u, w, problem)
     else:
         raise ValueError(f"`method` must be 'unrolled' or 'implicit', got {method!r}.")
     optimizer = make_optimizer(learning_rate)
-    n = problem.train[0].shape[0]
-    dtype = problem.train[0].dtype
-    u = jnp.zeros(n, dtype)
-    fresh = dict(
-        step=0,
-        u=u,
-        w=init_params(problem),
-        opt_state=optimizer.init(u),
-        history=dict(val_loss=[], inner_steps=[], eval_step=[], acc=[], f1=[], seconds=0.0),
-    )
-    state = ckpt.load(method, fresh)
-    u, w, opt_state, history = state["u"], state["w"], state["opt_state"], state["history"]
-    tic = time.perf_counter() - history["seconds"]
 
-    def evaluate(k, u, w):
+    def fresh():
+        u = jnp.zeros(problem.train[0].shape[0], problem.train[0].dtype)
+        history = dict(val_loss=[], inner_steps=[], eval_step=[], acc=[], f1=[])
+        return dict(u=u, w=init_params(problem), opt_state=optimizer.init(u), history=history)
+
+    def evaluate(k, state):
         # The current inner model: w_T for unrolled, w* (to INNER_TOL) for implicit.
+        u, w, history = state["u"], state["w"], state["history"]
         if method == "unrolled":
             w = train(jax.nn.sigmoid(u), problem, num_steps)[0]
         history["eval_step"].append(k)
         history["acc"].append(float(accuracy(w, problem.test)))
         history["f1"].append(detection(jax.nn.sigmoid(u), problem.corrupted)["f1"])
 
-    with _common.progress(f"HO ({method})", hyper_steps, state["step"]) as advance:
-        for k in range(state["step"], hyper_steps):
-            if k % eval_every == 0:
-                evaluate(k, u, w)
-            value, hgrad, w, inner_steps = step(u, w)
-            u, opt_state = _hyper_update(u, hgrad, opt_state, optimizer)
-            history["val_loss"].append(float(value))
-            history["inner_steps"].append(int(inner_steps))
-            if (k + 1) % checkpoint_every == 0 or k + 1 == hyper_steps:
-                history["seconds"] = time.perf_counter() - tic
-                ckpt.save(method, dict(step=k + 1, u=u, w=w, opt_state=opt_state, history=history))
-            f1 = history["f1"][-1] if history["f1"] else float("nan")
-            advance(f"val {float(value):.4f}  F1 {f1:.3f}")
+    def step(k, state):
+        history = state["history"]
+        if k % eval_every == 0:
+            evaluate(k, state)
+        value, hgrad, state["w"], inner_steps = hypergrad(state["u"], state["w"])
+        state["u"], state["opt_state"] = _hyper_update(
+            optimizer, hgrad, state["opt_state"], state["u"]
+        )
+        history["val_loss"].append(float(value))
+        history["inner_steps"].append(int(inner_steps))
+        best, f1 = min(history["val_loss"]), max(history["f1"], default=float("nan"))
+        return state, f"val {float(value):.4f} (best {best:.4f})  best F1 {f1:.3f}"
+
+    state = run.loop(
+        method, hyper_steps, fresh, step, description=f"HO ({method})", every=checkpoint_every
+    )
+    history = state["history"]
     if not history["eval_step"] or history["eval_step"][-1] != hyper_steps:
-        evaluate(hyper_steps, u, w)
-    history["seconds"] = time.perf_counter() - tic
-    history["u"] = np.asarray(u)
-    return history
+        evaluate(hyper_steps, state)
+    return dict(history, u=np.asarray(state["u"]), seconds=state["seconds"])
 
 
 def summarise(history: dict, problem: Problem) -> dict:
@@ -320,12 +306,8 @@ def summarise(history: dict, problem: Problem) -> dict:
     )
 
 
-def plot(results: dict, problem: Problem, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: dict, problem: Problem, path):
+    plt = _common.pyplot()
     corrupted = np.asarray(problem.corrupted).astype(bool)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     bins = np.linspace(0, 1, 41)
@@ -362,9 +344,7 @@ def plot(results: dict, problem: Problem, path) -> None:
     )
     acc_ax.legend()
     f1_ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return _common.save_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> dict:
@@ -394,18 +374,16 @@ def main(argv=None) -> dict:
     p.add_argument("--checkpoint-every", type=int, default=1, help="hyper-steps between saves")
     p.add_argument("--float64", action="store_true", help="compute in float64 (slower)")
     args = p.parse_args(argv)
+    args.hyper_steps = hyper_steps = args.hyper_steps or (40 if args.quick else 300)
+    args.inner_steps = inner_steps = args.inner_steps or (50 if args.quick else 100)
+    args.lr = lr = args.lr or 0.1
+    args.eval_every = eval_every = args.eval_every or max(hyper_steps // 20, 1)
+    # More hyper-steps continue a run (the evaluation steps are fixed by --eval-every).
     # x64 on for the implicit method's float64 linear solve; the arrays are float32 unless
     # --float64.
-    out = _common.setup(args, x64=True)
+    run = _common.start(args, may_grow=("hyper_steps",), may_change=("checkpoint_every",))
     dtype = jnp.float64 if args.float64 else jnp.float32
-    hyper_steps = args.hyper_steps or (40 if args.quick else 300)
-    inner_steps = args.inner_steps or (50 if args.quick else 100)
-    lr = args.lr or 0.1
-    eval_every = args.eval_every or max(hyper_steps // 20, 1)
-    data_dir = _common.data_dir(args, "mnist").parent
-    problem = load(data_dir, args.seed, tuple(args.sizes), dtype)
-    ckpt = _common.Checkpoints(out, args.resume)
-    start = time.perf_counter()
+    problem = load(_common.data_dir(args, "mnist"), args.seed, tuple(args.sizes), dtype)
 
     n = problem.train[0].shape[0]
     clean = 1 - problem.corrupted.astype(dtype)
@@ -417,7 +395,7 @@ def main(argv=None) -> dict:
             name,
             problem,
             hyper_steps,
-            ckpt,
+            run,
             learning_rate=lr,
             num_steps=inner_steps,
             eval_every=eval_every,
@@ -429,47 +407,43 @@ def main(argv=None) -> dict:
             results[name]["cleaned_acc"] - results["baseline_acc"]
         ) / gap
     results["config"] = dict(
-        sizes=list(args.sizes),
-        hyper_steps=hyper_steps,
-        inner_steps=inner_steps,
-        lr=lr,
+        run.config,
         l2=L2,
         inner_lr=INNER_LR,
         inner_momentum=INNER_MOMENTUM,
         inner_tol=INNER_TOL,
         retrain_steps=RETRAIN_STEPS,
-        seed=args.seed,
         dtype=str(jnp.dtype(dtype)),
-        seconds=time.perf_counter() - start,
     )
     print_table(results)
-    plot(results, problem, out / "hyper_cleaning.png")
-    path = _common.write_results(out, results)
-    _common.console.print(f"Wrote {path} and {out / 'hyper_cleaning.png'}")
-    return results
+    figure = lambda path: plot(results, problem, path)
+    return run.finish(results, {"hyper_cleaning.png": figure})
 
 
 def print_table(results: dict) -> None:
-    from rich.table import Table
-
-    table = Table(title="Data hyper-cleaning, MNIST, half the training labels corrupted")
-    for column in ("model", "test acc", "gap recovered", "precision", "recall", "F1", "seconds"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    table.add_row("baseline (all data)", f"{results['baseline_acc']:.4f}", "", "", "", "", "")
-    table.add_row("oracle (clean only)", f"{results['oracle_acc']:.4f}", "", "", "", "", "")
+    rows = [
+        ("baseline (all data)", f"{results['baseline_acc']:.4f}", "", "", "", "", ""),
+        ("oracle (clean only)", f"{results['oracle_acc']:.4f}", "", "", "", "", ""),
+    ]
     for name, label in METHODS.items():
         r = results[name]
-        table.add_row(
-            label,
-            f"{r['cleaned_acc']:.4f} ({r['cleaned_acc_thresholded']:.4f} thr.)",
-            f"{r['gap_recovered']:.2f}",
-            f"{r['precision']:.3f}",
-            f"{r['recall']:.3f}",
-            f"{r['f1']:.3f}",
-            f"{r['seconds']:.0f}",
+        rows.append(
+            (
+                label,
+                f"{r['cleaned_acc']:.4f} ({r['cleaned_acc_thresholded']:.4f} thr.)",
+                f"{r['gap_recovered']:.2f}",
+                f"{r['precision']:.3f}",
+                f"{r['recall']:.3f}",
+                f"{r['f1']:.3f}",
+                f"{r['seconds']:.0f}",
+            )
         )
-    rich.console.Console(width=120).print(table)
+    _common.print_table(
+        "Data hyper-cleaning, MNIST, half the training labels corrupted",
+        ("model", "test acc", "gap recovered", "precision", "recall", "F1", "seconds"),
+        rows,
+    )
 
 
 if __name__ == "__main__":
-    main()
+    _common.cli(main)

@@ -15,7 +15,10 @@ Diabetes data (bundled with scikit-learn), standardised, split 242/100/100. Thre
   comes from a closed-form solve wrapped with [`bx.implicit_diff`][bilevax.implicit_diff];
   projected gradient descent on $p$ (`optax.projections.projection_simplex`).
 
-    python -m experiments.lasso_ho [--quick] [--out DIR] [--seed S] [--resume]
+In `results.json`, `log_hparams` fields hold log strengths ($\lambda_1$, or $(\lambda_1,
+\lambda_2)$); the strengths are their exponentials.
+
+    python -m experiments.lasso_ho [--quick] [--out DIR] [--seed S] [--resume | --overwrite]
 """
 
 import equinox as eqx
@@ -24,15 +27,14 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 import optax
-import rich.table
-from sklearn.datasets import load_diabetes
 
 import bilevax as bx
 
-from . import _common
+from . import _common, problems
+from .problems import half_mse as mse, relerr as _relerr
 
 
-SPLIT = (242, 100, 100)
+SPLIT = problems.DIABETES_SPLIT
 TOL = 1e-12  # the gradient-mapping norm at which an inner solve stops
 MAX_STEPS = 50_000
 CORRUPTED = 1 / 3  # the fraction of training labels replaced by noise in the re-weighting task
@@ -46,21 +48,9 @@ class Data(eqx.Module):
 
 
 def load(seed: int) -> Data:
-    X, y = load_diabetes(return_X_y=True)
-    order = np.random.default_rng(seed).permutation(len(y))
-    X, y = X[order], y[order]
-    n, m, _ = SPLIT
-    X = (X - X[:n].mean(0)) / X[:n].std(0)
-    y = (y - y[:n].mean()) / y[:n].std()
-    split = lambda a, b: (jnp.asarray(X[a:b], jnp.float64), jnp.asarray(y[a:b], jnp.float64))
-    lipschitz = float(np.linalg.eigvalsh(X[:n].T @ X[:n] / n).max())
-    return Data(split(0, n), split(n, n + m), split(n + m, None), 1 / lipschitz)
-
-
-def mse(w, hparams, data):
-    del hparams
-    X, y = data
-    return 0.5 * jnp.mean((X @ w - y) ** 2)
+    train, val, test = problems.diabetes(seed, SPLIT)
+    lipschitz = float(problems.gram_eigenvalues(train[0]).max())
+    return Data(train, val, test, 1 / lipschitz)
 
 
 def lasso_prox(w, log_l1, scaling):
@@ -136,11 +126,6 @@ def finite_difference(hparams, data: Data, kind: str, eps=1e-6) -> np.ndarray:
     return np.asarray(out) if hparams.ndim else np.asarray(out[0])
 
 
-def _relerr(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def check_hypergradients(data: Data, kind: str, points) -> list[dict]:
     """At each point: the implicit hypergradient against finite differences and the closed
     form, the support size, and the inner solve's steps."""
@@ -150,7 +135,7 @@ def check_hypergradients(data: Data, kind: str, points) -> list[dict]:
         value, grad, sol = value_and_hypergrad(hparams, jnp.zeros(10), data, kind)
         rows.append(
             dict(
-                hparams=np.asarray(hparams),
+                log_hparams=np.asarray(hparams),
                 val_loss=float(value),
                 support=int(np.sum(np.asarray(sol.params) != 0)),
                 inner_steps=int(sol.stats["num_steps"]),
@@ -188,38 +173,39 @@ def grid(data: Data, kind: str, axes) -> dict:
     losses = np.asarray(losses)
     best = int(np.argmin(losses))
     return dict(axes=[np.asarray(a) for a in axes], val_loss=losses.reshape(*map(len, axes)),
-                best_hparams=points[best], best_val_loss=float(losses[best]))  # fmt: skip
+                best_log_hparams=points[best], best_val_loss=float(losses[best]))  # fmt: skip
 
 
 def hypergradient_descent(
-    data: Data, kind: str, start, steps: int, lr: float, ckpt: _common.Checkpoints
+    data: Data, kind: str, start, steps: int, lr: float, run: _common.Run
 ) -> dict:
     """Adam on the log strengths with one warm-started inner solve per step."""
-    name = f"hgd_{kind}"
     optimizer = optax.adam(lr)
-    hparams = jnp.asarray(start, jnp.float64)
-    fresh = dict(step=0, hparams=hparams, w=jnp.zeros(10), opt_state=optimizer.init(hparams),
-                 history=dict(hparams=[], val_loss=[], support=[]))  # fmt: skip
-    state = ckpt.load(name, fresh)
-    hparams, w, opt_state, history = (state[k] for k in ("hparams", "w", "opt_state", "history"))
-    with _common.progress(f"HGD ({kind})", steps, state["step"]) as advance:
-        for k in range(state["step"], steps):
-            value, grad, sol = value_and_hypergrad(hparams, w, data, kind)
-            w = sol.params
-            history["hparams"].append(np.asarray(hparams))
-            history["val_loss"].append(float(value))
-            history["support"].append(int(np.sum(np.asarray(w) != 0)))
-            # optax's Adam mixes an int32 count with floats; strict promotion would refuse.
-            with jax.numpy_dtype_promotion("standard"):
-                updates, opt_state = optimizer.update(grad, opt_state)
-            hparams = optax.apply_updates(hparams, updates)
-            ckpt.save(name, dict(step=k + 1, hparams=hparams, w=w, opt_state=opt_state,
-                                 history=history))  # fmt: skip
-            advance(f"val {float(value):.5f}")
-    value, _ = validation(hparams, w, data, kind)
-    test_value = mse(validation(hparams, w, data, kind)[1].params, None, data.test)
-    return dict(history=history, final_hparams=np.asarray(hparams), val_loss=float(value),
-                test_loss=float(test_value))  # fmt: skip
+
+    def fresh():
+        hparams = jnp.asarray(start, jnp.float64)
+        history = dict(log_hparams=[], val_loss=[], support=[])
+        return dict(hparams=hparams, w=jnp.zeros(10), opt_state=optimizer.init(hparams),
+                    history=history)  # fmt: skip
+
+    def step(k, state):
+        history = state["history"]
+        value, grad, sol = value_and_hypergrad(state["hparams"], state["w"], data, kind)
+        state["w"] = sol.params
+        history["log_hparams"].append(np.asarray(state["hparams"]))
+        history["val_loss"].append(float(value))
+        history["support"].append(int(np.sum(np.asarray(state["w"]) != 0)))
+        state["hparams"], state["opt_state"] = _common.optax_step(
+            optimizer, grad, state["opt_state"], state["hparams"]
+        )
+        return state, f"val {float(value):.5f}  best {min(history['val_loss']):.5f}"
+
+    state = run.loop(f"hgd_{kind}", steps, fresh, step, description=f"HGD ({kind})")
+    hparams, w = state["hparams"], state["w"]
+    value, sol = validation(hparams, w, data, kind)
+    test_value = mse(sol.params, None, data.test)
+    return dict(history=state["history"], final_log_hparams=np.asarray(hparams),
+                val_loss=float(value), test_loss=float(test_value))  # fmt: skip
 
 
 # Data re-weighting: one weight per training example on the simplex.
@@ -262,7 +248,7 @@ def reweighting_value_and_grad(weights, X, y, val):
     return jax.value_and_grad(objective)(weights)
 
 
-def reweighting(data: Data, steps: int, lr: float, seed: int, ckpt: _common.Checkpoints) -> dict:
+def reweighting(data: Data, steps: int, lr: float, seed: int, run: _common.Run) -> dict:
     X, y, mask = corrupt(data, seed)
     n = len(y)
     weights0 = jnp.full(n, 1 / n)
@@ -277,19 +263,23 @@ def reweighting(data: Data, steps: int, lr: float, seed: int, ckpt: _common.Chec
     relerr_fd = abs(float(grad @ direction) - fd) / abs(fd)
     relerr_exact = _relerr(grad, jax.grad(exact)(weights0))
 
-    state = ckpt.load("reweighting", dict(step=0, weights=weights0, history=dict(val_loss=[],
-                      corrupted_mass=[])))  # fmt: skip
+    # Projected gradient descent on the simplex.
+    optimizer, simplex = optax.sgd(lr), optax.projections.projection_simplex
+    stateless = optimizer.init(weights0)  # plain SGD keeps no state
+
+    def step(k, state):
+        weights, history = state["weights"], state["history"]
+        value, grad = reweighting_value_and_grad(weights, X, y, data.val)
+        history["val_loss"].append(float(value))
+        history["corrupted_mass"].append(float(jnp.sum(jnp.where(mask, weights, 0))))
+        state["weights"], _ = _common.optax_step(
+            optimizer, grad, stateless, weights, project=simplex
+        )
+        return state, f"val {float(value):.5f}  best {min(history['val_loss']):.5f}"
+
+    fresh = lambda: dict(weights=weights0, history=dict(val_loss=[], corrupted_mass=[]))
+    state = run.loop("reweighting", steps, fresh, step, description="re-weighting")
     weights, history = state["weights"], state["history"]
-    with _common.progress("re-weighting", steps, state["step"]) as advance:
-        for k in range(state["step"], steps):
-            value, grad = reweighting_value_and_grad(weights, X, y, data.val)
-            history["val_loss"].append(float(value))
-            history["corrupted_mass"].append(float(jnp.sum(jnp.where(mask, weights, 0))))
-            # Projected gradient on the simplex; optax mixes int and float inside.
-            with jax.numpy_dtype_promotion("standard"):
-                weights = optax.projections.projection_simplex(weights - lr * grad)
-            ckpt.save("reweighting", dict(step=k + 1, weights=weights, history=history))
-            advance(f"val {float(value):.5f}")
     w_uniform = weighted_ridge(None, weights0, X, y)
     w_final = weighted_ridge(None, weights, X, y)
     w_clean = weighted_ridge(None, jnp.asarray(~mask / np.sum(~mask)), X, y)
@@ -307,18 +297,14 @@ def reweighting(data: Data, steps: int, lr: float, seed: int, ckpt: _common.Chec
     )  # fmt: skip
 
 
-def plot(results: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: dict, path):
+    plt = _common.pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     lasso, enet = results["lasso"], results["elastic_net"]
     ax = axes[0]
     ax.plot(lasso["grid"]["axes"][0], lasso["grid"]["val_loss"], color="0.5", label="grid")
     hist = lasso["hgd"]["history"]
-    ax.plot(np.ravel(hist["hparams"]), hist["val_loss"], "o-", ms=3, label="Adam (implicit)")
+    ax.plot(np.ravel(hist["log_hparams"]), hist["val_loss"], "o-", ms=3, label="Adam (implicit)")
     ax.set(xlabel=r"$\log \lambda_1$", ylabel="validation loss", title="Lasso HO")
     ax.legend()
     ax = axes[1]
@@ -330,7 +316,7 @@ def plot(results: dict, path) -> None:
     g = enet["grid"]
     contour = ax.contourf(g["axes"][0], g["axes"][1], np.asarray(g["val_loss"]).T, levels=30)
     fig.colorbar(contour, ax=ax)
-    path_h = np.asarray(enet["hgd"]["history"]["hparams"])
+    path_h = np.asarray(enet["hgd"]["history"]["log_hparams"])
     ax.plot(path_h[:, 0], path_h[:, 1], "w.-")
     ax.set(xlabel=r"$\log \lambda_1$", ylabel=r"$\log \lambda_2$", title="Elastic net HO")
     ax = axes[3]
@@ -341,49 +327,51 @@ def plot(results: dict, path) -> None:
     twin.plot(rw["history"]["corrupted_mass"], color="C3", label="weight on corrupted")
     twin.set_ylabel("weight on corrupted examples", color="C3")
     ax.legend(loc="upper center")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return _common.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
     p = _common.parser("lasso_ho", __doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=None, help="outer steps per problem")
     args = p.parse_args(argv)
-    out = _common.setup(args)
-    ckpt = _common.Checkpoints(out, args.resume)
-    steps = args.steps or (30 if args.quick else 100)
+    args.steps = steps = args.steps or (30 if args.quick else 100)
+    # More steps continue a run: the checks and grids do not depend on them.
+    run = _common.start(args, may_grow=("steps",))
     data = load(args.seed)
     results: dict = dict(seed=args.seed, steps=steps, quick=args.quick)
 
     lasso_points = [np.log(0.005), np.log(0.02), np.log(0.05), np.log(0.1)]
     enet_points = [np.log([0.01, 0.1]), np.log([0.05, 0.5]), np.log([0.02, 2.0])]
     num_grid = 41 if args.quick else 201
+    unrolled_steps = [3, 10, 30, 100, 300, 1000] + ([] if args.quick else [3000])
     results["lasso"] = dict(
-        checks=check_hypergradients(data, "lasso", lasso_points),
-        unrolled_vs_implicit=unrolled_convergence(
-            data, np.log(0.02), [3, 10, 30, 100, 300, 1000] + ([] if args.quick else [3000])
+        checks=run.stage("lasso_checks", lambda: check_hypergradients(data, "lasso", lasso_points)),
+        unrolled_vs_implicit=run.stage(
+            "lasso_unrolled", lambda: unrolled_convergence(data, np.log(0.02), unrolled_steps)
         ),
-        grid=grid(data, "lasso", [np.linspace(-8, 0, num_grid)]),
-        hgd=hypergradient_descent(data, "lasso", np.log(0.2), steps, 0.2, ckpt),
+        grid=run.stage("lasso_grid", lambda: grid(data, "lasso", [np.linspace(-8, 0, num_grid)])),
+        hgd=hypergradient_descent(data, "lasso", np.log(0.2), steps, 0.2, run),
     )
     num_grid = 13 if args.quick else 41
+    enet_axes = [np.linspace(-8, 0, num_grid)] * 2
     results["elastic_net"] = dict(
-        checks=check_hypergradients(data, "elastic_net", enet_points),
-        grid=grid(data, "elastic_net", [np.linspace(-8, 0, num_grid)] * 2),
-        hgd=hypergradient_descent(data, "elastic_net", np.log([0.2, 0.2]), steps, 0.2, ckpt),
+        checks=run.stage(
+            "elastic_net_checks", lambda: check_hypergradients(data, "elastic_net", enet_points)
+        ),
+        grid=run.stage("elastic_net_grid", lambda: grid(data, "elastic_net", enet_axes)),
+        hgd=hypergradient_descent(data, "elastic_net", np.log([0.2, 0.2]), steps, 0.2, run),
     )
-    results["reweighting"] = reweighting(data, steps * 2, 3e-4, args.seed, ckpt)
+    results["reweighting"] = reweighting(data, steps * 2, 3e-4, args.seed, run)
 
-    table = rich.table.Table(title="Hypergradient relative errors (implicit, float64)")
-    for column in ("problem", "hparams", "support", "vs finite diff.", "vs closed form"):
-        table.add_column(column)
-    for kind in ("lasso", "elastic_net"):
-        for row in results[kind]["checks"]:
-            table.add_row(kind, np.array2string(np.exp(row["hparams"]), precision=3),
-                          str(row["support"]), f"{row['relerr_fd']:.1e}",
-                          f"{row['relerr_closed_form']:.1e}")  # fmt: skip
-    _common.console.print(table)
+    rows = [
+        (kind, np.array2string(np.exp(row["log_hparams"]), precision=3), str(row["support"]),
+         f"{row['relerr_fd']:.1e}", f"{row['relerr_closed_form']:.1e}")
+        for kind in ("lasso", "elastic_net")
+        for row in results[kind]["checks"]
+    ]  # fmt: skip
+    columns = ("problem", "hparams", "support", "vs finite diff.", "vs closed form")
+    title = "Hypergradient relative errors (implicit, float64)"
+    _common.print_table(title, columns, rows, stdout=False)
     for kind in ("lasso", "elastic_net"):
         r = results[kind]
         _common.console.print(
@@ -396,11 +384,8 @@ def main(argv=None) -> dict:
         f"{rw['corrupted_mass_final']:.3f} (uniform {rw['corrupted_fraction']:.3f}), "
         f"hypergradient relerr vs FD {rw['hypergrad_relerr_fd']:.1e}"
     )
-    plot(results, out / "lasso_ho.png")
-    path = _common.write_results(out, results)
-    _common.console.print(f"Wrote {path} and {out / 'lasso_ho.png'}")
-    return results
+    return run.finish(results, {"lasso_ho.png": lambda path: plot(results, path)})
 
 
 if __name__ == "__main__":
-    main()
+    _common.cli(main)

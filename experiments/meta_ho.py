@@ -21,9 +21,11 @@ With `--distributed`, every process samples and holds only its share of each met
 $k$ of step $t$ comes from the seed $(s, t, k)$, so the tasks do not depend on how many
 processes there are), the mean over tasks is reduced across processes inside the compiled
 step, and $\lambda$ and Adam's state are replicated: every process takes the same step. Only
-process 0 writes results, checkpoints and progress.
+process 0 writes results, checkpoints and progress. In `results.json`, `log_lam` fields hold
+the log strengths $\lambda$.
 
-    python -m experiments.meta_ho [--quick] [--out DIR] [--seed S] [--resume] [--distributed]
+    python -m experiments.meta_ho [--quick] [--out DIR] [--seed S] [--resume | --overwrite]
+        [--distributed]
 """
 
 import functools
@@ -38,8 +40,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import bilevax as bx
 
-from . import _common, _distributed
+from . import _common, _distributed, problems
 from ._distributed import TASKS
+from .problems import mse as outer_loss, ridge_loss as inner_loss
 
 
 D = 10  # features, and hyperparameters
@@ -73,17 +76,6 @@ def make_tasks(seed: int, stream: int, step: int, indices) -> dict:
 def bayes_lam() -> np.ndarray:
     """$\\log(\\sigma^2 / (n s_i^2))$: the posterior-mean strengths for the task prior."""
     return np.log(NOISE**2 / (N_TRAIN * SCALES**2))
-
-
-def inner_loss(w, lam, data):
-    X, y = data
-    return 0.5 * jnp.mean((X @ w - y) ** 2) + 0.5 * jnp.sum(jnp.exp(lam) * w**2)
-
-
-def outer_loss(w, lam, data):
-    del lam
-    X, y = data
-    return jnp.mean((X @ w - y) ** 2)
 
 
 def closed_form_val_loss(lam, task):
@@ -195,15 +187,13 @@ def make_meta_step(
         num_tasks = jax.tree.leaves(tasks)[0].shape[0]
         value, grad, exact = sums(lam, tasks)
         meta_grad, exact = grad / num_tasks, exact / num_tasks
-        # optax's Adam mixes its int32 step count with floats, which strict promotion refuses.
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = opt.update(meta_grad, opt_state)
+        lam, opt_state = _common.optax_step(opt, meta_grad, opt_state, lam)
         info = {
             "val_loss": value / num_tasks,
             "meta_grad": meta_grad,
-            "relerr": jnp.linalg.norm(meta_grad - exact) / jnp.linalg.norm(exact),
+            "relerr": problems.relerr(meta_grad, exact),
         }
-        return optax.apply_updates(lam, updates), opt_state, info
+        return lam, opt_state, info
 
     return meta_step, opt
 
@@ -218,39 +208,46 @@ def evaluate(lam, seed: int, num_tasks: int) -> float:
     return float(np.mean((np.einsum("bni,bi->bn", Xv, w) - yv) ** 2))
 
 
-def meta_train(args, mesh: Mesh, ckpt: _common.Checkpoints) -> dict:
+def meta_train(args, mesh: Mesh, run: _common.Run) -> dict:
     """Adam on λ over `args.steps` meta-batches of `args.meta_batch` tasks, checkpointed after
     every step."""
     meta_step, opt = make_meta_step(
         mesh, args.method, args.lr, args.unrolled_steps, args.partitioning
     )
-    lam0 = np.zeros(D)
-    fresh = dict(step=0, lam=lam0, opt_state=opt.init(jnp.asarray(lam0)), history={})
-    state = ckpt.load("meta_ho", fresh)
-    history = state["history"] or {"val_loss": [], "relerr": [], "meta_grad": [], "lam": []}
-    # The outer state lives on every device of every process, identical everywhere.
-    lam, opt_state = _distributed.replicate((state["lam"], state["opt_state"]), mesh)
     local = _distributed.local_task_range(args.meta_batch, mesh)
-    with _common.progress("meta-steps", args.steps, state["step"]) as advance:
-        for step in range(state["step"], args.steps):
-            tasks = make_tasks(args.seed, TRAIN_STREAM, step, local)  # this process's share
-            tasks = _distributed.global_batch_from_local(tasks, mesh)
-            lam, opt_state, info = meta_step(lam, opt_state, tasks)
-            info = _distributed.to_host(info)
-            for key in history:
-                history[key].append(info[key] if key != "lam" else _distributed.to_host(lam))
-            ckpt.save("meta_ho", dict(step=step + 1, lam=lam, opt_state=opt_state, history=history))
-            advance(f"val {float(info['val_loss']):.4f}  relerr {float(info['relerr']):.1e}")
-    final = _distributed.to_host((lam, opt_state))
-    return dict(lam=final[0], opt_state=final[1], history=history)
+
+    def fresh():
+        lam0 = np.zeros(D)
+        history = {"val_loss": [], "relerr": [], "meta_grad": [], "log_lam": []}
+        return dict(lam=lam0, opt_state=opt.init(jnp.asarray(lam0)), history=history)
+
+    def replicated(state):
+        # The outer state lives on every device of every process, identical everywhere.
+        state["lam"], state["opt_state"] = _distributed.replicate(
+            (state["lam"], state["opt_state"]), mesh
+        )
+        return state
+
+    def step(k, state):
+        tasks = make_tasks(args.seed, TRAIN_STREAM, k, local)  # this process's share
+        tasks = _distributed.global_batch_from_local(tasks, mesh)
+        state["lam"], state["opt_state"], info = meta_step(state["lam"], state["opt_state"], tasks)
+        info = _distributed.to_host(dict(info, log_lam=state["lam"]))
+        for key, values in state["history"].items():
+            values.append(info[key])
+        best = min(float(v) for v in state["history"]["val_loss"])
+        relerr = float(info["relerr"])
+        return state, f"val {float(info['val_loss']):.4f}  best {best:.4f}  relerr {relerr:.1e}"
+
+    state = run.loop(
+        "meta_ho", args.steps, fresh, step, description="meta-steps", prepare=replicated
+    )
+    lam, opt_state = _distributed.to_host((state["lam"], state["opt_state"]))
+    return dict(lam=lam, opt_state=opt_state, history=state["history"])
 
 
-def plot(results: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: dict, path):
+    plt = _common.pyplot()
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2))
     val = np.asarray(results["history"]["val_loss"])
     window = max(1, len(val) // 20)
@@ -259,16 +256,14 @@ def plot(results: dict, path) -> None:
     left.axhline(results["test"]["bayes"], color="k", ls="--", lw=1, label="Bayes λ (test)")
     left.set(xlabel="meta-step", ylabel="validation MSE", title="Meta-training")
     left.legend()
-    lam = np.asarray(results["history"]["lam"])
+    lam = np.asarray(results["history"]["log_lam"])
     for i in range(D):
         middle.plot(lam[:, i], color=plt.cm.viridis(i / (D - 1)))
-        middle.axhline(results["bayes_lam"][i], color=plt.cm.viridis(i / (D - 1)), ls=":", lw=1)
+        middle.axhline(results["bayes_log_lam"][i], color=plt.cm.viridis(i / (D - 1)), ls=":", lw=1)
     middle.set(xlabel="meta-step", ylabel="λ_i (dotted: Bayes)", title="Per-feature log L2")
     right.semilogy(results["history"]["relerr"])
     right.set(xlabel="meta-step", ylabel="relative error", title="Meta-gradient vs closed form")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return _common.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
@@ -287,19 +282,19 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--test-tasks", type=int, default=500)
     args = p.parse_args(argv)
-    out = _common.setup(args)
     args.steps = args.steps or (40 if args.quick else 300)
+    # More meta-steps continue a run; the held-out evaluation comes after training.
+    run = _common.start(args, may_grow=("steps",), may_change=("test_tasks",))
     mesh = _distributed.make_mesh()
-    ckpt = _common.Checkpoints(out, args.resume)
     start = time.perf_counter()
-    run = meta_train(args, mesh, ckpt)
+    trained = meta_train(args, mesh, run)
     seconds = time.perf_counter() - start
 
-    lam, history = np.asarray(run["lam"]), run["history"]
+    lam, history = np.asarray(trained["lam"]), trained["history"]
     results = {
-        "lam": lam,
-        "bayes_lam": bayes_lam(),
-        "opt_state": jax.tree.map(np.asarray, run["opt_state"]),
+        "log_lam": lam,
+        "bayes_log_lam": bayes_lam(),
+        "opt_state": jax.tree.map(np.asarray, trained["opt_state"]),
         "history": history,
         "test": {
             "learned": evaluate(lam, args.seed, args.test_tasks),
@@ -308,29 +303,21 @@ def main(argv=None) -> dict:
         },
         "meta_grad_relerr_max": float(np.max(history["relerr"])),
         "config": dict(
-            steps=args.steps,
-            meta_batch=args.meta_batch,
-            method=args.method,
-            partitioning=args.partitioning,
-            lr=args.lr,
-            seed=args.seed,
+            run.config,
             num_processes=jax.process_count(),
             num_devices=jax.device_count(),
             seconds=seconds,
         ),
     }
-    if _common.is_main_process():
-        plot(results, out / "meta_ho.png")
-        path = _common.write_results(out, results)
-        t = results["test"]
-        _common.console.print(
-            f"test MSE: learned λ {t['learned']:.4f}, Bayes λ {t['bayes']:.4f}, "
-            f"λ = 0 {t['initial']:.4f}; meta-gradient relerr ≤ "
-            f"{results['meta_grad_relerr_max']:.1e}; {jax.process_count()} process(es), "
-            f"{jax.device_count()} device(s). Wrote {path} and {out / 'meta_ho.png'}"
-        )
-    return results
+    t = results["test"]
+    _common.console.print(
+        f"test MSE: learned λ {t['learned']:.4f}, Bayes λ {t['bayes']:.4f}, "
+        f"λ = 0 {t['initial']:.4f}; meta-gradient relerr ≤ "
+        f"{results['meta_grad_relerr_max']:.1e}; {jax.process_count()} process(es), "
+        f"{jax.device_count()} device(s)."
+    )
+    return run.finish(results, {"meta_ho.png": lambda path: plot(results, path)})
 
 
 if __name__ == "__main__":
-    main()
+    _common.cli(main)

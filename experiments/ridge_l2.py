@@ -11,10 +11,11 @@ random search and TPE, at the same number of inner trainings. The closed form
 $w^* = (X^\top X/n + \mathrm{diag}\, e^\lambda)^{-1} X^\top y/n$ checks the hypergradients and
 gives the optimum every method is measured against.
 
-    python -m experiments.ridge_l2 [--quick] [--out DIR] [--seed S] [--resume]
-"""
+Every method's state is checkpointed as it goes (`--resume` continues a killed run). In
+`results.json`, `log_lam` fields hold log strengths $\lambda$ (the penalty is $e^\lambda$).
 
-import time
+    python -m experiments.ridge_l2 [--quick] [--out DIR] [--seed S] [--resume | --overwrite]
+"""
 
 import equinox as eqx
 import jax
@@ -23,19 +24,17 @@ import lineax as lx
 import numpy as np
 import optax
 import optuna
-import rich.console
-import scipy.optimize
 from jaxtyping import Array, Float
-from sklearn.datasets import load_diabetes
 
 import bilevax as bx
 
-from . import _common
+from . import _common, _search, problems
+from .problems import mse as outer_loss, ridge_loss as inner_loss
 
 
 LOWER, UPPER = -8.0, 4.0  # the search box for every λ_i
 LAM0 = 0.0  # where hypergradient descent starts: unit strength on every feature
-SPLIT = (242, 100, 100)  # train / validation / test
+SPLIT = problems.DIABETES_SPLIT  # train / validation / test
 INNER_TOL = 1e-10  # ‖∇_w L‖ at which an inner training stops
 INNER_MAX_STEPS = 10_000
 
@@ -53,26 +52,9 @@ class Ridge(eqx.Module):
 
 def load(seed: int) -> Ridge:
     """The diabetes data (bundled with scikit-learn), split at random with `seed`."""
-    X, y = load_diabetes(return_X_y=True)
-    order = np.random.default_rng(seed).permutation(len(y))
-    X, y = X[order], y[order]
-    n, m, _ = SPLIT
-    X = (X - X[:n].mean(0)) / X[:n].std(0)
-    y = (y - y[:n].mean()) / y[:n].std()
-    eigs = np.linalg.eigvalsh(X[:n].T @ X[:n] / n)
-    split = lambda a, b: (jnp.asarray(X[a:b], jnp.float64), jnp.asarray(y[a:b], jnp.float64))
-    return Ridge(split(0, n), split(n, n + m), split(n + m, None), float(eigs[0]), float(eigs[-1]))
-
-
-def inner_loss(w, lam, data):
-    X, y = data
-    return 0.5 * jnp.mean((X @ w - y) ** 2) + 0.5 * jnp.sum(jnp.exp(lam) * w**2)
-
-
-def outer_loss(w, lam, data):
-    del lam
-    X, y = data
-    return jnp.mean((X @ w - y) ** 2)
+    train, val, test = problems.diabetes(seed, SPLIT)
+    eigs = problems.gram_eigenvalues(train[0])
+    return Ridge(train, val, test, float(eigs[0]), float(eigs[-1]))
 
 
 def closed_form_params(lam, data):
@@ -94,10 +76,6 @@ def solver(lam, problem: Ridge) -> bx.GradientDescent:
     big = jnp.sqrt(problem.eig_max + jnp.max(strength))
     small = jnp.sqrt(problem.eig_min + jnp.min(strength))
     return bx.GradientDescent(4 / (big + small) ** 2, ((big - small) / (big + small)) ** 2)
-
-
-def _relerr(a, b):
-    return jnp.linalg.norm(a - b) / jnp.linalg.norm(b)
 
 
 def _train(lam, init, problem: Ridge):
@@ -152,20 +130,17 @@ HYPER_OPTIMIZER = optax.inject_hyperparams(optax.adam)(learning_rate=0.1)
 @eqx.filter_jit
 def _hyper_step(lam, hgrad, opt_state, problem: Ridge):
     reference = jax.grad(closed_form_loss)(lam, problem)
-    # optax's Adam computes `b1**count` with an int32 count, which strict dtype promotion
-    # (as the test suite sets it) rejects.
-    with jax.numpy_dtype_promotion("standard"):
-        updates, opt_state = HYPER_OPTIMIZER.update(hgrad, opt_state)
     # Projected Adam: the optimum has coordinates on the box's faces.
-    lam_next = jnp.clip(optax.apply_updates(lam, updates), LOWER, UPPER)
-    return lam_next, opt_state, _relerr(hgrad, reference)
+    box = lambda lam: jnp.clip(lam, LOWER, UPPER)
+    lam_next, opt_state = _common.optax_step(HYPER_OPTIMIZER, hgrad, opt_state, lam, project=box)
+    return lam_next, opt_state, problems.relerr(hgrad, reference)
 
 
 def hypergradient_descent(
     method: str,
     problem: Ridge,
     budget: int,
-    ckpt: _common.Checkpoints,
+    run: _common.Run,
     *,
     learning_rate: float = 0.5,
     unrolled_steps: int = 2000,
@@ -179,44 +154,42 @@ def hypergradient_descent(
         from zero, reverse-mode through them).
     - `problem`: the data.
     - `budget`: the number of hypergradient steps, i.e. of inner trainings.
-    - `ckpt`: where the state goes after each step; a resumed run continues from it.
+    - `run`: the run; a resumed run continues from the checkpoint.
 
     **Returns:**
 
-    The run's history: `lam` and `val_loss` at every step, the relative error of each
-    hypergradient against the closed form, and the final `lam`.
+    The run's history: `log_lam` and `val_loss` at every step, the relative error of each
+    hypergradient against the closed form, the final `log_lam`, and the seconds spent.
     """
-    name = f"hgd_{method}"
     if method == "implicit":
-        step = lambda lam, w: implicit_hypergrad(lam, w, problem)
+        hypergrad = lambda lam, w: implicit_hypergrad(lam, w, problem)
     elif method == "unrolled":
-        step = lambda lam, w: unrolled_hypergrad(lam, w, problem, unrolled_steps)
+        hypergrad = lambda lam, w: unrolled_hypergrad(lam, w, problem, unrolled_steps)
     else:
         raise ValueError(f"`method` must be 'implicit' or 'unrolled', got {method!r}.")
     d = problem.train[0].shape[1]
-    lam = jnp.full(d, LAM0, jnp.float64)
-    opt_state = HYPER_OPTIMIZER.init(lam)
-    opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float64)
-    fresh = dict(
-        step=0,
-        lam=lam,
-        w=jnp.zeros(d, jnp.float64),
-        opt_state=opt_state,
-        history=dict(lam=[], val_loss=[], relerr=[]),
-    )
-    state = ckpt.load(name, fresh)
-    lam, w, opt_state, history = state["lam"], state["w"], state["opt_state"], state["history"]
-    with _common.progress(f"HGD ({method})", budget, state["step"]) as advance:
-        for k in range(state["step"], budget):
-            value, hgrad, w = step(lam, w)
-            history["lam"].append(np.asarray(lam))
-            lam, opt_state, relerr = _hyper_step(lam, hgrad, opt_state, problem)
-            history["val_loss"].append(float(value))
-            history["relerr"].append(float(relerr))
-            ckpt.save(name, dict(step=k + 1, lam=lam, w=w, opt_state=opt_state, history=history))
-            advance(f"val {float(value):.5f}  relerr {float(relerr):.1e}")
-    history["final_lam"] = np.asarray(lam)
-    return history
+
+    def fresh():
+        lam = jnp.full(d, LAM0, jnp.float64)
+        opt_state = HYPER_OPTIMIZER.init(lam)
+        opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float64)
+        history = dict(log_lam=[], val_loss=[], relerr=[])
+        return dict(lam=lam, w=jnp.zeros(d, jnp.float64), opt_state=opt_state, history=history)
+
+    def step(k, state):
+        history = state["history"]
+        value, hgrad, state["w"] = hypergrad(state["lam"], state["w"])
+        history["log_lam"].append(np.asarray(state["lam"]))
+        state["lam"], state["opt_state"], relerr = _hyper_step(
+            state["lam"], hgrad, state["opt_state"], problem
+        )
+        history["val_loss"].append(float(value))
+        history["relerr"].append(float(relerr))
+        best = min(history["val_loss"])
+        return state, f"val {float(value):.5f}  best {best:.5f}  relerr {float(relerr):.1e}"
+
+    state = run.loop(f"hgd_{method}", budget, fresh, step, description=f"HGD ({method})")
+    return dict(state["history"], final_log_lam=np.asarray(state["lam"]), seconds=state["seconds"])
 
 
 @eqx.filter_jit
@@ -225,35 +198,53 @@ def _train_and_validate(lam, problem: Ridge):
     return outer_loss(sol.params, lam, problem.val)
 
 
-def grid_search(problem: Ridge, budget: int) -> dict:
+def grid_search(problem: Ridge, budget: int, run: _common.Run) -> dict:
     """One shared strength for all features, on `budget` evenly spaced values of λ."""
     d = problem.train[0].shape[1]
-    history = dict(lam=[], val_loss=[])
-    with _common.progress("grid (shared λ)", budget) as advance:
-        for c in np.linspace(LOWER, UPPER, budget):
-            lam = jnp.full(d, c, jnp.float64)
-            history["lam"].append(np.asarray(lam))
-            history["val_loss"].append(float(_train_and_validate(lam, problem)))
-            advance(f"λ {c:+.2f}")
-    return history
+    grid = np.linspace(LOWER, UPPER, budget)
+
+    def step(k, state):
+        history = state["history"]
+        lam = jnp.full(d, grid[k], jnp.float64)
+        history["log_lam"].append(np.asarray(lam))
+        history["val_loss"].append(float(_train_and_validate(lam, problem)))
+        best = int(np.argmin(history["val_loss"]))
+        return state, f"best {history['val_loss'][best]:.5f} at λ {grid[best]:+.2f}"
+
+    fresh = lambda: dict(history=dict(log_lam=[], val_loss=[]))
+    state = run.loop("grid", budget, fresh, step, description="grid (shared λ)", every=10)
+    return dict(state["history"], seconds=state["seconds"])
 
 
-def optuna_search(problem: Ridge, budget: int, sampler: optuna.samplers.BaseSampler, label):
-    """`budget` trials of `sampler` over the box, one inner training per trial."""
+def optuna_search(problem: Ridge, budget: int, method: str, seed: int, run: _common.Run) -> dict:
+    """`budget` trials of random search or TPE (`method`) over the box, one inner training
+    per trial."""
     d = problem.train[0].shape[1]
-    history = dict(lam=[], val_loss=[])
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="minimize", sampler=sampler)
-    with _common.progress(label, budget) as advance:
-        for _ in range(budget):
-            trial = study.ask()
-            lam = jnp.asarray([trial.suggest_float(f"lam{i}", LOWER, UPPER) for i in range(d)])
-            value = float(_train_and_validate(lam, problem))
-            study.tell(trial, value)
-            history["lam"].append(np.asarray(lam))
-            history["val_loss"].append(value)
-            advance(f"best {study.best_value:.5f}")
-    return history
+    distributions = {
+        f"lam{i}": optuna.distributions.FloatDistribution(LOWER, UPPER) for i in range(d)
+    }
+
+    def objective(k, params):
+        lam = jnp.asarray([params[f"lam{i}"] for i in range(d)])
+        value = float(_train_and_validate(lam, problem))
+        return value, dict(log_lam=np.asarray(lam))
+
+    state = _search.search(
+        run,
+        method,
+        budget,
+        _search.sampler(method, seed),
+        distributions,
+        objective,
+        description=METHODS[method],
+        every=10,
+    )
+    trials = state["trials"]
+    return dict(
+        log_lam=[t["log_lam"] for t in trials],
+        val_loss=[t["value"] for t in trials],
+        seconds=state["seconds"],
+    )
 
 
 def closed_form_optimum(problem: Ridge, seed: int, restarts: int = 4) -> dict:
@@ -265,21 +256,8 @@ def closed_form_optimum(problem: Ridge, seed: int, restarts: int = 4) -> dict:
     d = problem.train[0].shape[1]
     rng = np.random.default_rng(seed)
     starts = [np.full(d, LAM0)] + [rng.uniform(LOWER, UPPER, d) for _ in range(restarts)]
-    best, nfev = None, 0
-    for x0 in starts:
-        r = scipy.optimize.minimize(
-            fun,
-            x0,
-            jac=True,
-            method="L-BFGS-B",
-            bounds=[(LOWER, UPPER)] * d,
-            options=dict(maxiter=1000, ftol=1e-15, gtol=1e-12),
-        )
-        nfev += r.nfev
-        if best is None or r.fun < best.fun:
-            best = r
-    assert best is not None
-    return dict(lam=np.asarray(best.x), val_loss=float(best.fun), nfev=nfev)
+    best, nfev = problems.lbfgsb_from(fun, starts, [(LOWER, UPPER)] * d)
+    return dict(log_lam=np.asarray(best.x), val_loss=float(best.fun), nfev=nfev)
 
 
 def held_out_loss(lam, problem: Ridge) -> float:
@@ -295,10 +273,11 @@ def summarise(history: dict, problem: Ridge) -> dict:
     best = int(np.argmin(vals))
     summary = dict(
         val_loss=float(vals[best]),
-        test_loss=held_out_loss(history["lam"][best], problem),
+        test_loss=held_out_loss(history["log_lam"][best], problem),
         inner_trainings=len(vals),
-        lam=np.asarray(history["lam"][best]),
+        log_lam=np.asarray(history["log_lam"][best]),
         best_so_far=np.minimum.accumulate(vals),
+        seconds=history["seconds"],
     )
     if "relerr" in history:
         relerr = np.asarray(history["relerr"])
@@ -307,17 +286,13 @@ def summarise(history: dict, problem: Ridge) -> dict:
             hypergrad_relerr_max=relerr.max(),
             hypergrad_relerr_median=np.median(relerr),
             hypergrad_relerr=relerr,
-            final_lam=history["final_lam"],
+            final_log_lam=history["final_log_lam"],
         )
     return summary
 
 
-def plot(results: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: dict, path):
+    plt = _common.pyplot()
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2))
     optimum = results["closed_form"]["val_loss"]
     for name, label in METHODS.items():
@@ -349,9 +324,7 @@ def plot(results: dict, path) -> None:
         title="Hypergradient accuracy along the run",
     )
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return _common.save_figure(fig, path)
 
 
 METHODS = {
@@ -374,86 +347,47 @@ def main(argv=None) -> dict:
     p.add_argument("--unrolled-steps", type=int, default=2000, help="T for unrolled HGD")
     p.add_argument("--lr", type=float, default=0.5, help="Adam's learning rate on λ")
     args = p.parse_args(argv)
-    out = _common.setup(args)
-    budget = args.budget or (50 if args.quick else 200)
-    ckpt = _common.Checkpoints(out, args.resume)
+    args.budget = args.budget or (50 if args.quick else 200)
+    run = _common.start(args)
+    budget = args.budget
     problem = load(args.seed)
-    start = time.perf_counter()
 
-    histories, timings = {}, {}
-    runs = {
-        "hgd_implicit": lambda: hypergradient_descent(
-            "implicit", problem, budget, ckpt, learning_rate=args.lr
+    histories = {
+        "hgd_implicit": hypergradient_descent(
+            "implicit", problem, budget, run, learning_rate=args.lr
         ),
-        "hgd_unrolled": lambda: hypergradient_descent(
+        "hgd_unrolled": hypergradient_descent(
             "unrolled",
             problem,
             budget,
-            ckpt,
+            run,
             learning_rate=args.lr,
             unrolled_steps=args.unrolled_steps,
         ),
-        "grid": lambda: grid_search(problem, budget),
-        "random": lambda: optuna_search(
-            problem, budget, optuna.samplers.RandomSampler(seed=args.seed), "random search"
-        ),
-        "tpe": lambda: optuna_search(
-            problem, budget, optuna.samplers.TPESampler(seed=args.seed), "TPE"
-        ),
+        "grid": grid_search(problem, budget, run),
+        "random": optuna_search(problem, budget, "random", args.seed, run),
+        "tpe": optuna_search(problem, budget, "tpe", args.seed, run),
     }
-    for name, run in runs.items():
-        # A finished method is stored whole, so that a resumed run skips it.
-        tic = time.perf_counter()
-        done = ckpt.load(f"{name}_done")
-        histories[name] = done if done and len(done["val_loss"]) == budget else run()
-        ckpt.save(f"{name}_done", histories[name])
-        timings[name] = time.perf_counter() - tic
-
     optimum = closed_form_optimum(problem, args.seed)
     lam0 = jnp.full(problem.train[0].shape[1], LAM0, jnp.float64)
     results = {name: summarise(h, problem) for name, h in histories.items()}
     results["closed_form"] = dict(
         val_loss=optimum["val_loss"],
-        test_loss=held_out_loss(optimum["lam"], problem),
+        test_loss=held_out_loss(optimum["log_lam"], problem),
         inner_trainings=0,
         closed_form_solves=optimum["nfev"],
-        lam=optimum["lam"],
-        hypergrad_at_lam0=jax.grad(closed_form_loss)(lam0, problem),
+        log_lam=optimum["log_lam"],
+        hypergrad_at_log_lam0=jax.grad(closed_form_loss)(lam0, problem),
     )
     for name in METHODS:
         results[name]["gap_to_optimum"] = results[name]["val_loss"] - optimum["val_loss"]
-        results[name]["seconds"] = timings[name]
-    results["config"] = dict(
-        budget=budget,
-        unrolled_steps=args.unrolled_steps,
-        lr=args.lr,
-        seed=args.seed,
-        box=(LOWER, UPPER),
-        lam0=LAM0,
-        split=SPLIT,
-        seconds=time.perf_counter() - start,
-    )
-
+    results["config"] = dict(run.config, log_lam_box=(LOWER, UPPER), log_lam0=LAM0, split=SPLIT)
     print_table(results)
-    plot(results, out / "ridge_l2.png")
-    path = _common.write_results(out, results)
-    _common.console.print(f"Wrote {path} and {out / 'ridge_l2.png'}")
-    return results
+    return run.finish(results, {"ridge_l2.png": lambda path: plot(results, path)})
 
 
 def print_table(results: dict) -> None:
-    from rich.table import Table
-
-    table = Table(title="Per-feature L2 for ridge regression on diabetes (MSE, standardised y)")
-    for column in (
-        "method",
-        "best val loss",
-        "gap to optimum",
-        "test loss",
-        "inner trainings",
-        "hypergrad relerr (start / max)",
-    ):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    rows = []
     for name, label in [*METHODS.items(), ("closed_form", "closed-form optimum")]:
         r = results[name]
         relerr = (
@@ -461,16 +395,23 @@ def print_table(results: dict) -> None:
             if "hypergrad_relerr_initial" in r
             else ""
         )
-        table.add_row(
-            label,
-            f"{r['val_loss']:.5f}",
-            f"{r.get('gap_to_optimum', 0.0):.5f}",
-            f"{r['test_loss']:.5f}",
-            str(r["inner_trainings"]),
-            relerr,
+        rows.append(
+            (
+                label,
+                f"{r['val_loss']:.5f}",
+                f"{r.get('gap_to_optimum', 0.0):.5f}",
+                f"{r['test_loss']:.5f}",
+                str(r["inner_trainings"]),
+                relerr,
+            )
         )
-    rich.console.Console(width=120).print(table)
+    _common.print_table(
+        "Per-feature L2 for ridge regression on diabetes (MSE, standardised y)",
+        ("method", "best val loss", "gap to optimum", "test loss", "inner trainings",
+         "hypergrad relerr (start / max)"),
+        rows,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
-    main()
+    _common.cli(main)

@@ -22,9 +22,10 @@ Cost is counted in per-sample oracle evaluations (one gradient, or one Hessian- 
 Jacobian-vector product, of one sample's loss), and reported in **data passes**: evaluations
 divided by $n + m$. The outer objective reported is $h(\lambda) = E(w^*(\lambda))$ at each
 method's current $\lambda$, with $w^*(\lambda)$ solved to $\|\nabla_w L\| \le 10^{-9}$ (not
-counted).
+counted). In `results.json`, `log_lam` fields hold the log-strengths $\lambda$.
 
-    python -m experiments.stochastic_bilevel [--quick] [--out DIR] [--seed S] [--resume]
+    python -m experiments.stochastic_bilevel [--quick] [--out DIR] [--seed S]
+        [--resume | --overwrite]
 """
 
 import time
@@ -128,14 +129,11 @@ def _exact_value_and_hypergrad(lam, w_warm, data):
     return value, hypergrad, w
 
 
-def reference_optimum(data, ckpt) -> dict:
+def reference_optimum(data) -> dict:
     r"""$\min_\lambda h(\lambda)$ by L-BFGS (scipy) on exact values and hypergradients from
     $\lambda = 0$: the yardstick for the curves (its cost is not counted)."""
     import scipy.optimize
 
-    saved = ckpt.load("reference")
-    if saved is not None:
-        return saved
     dim = data["train"]["X"].shape[1]
     warm = {"w": jnp.zeros(dim)}
 
@@ -152,9 +150,7 @@ def reference_optimum(data, ckpt) -> dict:
         options={"maxiter": 500, "gtol": 1e-9},
     )
     losses, _ = evaluate(jnp.asarray(res.x), warm["w"], data)
-    reference = {**losses, "lam": res.x, "iterations": int(res.nit)}
-    ckpt.save("reference", reference)
-    return reference
+    return {**losses, "log_lam": res.x, "iterations": int(res.nit)}
 
 
 def _lipschitz(data) -> float:
@@ -187,7 +183,44 @@ def _stochastic_chunk(solver, state, data, num_steps: int, key):
     )
 
 
-def run_stochastic(name, solver, data, passes: float, seed: int, ckpt) -> dict:
+def _evaluation_loop(run, name, data, fresh, advance) -> dict:
+    """`EVALS_PER_RUN` rounds of `advance(state) -> (evals, seconds)` (a method's steps between
+    two evaluations: the oracle evaluations it has used so far, and the seconds it took), each
+    followed by an evaluation of h(λ) at the state's `"lam"`; returns the method's curves."""
+    n, m = data["train"]["y"].shape[0], data["val"]["y"].shape[0]
+
+    def start():
+        state = fresh()
+        losses, state["w_eval"] = evaluate(state["lam"], state["w_eval"], data)
+        history = {"passes": [state["evals"] / (n + m)], **{k: [v] for k, v in losses.items()}}
+        return dict(state, history=history, method_seconds=0.0)
+
+    def step(k, state):
+        state["evals"], seconds = advance(state)
+        state["method_seconds"] += seconds
+        losses, state["w_eval"] = evaluate(state["lam"], state["w_eval"], data)
+        history = state["history"]
+        history["passes"].append(state["evals"] / (n + m))
+        for key, value in losses.items():
+            history[key].append(value)
+        best = np.fmin.reduce(history["val_loss"])  # NaN (a diverged run) only if all are
+        return state, f"val {losses['val_loss']:.5f}  best {best:.5f}"
+
+    state = run.loop(name, EVALS_PER_RUN, start, step, description=name)
+    history = state["history"]
+    return {
+        "passes": history["passes"],
+        "val_curve": history["val_loss"],
+        "test_curve": history["test_loss"],
+        "final_log_lam": np.asarray(state["lam"]),
+        "val_loss": history["val_loss"][-1],
+        "test_loss": history["test_loss"][-1],
+        "seconds": state["method_seconds"],
+        "state": state,
+    }
+
+
+def run_stochastic(name, solver, data, passes: float, seed: int, run: _common.Run) -> dict:
     """Runs `solver` for `passes` data passes, evaluating h(λ) `EVALS_PER_RUN` times."""
     n, m = data["train"]["y"].shape[0], data["val"]["y"].shape[0]
     b_in, b_out = solver.samples_per_step(data["train"], data["val"])
@@ -203,40 +236,28 @@ def run_stochastic(name, solver, data, passes: float, seed: int, ckpt) -> dict:
         )
     chunk = total_steps // EVALS_PER_RUN
     key = jax.random.key(seed)
-    saved = ckpt.load(name)
-    if saved is None:
-        dim = data["train"]["X"].shape[1]
-        state = solver.init(
-            outer_loss, inner_loss, jnp.zeros(dim), jnp.zeros(dim), data["train"], data["val"]
-        )
-        losses, w = evaluate(state.hparams, state.params, data)
-        history = {"passes": [init_cost / (n + m)], **{k: [v] for k, v in losses.items()}}
-        seconds = 0.0
-    else:
-        state, history, w, seconds = saved
-    with _common.progress(name, EVALS_PER_RUN, len(history["passes"]) - 1) as advance:
-        while len(history["passes"]) - 1 < EVALS_PER_RUN:
-            start = time.perf_counter()
-            state = jax.block_until_ready(_stochastic_chunk(solver, state, data, chunk, key))
-            seconds += time.perf_counter() - start
-            losses, w = evaluate(state.hparams, w, data)
-            evals = init_cost + int(state.num_steps) * per_step
-            history["passes"].append(evals / (n + m))
-            for k, v in losses.items():
-                history[k].append(v)
-            ckpt.save(name, (state, history, w, seconds))
-            advance(f"val {losses['val_loss']:.5f}")
-    return {
-        "passes": history["passes"],
-        "val_curve": history["val_loss"],
-        "test_curve": history["test_loss"],
-        "final_lam": np.asarray(state.hparams),
-        "val_loss": history["val_loss"][-1],
-        "test_loss": history["test_loss"][-1],
-        "steps": int(state.num_steps),
-        "seconds": seconds,
-        "finite": bool(state.result == bx.RESULTS.successful),
-    }
+    dim = data["train"]["X"].shape[1]
+
+    def fresh():
+        zeros = jnp.zeros(dim)
+        state = solver.init(outer_loss, inner_loss, zeros, zeros, data["train"], data["val"])
+        return dict(solver=state, lam=state.hparams, w_eval=state.params, evals=init_cost)
+
+    def advance(state):
+        start = time.perf_counter()
+        solver_state = _stochastic_chunk(solver, state["solver"], data, chunk, key)
+        state["solver"] = jax.block_until_ready(solver_state)
+        state["lam"] = solver_state.hparams
+        evals = init_cost + int(solver_state.num_steps) * per_step
+        return evals, time.perf_counter() - start
+
+    result = _evaluation_loop(run, name, data, fresh, advance)
+    solver_state = result.pop("state")["solver"]
+    return dict(
+        result,
+        steps=int(solver_state.num_steps),
+        finite=bool(solver_state.result == bx.RESULTS.successful),
+    )
 
 
 @eqx.filter_jit
@@ -267,60 +288,41 @@ def deterministic_step(lam, w, data, inner_lr, outer_lr, inner_steps: int, cg_st
     return lam - outer_lr * hypergrad, sol.params, sol.stats["num_steps"]
 
 
-def run_deterministic(data, passes: float, args, ckpt) -> dict:
+def run_deterministic(data, passes: float, args, run: _common.Run) -> dict:
     n, m = data["train"]["y"].shape[0], data["val"]["y"].shape[0]
     inner_lr = 1.0 / _lipschitz(data)
-    saved = ckpt.load("deterministic")
-    if saved is None:
-        dim = data["train"]["X"].shape[1]
-        lam, w = jnp.zeros(dim), jnp.zeros(dim)
-        losses, w_eval = evaluate(lam, w, data)
-        history = {"passes": [0.0], **{k: [v] for k, v in losses.items()}}
-        evals, seconds, steps = 0, 0.0, 0
-    else:
-        lam, w, w_eval, history, evals, seconds, steps = saved
     budget = passes * (n + m)
     per_eval = budget / EVALS_PER_RUN
-    with _common.progress("deterministic", EVALS_PER_RUN, len(history["passes"]) - 1) as advance:
-        while len(history["passes"]) - 1 < EVALS_PER_RUN:
-            target = min(len(history["passes"]) * per_eval, budget)
-            start = time.perf_counter()
-            # Step only while the step's largest cost fits, so the budget is never exceeded.
-            while evals + (args.inner_steps + 1 + args.cg_steps + 1) * n + m <= target:
-                lam, w, inner = deterministic_step(
-                    lam, w, data, inner_lr, args.det_outer_lr, args.inner_steps, args.cg_steps
-                )
-                # Inner: one gradient per step plus the one at the start (the stopping test);
-                # hypergradient: at most `cg_steps` HVPs, one VJP for the cross term, one outer
-                # gradient.
-                evals += (int(inner) + 1 + args.cg_steps + 1) * n + m
-                steps += 1
-            seconds += time.perf_counter() - start
-            losses, w_eval = evaluate(lam, w_eval, data)
-            history["passes"].append(evals / (n + m))
-            for k, v in losses.items():
-                history[k].append(v)
-            ckpt.save("deterministic", (lam, w, w_eval, history, evals, seconds, steps))
-            advance(f"val {losses['val_loss']:.5f}")
-    return {
-        "passes": history["passes"],
-        "val_curve": history["val_loss"],
-        "test_curve": history["test_loss"],
-        "final_lam": np.asarray(lam),
-        "val_loss": history["val_loss"][-1],
-        "test_loss": history["test_loss"][-1],
-        "steps": steps,
-        "seconds": seconds,
-        "finite": bool(np.all(np.isfinite(np.asarray(lam)))),
-    }
+    dim = data["train"]["X"].shape[1]
+
+    def fresh():
+        return dict(lam=jnp.zeros(dim), w=jnp.zeros(dim), w_eval=jnp.zeros(dim), evals=0, steps=0)
+
+    def advance(state):
+        target = min((len(state["history"]["passes"])) * per_eval, budget)
+        lam, w, evals = state["lam"], state["w"], state["evals"]
+        start = time.perf_counter()
+        # Step only while the step's largest cost fits, so the budget is never exceeded.
+        while evals + (args.inner_steps + 1 + args.cg_steps + 1) * n + m <= target:
+            lam, w, inner = deterministic_step(
+                lam, w, data, inner_lr, args.det_outer_lr, args.inner_steps, args.cg_steps
+            )
+            # Inner: one gradient per step plus the one at the start (the stopping test);
+            # hypergradient: at most `cg_steps` HVPs, one VJP for the cross term, one outer
+            # gradient.
+            evals += (int(inner) + 1 + args.cg_steps + 1) * n + m
+            state["steps"] += 1
+        state["lam"], state["w"] = lam, w
+        return evals, time.perf_counter() - start
+
+    result = _evaluation_loop(run, "deterministic", data, fresh, advance)
+    state = result.pop("state")
+    finite = bool(np.all(np.isfinite(np.asarray(state["lam"]))))
+    return dict(result, steps=state["steps"], finite=finite)
 
 
-def plot(results: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: dict, path):
+    plt = _common.pyplot()
     config = results["config"]
     best = results["reference"]["val_loss"]
     fig, (ax, ax_log) = plt.subplots(1, 2, figsize=(11, 4))
@@ -339,9 +341,7 @@ def plot(results: dict, path) -> None:
         f"logistic-regression HO, per-feature L2: n={config['n_train']}, m={config['n_val']}, "
         f"d={config['dim']}, batch {config['batch_size']}"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return _common.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
@@ -358,32 +358,21 @@ def main(argv=None) -> dict:
     p.add_argument("--inner-steps", type=int, default=5, help="deterministic inner steps")
     p.add_argument("--cg-steps", type=int, default=5, help="deterministic CG iterations")
     args = p.parse_args(argv)
-    out = _common.setup(args)
-    config = dict(QUICK if args.quick else FULL)
-    if args.passes is not None:
-        config["passes"] = args.passes
+    sizes = dict(QUICK if args.quick else FULL)
     if args.n_train is not None:
-        config["n_train"] = args.n_train
-        config["n_val"] = config["n_test"] = max(args.n_train // 4, 1)
-    if args.dim is not None:
-        config["dim"] = args.dim
-    config.update(
-        batch_size=args.batch_size,
-        inner_lr=args.inner_lr,
-        soba_outer_lr=args.soba_outer_lr,
-        saba_outer_lr=args.saba_outer_lr,
-        det_outer_lr=args.det_outer_lr,
-        inner_steps=args.inner_steps,
-        cg_steps=args.cg_steps,
-        seed=args.seed,
-    )
+        held_out = max(args.n_train // 4, 1)
+        sizes.update(n_train=args.n_train, n_val=held_out, n_test=held_out)
+    args.n_train = sizes["n_train"]
+    args.passes = sizes["passes"] if args.passes is None else args.passes
+    args.dim = sizes["dim"] if args.dim is None else args.dim
+    run = _common.start(args)
+    config = dict(run.config, n_val=sizes["n_val"], n_test=sizes["n_test"])
     data = make_data(args.seed, config["n_train"], config["n_val"], config["n_test"], config["dim"])
-    ckpt = _common.Checkpoints(out, args.resume)
     results: dict = {"config": config}
     for name, solver in solvers(args).items():
-        results[name] = run_stochastic(name, solver, data, config["passes"], args.seed, ckpt)
-    results["deterministic"] = run_deterministic(data, config["passes"], args, ckpt)
-    results["reference"] = reference_optimum(data, ckpt)
+        results[name] = run_stochastic(name, solver, data, config["passes"], args.seed, run)
+    results["deterministic"] = run_deterministic(data, config["passes"], args, run)
+    results["reference"] = run.stage("reference", lambda: reference_optimum(data))
     results["initial_val_loss"] = results["soba"]["val_curve"][0]
     for name in METHODS:
         r = results[name]
@@ -392,10 +381,8 @@ def main(argv=None) -> dict:
             f"({r['passes'][-1]:.1f} passes, {r['steps']} steps, {r['seconds']:.1f} s)"
         )
     _common.console.print(f"L-BFGS reference: val {results['reference']['val_loss']:.5f}")
-    plot(results, out / "stochastic_bilevel.png")
-    _common.write_results(out, results)
-    return results
+    return run.finish(results, {"stochastic_bilevel.png": lambda path: plot(results, path)})
 
 
 if __name__ == "__main__":
-    main()
+    _common.cli(main)

@@ -25,7 +25,7 @@ def main(state_dir: str, argv: list[str]) -> None:
         "process_count": jax.process_count(),
         "device_count": jax.device_count(),
         "local_device_count": jax.local_device_count(),
-        "lam": results["lam"].tolist(),
+        "lam": results["log_lam"].tolist(),
         "opt_state": [leaf.tolist() for leaf in jax.tree.leaves(results["opt_state"])],
         "meta_grad": [g.tolist() for g in results["history"]["meta_grad"]],
         "val_loss": [float(v) for v in results["history"]["val_loss"]],

@@ -1,5 +1,5 @@
 """The Δ-STN experiment: the learned hyperparameters against the closed forms on diabetes,
-the outputs written, and resuming a killed run."""
+the outputs written, and resuming a killed run (counting the epochs and trials it runs)."""
 
 import json
 
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import _common
+from experiments.delta_stn import _search
 from experiments.delta_stn.__main__ import main
 
 
@@ -42,7 +43,7 @@ def test_dropout_regression_within_two_percent_of_closed_form(tmp_path):
 
 
 def test_resume_continues_a_killed_run(tmp_path, monkeypatch):
-    args = ["ridge", "--quick", "--epochs", "4", "--methods", "delta", "random"]
+    args = ["ridge", "--quick", "--epochs", "4", "--methods", "delta", "random", "tpe"]
     fresh = main([*args, "--out", str(tmp_path / "fresh")])
     saves = []
     original = _common.Checkpoints.save
@@ -50,18 +51,42 @@ def test_resume_continues_a_killed_run(tmp_path, monkeypatch):
     def save_then_die(self, name, state):
         original(self, name, state)
         saves.append(name)
-        if len(saves) == 2:
+        if len(saves) == 5:  # Δ-STN's 4 epochs, then random search's first trial of 2
             raise KeyboardInterrupt
 
     monkeypatch.setattr(_common.Checkpoints, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         main([*args, "--out", str(tmp_path / "killed")])
     monkeypatch.setattr(_common.Checkpoints, "save", original)
+    trials = []
+    plain_training = _search.plain_training
+    monkeypatch.setattr(
+        _search, "plain_training", lambda *a: trials.append(1) or plain_training(*a)
+    )
     resumed = main([*args, "--out", str(tmp_path / "killed"), "--resume"])
-    for method in ("delta", "random"):
+    # Δ-STN was done, random search had run 1 of its 2 trials (4 epochs, 2 per trial).
+    progress = resumed["run"]["progress"]
+    assert progress["delta_0"] == {"from": 4, "to": 4}
+    assert progress["random_0"] == {"from": 1, "to": 2}
+    assert progress["tpe_0"] == {"from": 0, "to": 2}
+    assert len(trials) == 1 + 2  # random search's second trial, and TPE's two
+    for method in ("delta", "random", "tpe"):
         a, b = fresh[method]["seeds"][0], resumed[method]["seeds"][0]
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-12)
-        np.testing.assert_allclose(a["hparams"], b["hparams"], rtol=1e-12)
+        assert a["val_loss"] == b["val_loss"]
+        np.testing.assert_array_equal(a["hparams"], b["hparams"])
+
+
+def test_resume_with_more_seeds_or_other_methods(tmp_path):
+    args = ["ridge", "--quick", "--epochs", "2", "--out", str(tmp_path)]
+    main([*args, "--methods", "delta"])
+    # Other methods and more seeds are new runs beside the saved ones; the saved run is reused.
+    again = main([*args, "--methods", "delta", "random", "--num-seeds", "2", "--resume"])
+    progress = again["run"]["progress"]
+    assert progress["delta_0"] == {"from": 2, "to": 2}
+    assert progress["delta_1"] == {"from": 0, "to": 2}
+    assert progress["random_0"] == {"from": 0, "to": 1}
+    with pytest.raises(_common.RunError, match="--epochs: 2 in the saved run, 3 now"):
+        main([*args[:-4], "--epochs", "3", "--out", str(tmp_path), "--resume"])
 
 
 @pytest.mark.slow

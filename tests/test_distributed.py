@@ -82,7 +82,7 @@ def test_same_meta_gradients_and_adam_state_as_one_process(one_process, two_proc
         for step, (g2, g1) in enumerate(zip(state["meta_grad"], single["meta_grad"])):
             assert relerr(g2, g1) <= RTOL, (step, g2, g1)
         np.testing.assert_allclose(state["val_loss"], single["val_loss"], rtol=RTOL, atol=0)
-        assert relerr(state["lam"], one_process["lam"]) <= RTOL
+        assert relerr(state["lam"], one_process["log_lam"]) <= RTOL
         leaves = [np.asarray(x) for x in jax.tree.leaves(one_process["opt_state"])]
         assert len(state["opt_state"]) == len(leaves) == 3  # Adam: count, mu, nu
         for got, want in zip(state["opt_state"], leaves):
@@ -91,7 +91,7 @@ def test_same_meta_gradients_and_adam_state_as_one_process(one_process, two_proc
             else:
                 assert relerr(got, want) <= RTOL
     # λ moved: the comparison is not between two untouched initial states.
-    assert np.linalg.norm(one_process["lam"]) > 0.5
+    assert np.linalg.norm(one_process["log_lam"]) > 0.5
 
 
 def test_processes_hold_identical_outer_state(two_processes):
@@ -112,7 +112,7 @@ def test_only_process_zero_writes(two_processes):
     out, _, outputs = two_processes
     assert (out / "results.json").is_file()
     assert (out / "meta_ho.png").is_file()
-    assert (out / "checkpoints" / "meta_ho.pkl").is_file()
+    assert (out / "checkpoints" / "meta_ho.npz").is_file()
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["num_processes"] == NUM_PROCESSES
     (_, _, stderr0), (_, _, stderr1) = outputs
@@ -141,7 +141,7 @@ def test_resume_continues_the_same_trajectory(one_process, tmp_path):
     meta_ho.main(first)
     resumed = meta_ho.main(["--out", str(tmp_path), *ARGS, "--resume"])
     assert len(resumed["history"]["meta_grad"]) == 3
-    np.testing.assert_array_equal(resumed["lam"], one_process["lam"])
+    np.testing.assert_array_equal(resumed["log_lam"], one_process["log_lam"])
     for got, want in zip(
         jax.tree.leaves(resumed["opt_state"]), jax.tree.leaves(one_process["opt_state"])
     ):

@@ -1,6 +1,7 @@
 """The effect-of-T experiment: its hypergradients (finite differences; reverse, forward and
-checkpointed agree), f_T -> f as T grows, the Omniglot selection, and (slow) the `--quick` run's
-qualitative result."""
+checkpointed agree), f_T -> f as T grows, the Omniglot selection, resuming a killed run from its
+last checkpoint (counting the steps it runs), and (slow) the `--quick` run's qualitative
+result."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 import bilevax as bx
-from experiments import effect_of_t as E
+from experiments import _common, effect_of_t as E
 from experiments._common import DEFAULT_DATA
 
 
@@ -141,3 +142,38 @@ def test_quick_run(tmp_path):
     for r in (ck, ck_r, fwd):
         assert r["max_abs_diff_vs_reverse"] < 1e-10
     assert (tmp_path / "results.json").is_file() and (tmp_path / "effect_of_t.png").is_file()
+
+
+def _run(path, *argv):
+    args = _common.parser("effect_of_t", "").parse_args(["--out", str(path), *argv])
+    return _common.start(args)
+
+
+def test_train_resumes_from_its_last_checkpoint(tiny, tmp_path, monkeypatch):
+    problem, H = tiny
+    monkeypatch.setattr(E, "CHECKPOINT_EVERY", 2)
+    whole = E.train(3, problem, H, 5, 1e-2, _run(tmp_path / "whole"), 0.05)
+    hyper_step, calls = E.hyper_step, []
+
+    def spy(*args, fail_at=None):
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return hyper_step(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(E, "hyper_step", lambda *args: spy(*args, fail_at=4))
+        with pytest.raises(KeyboardInterrupt):  # killed in step 3: steps 0-1 are checkpointed
+            E.train(3, problem, H, 5, 1e-2, _run(tmp_path / "cut"), 0.05)
+    monkeypatch.setattr(E, "hyper_step", spy)
+    calls.clear()
+    run = _run(tmp_path / "cut", "--resume")
+    resumed = E.train(3, problem, H, 5, 1e-2, run, 0.05)
+    assert len(calls) == 1 + 3  # the warm-up (compilation) and steps 2, 3, 4
+    assert run.progress["T3_steps"] == {"from": 2, "to": 5}
+    assert resumed["curve"] == whole["curve"] and resumed["f"] == whole["f"]
+    # Finished: read back whole, nothing run.
+    calls.clear()
+    run = _run(tmp_path / "cut", "--resume")
+    assert E.train(3, problem, H, 5, 1e-2, run, 0.05)["curve"] == whole["curve"]
+    assert calls == [] and run.progress["T3"] == {"from": 1, "to": 1}

@@ -1,6 +1,9 @@
 """Data hyper-cleaning: the label corruption, the hypergradients of one hyper-step against
 central finite differences, resuming, and (slow) the `--quick` run's targets."""
 
+import json
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,24 +108,75 @@ def test_implicit_hypergrad_matches_finite_differences(tiny):
     assert jnp.linalg.norm(unrolled - hgrad) > 1e-2 * jnp.linalg.norm(hgrad)
 
 
+TINY = ["--sizes", "50", "50", "50", "--inner-steps", "5", "--eval-every", "2", "--float64"]
+
+
+def _spies(monkeypatch, fail_at=None):
+    """Counts the hypergradient steps of each method; with `fail_at`, the implicit method's
+    step `fail_at` is "killed"."""
+    calls = {"unrolled_step": [], "implicit_step": []}
+    for name in calls:
+
+        def spy(*args, _f=getattr(hc, name), _calls=calls[name], _name=name):
+            if _name == "implicit_step" and len(_calls) == fail_at:
+                raise KeyboardInterrupt
+            _calls.append(1)
+            return _f(*args)
+
+        monkeypatch.setattr(hc, name, spy)
+    return calls
+
+
 @needs_mnist
-@pytest.mark.parametrize("method", ["unrolled", "implicit"])
-def test_resume_continues_the_same_trajectory(tiny, tmp_path, method):
-    run = lambda steps, resume: hc.hyper_clean(
-        method,
-        tiny,
-        steps,
-        _common.Checkpoints(tmp_path / ("a" if resume is not None else "b"), bool(resume)),
-        learning_rate=0.1,
-        num_steps=10,
-        eval_every=2,
-    )
-    run(3, False)  # "killed" after 3 steps: its checkpoint holds them
-    resumed = run(6, True)
-    straight = run(6, None)
-    np.testing.assert_array_equal(resumed["u"], straight["u"])
-    assert resumed["val_loss"] == straight["val_loss"]
-    assert len(resumed["val_loss"]) == 6
+def test_resume_runs_only_the_steps_left(tmp_path, monkeypatch):
+    monkeypatch.setattr(hc, "RETRAIN_STEPS", 100)  # the reported retraining: not under test
+    main = lambda out, *argv: hc.main([*TINY, "--out", str(tmp_path / out), *argv])
+    whole = main("whole", "--hyper-steps", "6")
+    with monkeypatch.context() as patch:
+        calls = _spies(patch, fail_at=3)
+        with pytest.raises(KeyboardInterrupt):
+            main("cut", "--hyper-steps", "4")  # killed at the implicit method's step 3
+    assert {k: len(v) for k, v in calls.items()} == {"unrolled_step": 4, "implicit_step": 3}
+    calls = _spies(monkeypatch)
+    resumed = main("cut", "--hyper-steps", "4", "--resume")
+    assert {k: len(v) for k, v in calls.items()} == {"unrolled_step": 0, "implicit_step": 1}
+    assert resumed["run"]["progress"]["implicit"] == {"from": 3, "to": 4}
+    # More hyper-steps (allowed) continue both methods: 2 more steps each, and the run is the
+    # one that had 6 steps from the start.
+    for c in calls.values():
+        c.clear()
+    grown = main("cut", "--hyper-steps", "6", "--resume")
+    assert {k: len(v) for k, v in calls.items()} == {"unrolled_step": 2, "implicit_step": 2}
+    for method in hc.METHODS:
+        np.testing.assert_array_equal(grown[method]["weights"], whole[method]["weights"])
+        assert grown[method]["history"] == whole[method]["history"]
+
+
+@needs_mnist
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--seed", "1"], "--seed: 0 in the saved run, 1 now"),
+        (["--sizes", "60", "50", "50"], "--sizes: [50, 50, 50] in the saved run, [60, 50, 50] now"),
+        (["--hyper-steps", "3"], "--hyper-steps: 4 in the saved run, 3 now"),
+    ],
+)
+def test_resume_with_other_options_is_refused(tmp_path, change, message):
+    config = {
+        "quick": False,
+        "seed": 0,
+        "hyper_steps": 4,
+        "inner_steps": 5,
+        "lr": 0.1,
+        "sizes": [50, 50, 50],
+        "eval_every": 2,
+        "checkpoint_every": 1,
+        "float64": True,
+    }
+    (tmp_path / "run.json").write_text(json.dumps({"config": config}))  # fmt: skip
+    args = [*TINY, "--hyper-steps", "4", "--out", str(tmp_path), "--resume"]
+    with pytest.raises(_common.RunError, match=re.escape(message)):
+        hc.main([*args, *change])
 
 
 @needs_mnist

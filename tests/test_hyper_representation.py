@@ -310,3 +310,54 @@ def test_quick_run_reaches_85_percent(tmp_path, restore_x64):
     # A resumed run finds the setting done and reports the same numbers without training.
     again = hr.main(["--quick", "--out", str(tmp_path), "--resume"])
     assert again["5w1s"]["test_acc"] == r["test_acc"]
+    assert again["run"]["progress"] == {"5w1s_done": {"from": 1, "to": 1}}
+
+
+class _Split:
+    def __init__(self, images):
+        self.images = images
+
+
+def test_training_resumes_where_it_was_killed(tmp_path, monkeypatch):
+    # Meta-training on random "characters" (the data do not matter here), 4 meta-steps,
+    # checkpointed every 2: killed in step 3, the resumed run runs steps 2 and 3 only and ends
+    # where the uninterrupted run ends (the episode stream included).
+    from experiments import _common
+    from experiments.hyper_representation import _run
+
+    rng = np.random.default_rng(0)
+    splits = [_Split(rng.integers(0, 256, (8, 20, 28, 28), dtype=np.uint8)) for _ in range(3)]
+    cfg = dict(_run.QUICK, meta_steps=4, meta_batch=2, width=4, train_queries=2, eval_every=2,
+               val_episodes=4, test_episodes=4, eval_chunk=4, checkpoint_every=2)  # fmt: skip
+    make_meta_step, calls, compiled = _run.make_meta_step, [], []
+
+    def counting(*args, fail_at=None):
+        if not compiled:  # every run has the same configuration: compile its step once
+            compiled.append(make_meta_step(*args))
+        step = compiled[0]
+
+        def spy(state, batch):
+            if len(calls) == fail_at:
+                raise KeyboardInterrupt
+            calls.append(1)
+            return step(state, batch)
+
+        return spy
+
+    def train(out, *argv):
+        args = _run.build_parser().parse_args(["--out", str(tmp_path / out), *argv])
+        run = _common.start(args, x64=False)
+        return run, _run.train_setting("5w1s", splits, cfg, args, run, hr.make_mesh(), None)
+
+    monkeypatch.setattr(_run, "make_meta_step", counting)
+    _, whole = train("whole")
+    monkeypatch.setattr(_run, "make_meta_step", lambda *a: counting(*a, fail_at=3))
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        train("cut")
+    monkeypatch.setattr(_run, "make_meta_step", counting)
+    calls.clear()
+    run, resumed = train("cut", "--resume")
+    assert len(calls) == 2 and run.progress["5w1s"] == {"from": 2, "to": 4}
+    assert resumed["history"] == whole["history"]
+    assert resumed["test_acc"] == whole["test_acc"]

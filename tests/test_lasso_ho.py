@@ -1,5 +1,6 @@
-"""The lasso-HO experiment, and the "Coming from jaxopt" page's programs: jaxopt's and bilevax's
-lasso HO, run from the page, give the same validation-loss trajectory."""
+"""The lasso-HO experiment (resuming a killed run, counting the steps it runs), and the "Coming
+from jaxopt" page's programs: jaxopt's and bilevax's lasso HO, run from the page, give the same
+validation-loss trajectory."""
 
 import json
 import pathlib
@@ -51,8 +52,8 @@ def test_coming_from_jaxopt_programs_agree():
 @pytest.mark.slow
 def test_reweighting_hypergradient(tmp_path):
     data = lasso_ho.load(0)
-    ckpt = lasso_ho._common.Checkpoints(tmp_path, resume=False)
-    result = lasso_ho.reweighting(data, 5, 3e-4, 0, ckpt)
+    args = lasso_ho._common.parser("lasso_ho", "").parse_args(["--out", str(tmp_path)])
+    result = lasso_ho.reweighting(data, 5, 3e-4, 0, lasso_ho._common.start(args))
     assert result["hypergrad_relerr_fd"] < 1e-6
     assert result["hypergrad_relerr_exact"] < 1e-8
     losses = result["history"]["val_loss"]
@@ -94,6 +95,38 @@ def test_resume_reproduces(run):
     again = lasso_ho.main(["--quick", "--out", str(out), "--steps", "30", "--resume"])
     for kind in ("lasso", "elastic_net"):
         np.testing.assert_array_equal(
-            again[kind]["hgd"]["final_hparams"], results[kind]["hgd"]["final_hparams"]
+            again[kind]["hgd"]["final_log_hparams"], results[kind]["hgd"]["final_log_hparams"]
         )
     assert again["reweighting"]["val_loss"] == results["reweighting"]["val_loss"]
+    # Nothing is recomputed: every loop and stage is read back.
+    assert all(p["from"] == p["to"] for p in again["run"]["progress"].values())
+
+
+def test_hypergradient_descent_resumes_where_it_was_killed(tmp_path, monkeypatch):
+    data = lasso_ho.load(0)
+
+    def run(out, *argv):
+        args = lasso_ho._common.parser("lasso_ho", "").parse_args(["--out", str(out), *argv])
+        return lasso_ho._common.start(args)
+
+    descend = lambda run: lasso_ho.hypergradient_descent(data, "lasso", np.log(0.2), 5, 0.2, run)
+    whole = descend(run(tmp_path / "whole"))
+    value_and_hypergrad, calls = lasso_ho.value_and_hypergrad, []
+
+    def spy(*args, fail_at=None):
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return value_and_hypergrad(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lasso_ho, "value_and_hypergrad", lambda *a: spy(*a, fail_at=3))
+        with pytest.raises(KeyboardInterrupt):
+            descend(run(tmp_path / "cut"))
+    monkeypatch.setattr(lasso_ho, "value_and_hypergrad", spy)
+    calls.clear()
+    resumed_run = run(tmp_path / "cut", "--resume")
+    resumed = descend(resumed_run)
+    assert len(calls) == 2 and resumed_run.progress["hgd_lasso"] == {"from": 3, "to": 5}
+    assert resumed["history"]["val_loss"] == whole["history"]["val_loss"]
+    np.testing.assert_array_equal(resumed["final_log_hparams"], whole["final_log_hparams"])

@@ -1,13 +1,16 @@
 """The ridge demo: hypergradients against the closed form, the optimum reached, the outputs
-written, and resuming a killed run."""
+written, resuming a killed or finished run (counting the inner trainings it executes), refusing
+a resume with other options, and the demo's default output directory."""
 
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from experiments import _common, ridge_l2
+from experiments.problems import relerr
 
 
 BUDGET = 30
@@ -41,11 +44,10 @@ def test_hypergradients_match_closed_form(problem, seed):
     _, implicit, _ = ridge_l2.implicit_hypergrad(lam, w0, problem)
     _, unrolled, _ = ridge_l2.unrolled_hypergrad(lam, w0, problem, 2000)
     _, truncated, _ = ridge_l2.unrolled_hypergrad(lam, w0, problem, 20)
-    relerr = lambda g: np.linalg.norm(np.asarray(g) - reference) / np.linalg.norm(reference)
-    assert relerr(implicit) < 1e-6
-    assert relerr(unrolled) < 1e-6
+    assert relerr(implicit, reference) < 1e-6
+    assert relerr(unrolled, reference) < 1e-6
     # Few steps differentiate an early-stopped model, not w*: the check above is not vacuous.
-    assert relerr(truncated) > 1e-3
+    assert relerr(truncated, reference) > 1e-3
 
 
 def test_run_hypergradients_and_optimum(run):
@@ -72,65 +74,102 @@ def test_outputs(run):
         assert np.isfinite(results[name]["test_loss"])
     for name in ridge_l2.METHODS:
         assert results[name]["inner_trainings"] == BUDGET
+        assert len(results[name]["log_lam"]) == 10  # log strengths, named as such
     png = (out / "ridge_l2.png").read_bytes()
     assert png.startswith(b"\x89PNG")
+    assert results["run"]["config"]["budget"] == BUDGET
 
 
-def test_resume_after_kill(problem, tmp_path, monkeypatch):
-    steps, killed_after = 12, 5
-    whole = ridge_l2.hypergradient_descent(
-        "implicit", problem, steps, _common.Checkpoints(tmp_path / "whole", resume=False)
-    )
+def _spies(monkeypatch):
+    """Counts the inner trainings of each kind: the steps a run actually executes."""
+    calls = {}
+    for name in ("implicit_hypergrad", "unrolled_hypergrad", "_train_and_validate"):
+        calls[name] = []
 
-    save = _common.Checkpoints.save
-    count = 0
+        def spy(*args, _f=getattr(ridge_l2, name), _calls=calls[name]):
+            _calls.append(1)
+            return _f(*args)
 
-    def save_then_die(self, name, state):
-        nonlocal count
-        save(self, name, state)
-        count += 1
-        if count == killed_after:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(_common.Checkpoints, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        ridge_l2.hypergradient_descent(
-            "implicit", problem, steps, _common.Checkpoints(tmp_path / "cut", resume=False)
-        )
-    monkeypatch.undo()
-    resumed = ridge_l2.hypergradient_descent(
-        "implicit", problem, steps, _common.Checkpoints(tmp_path / "cut", resume=True)
-    )
-    np.testing.assert_array_equal(resumed["final_lam"], whole["final_lam"])
-    assert resumed["val_loss"] == whole["val_loss"]
-    assert len(resumed["lam"]) == steps
+        monkeypatch.setattr(ridge_l2, name, spy)
+    return calls
 
 
-def test_main_resume_reuses_finished_methods(run):
+def test_resume_of_a_finished_run_trains_nothing(run, monkeypatch):
     out, results = run
+    calls = _spies(monkeypatch)
     again = ridge_l2.main(["--out", str(out), "--budget", str(BUDGET), "--resume"])
+    assert {name: len(c) for name, c in calls.items()} == dict.fromkeys(calls, 0)
+    assert all(p["from"] == p["to"] == BUDGET for p in again["run"]["progress"].values())
     for name in ridge_l2.METHODS:
         assert again[name]["val_loss"] == results[name]["val_loss"]
-        assert again[name]["seconds"] < 1.0
+        assert again[name]["seconds"] == results[name]["seconds"]  # the time it took then
 
 
-def test_data_dir_order_and_error(tmp_path, monkeypatch):
-    args = _common.parser("x", "").parse_args(["--data-dir", str(tmp_path)])
-    monkeypatch.setenv("BILEVAX_DATA", str(tmp_path / "env"))
-    monkeypatch.setattr(_common, "DEFAULT_DATA", tmp_path / "default")
-    assert _common.data_dir(args) == tmp_path
-    args.data_dir = None
-    (tmp_path / "env").mkdir()
-    assert _common.data_dir(args) == tmp_path / "env"
-    with pytest.raises(FileNotFoundError, match="example.org"):
-        _common.data_dir(args, "mnist", download="https://example.org/mnist")
+SMALL = ["--budget", "8", "--unrolled-steps", "50"]
 
 
-def test_write_results_converts_arrays(tmp_path):
-    path = _common.write_results(
-        tmp_path, {"a": jnp.asarray(1.5), "b": np.float32(2.0), "c": np.arange(3)}
+def test_resume_after_kill_runs_only_the_rest(tmp_path, monkeypatch):
+    whole = ridge_l2.main([*SMALL, "--out", str(tmp_path / "whole")])
+    implicit = ridge_l2.implicit_hypergrad
+    done = []
+
+    def killed_at_step_5(*args):
+        if len(done) == 5:
+            raise KeyboardInterrupt  # the 6th implicit step: 5 are checkpointed
+        done.append(1)
+        return implicit(*args)
+
+    monkeypatch.setattr(ridge_l2, "implicit_hypergrad", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        ridge_l2.main([*SMALL, "--out", str(tmp_path / "cut")])
+    monkeypatch.undo()
+    calls = _spies(monkeypatch)
+    resumed = ridge_l2.main([*SMALL, "--out", str(tmp_path / "cut"), "--resume"])
+    # The 3 implicit steps left, then every other method from its start: nothing twice.
+    assert {name: len(c) for name, c in calls.items()} == {
+        "implicit_hypergrad": 3,
+        "unrolled_hypergrad": 8,
+        "_train_and_validate": 3 * 8,
+    }
+    assert resumed["run"]["progress"]["hgd_implicit"] == {"from": 5, "to": 8}
+    for name in ridge_l2.METHODS:
+        assert resumed[name]["val_loss"] == whole[name]["val_loss"]
+        np.testing.assert_array_equal(resumed[name]["log_lam"], whole[name]["log_lam"])
+        np.testing.assert_array_equal(resumed[name]["best_so_far"], whole[name]["best_so_far"])
+    np.testing.assert_array_equal(
+        resumed["hgd_implicit"]["final_log_lam"], whole["hgd_implicit"]["final_log_lam"]
     )
-    assert json.loads(path.read_text()) == {"a": 1.5, "b": 2.0, "c": [0, 1, 2]}
+
+
+SAVED = {"quick": False, "seed": 0, "budget": 8, "unrolled_steps": 50, "lr": 0.5}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--lr", "0.1"], "--lr: 0.5 in the saved run, 0.1 now"),
+        (["--seed", "1"], "--seed: 0 in the saved run, 1 now"),
+        (["--budget", "4"], "--budget: 8 in the saved run, 4 now"),
+        (["--quick"], "--quick: false in the saved run, true now"),
+    ],
+)
+def test_resume_with_other_options_is_refused(tmp_path, change, message):
+    (tmp_path / "run.json").write_text(json.dumps({"config": SAVED}))
+    with pytest.raises(_common.RunError, match=re.escape(message)) as error:
+        ridge_l2.main([*SMALL, *change, "--out", str(tmp_path), "--resume"])
+    assert str(error.value).count(" in the saved run") == 1  # only the option that differs
+
+
+def test_demo_twice_writes_two_runs(tmp_path, monkeypatch):
+    # `nox -s demo` (no --out) run twice: two new directories, nothing refused or overwritten.
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        ridge_l2.main(["--budget", "2", "--unrolled-steps", "50"])
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all(r.name.startswith("ridge_l2-") for r in runs)
+    assert all((r / "results.json").is_file() and (r / "ridge_l2.png").is_file() for r in runs)
+    with pytest.raises(_common.RunError, match="already holds a run"):
+        ridge_l2.main(["--budget", "2", "--unrolled-steps", "50", "--out", str(runs[0])])
 
 
 @pytest.mark.slow

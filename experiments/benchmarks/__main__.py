@@ -1,10 +1,12 @@
-"""`python -m experiments.benchmarks [--quick] [--out DIR]`: every benchmark in `BENCHMARKS`,
-one after another, with the same arguments (`nox -s bench` passes `--quick`)."""
+"""`python -m experiments.benchmarks [--quick] [--out DIR] [--overwrite]`: every benchmark in
+`BENCHMARKS`, one after another, with the same arguments (`nox -s bench` passes `--quick`), into
+one output directory (a new `runs/benchmarks-<date>-<time>` unless `--out`)."""
 
 import importlib
 import sys
 import time
 
+from .. import _common
 from ._timing import parser
 
 
@@ -24,7 +26,9 @@ BENCHMARKS = [
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser("", "run every benchmark").parse_args(argv)  # validates; --help lists the options
+    args = parser("", "run every benchmark").parse_args(argv)  # validates; --help lists them
+    if args.out is None:  # one new directory for all of them
+        argv = [*argv, "--out", str(_common.claim_outputs(args, []))]
     for name in BENCHMARKS:
         print(f"== experiments.benchmarks.{name} ==", flush=True)
         start = time.perf_counter()
@@ -33,4 +37,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _common.cli(main)

@@ -3,18 +3,9 @@ has the L2 strength `exp(lam[group[i]])`, so the number of hyperparameters is a 
 
 import jax.numpy as jnp
 
-
-def log_loss(w, data):
-    X, y = data
-    z = X @ w
-    return jnp.mean(jnp.logaddexp(0.0, z) - y * z)
+from ..problems import log_loss as log_loss, logistic_outer as outer_loss  # noqa: F401
 
 
 def inner_loss(w, lam, data):
     (X, y), group = data
     return log_loss(w, (X, y)) + 0.5 * jnp.sum(jnp.exp(lam[group]) * w**2)
-
-
-def outer_loss(w, lam, data):
-    del lam
-    return log_loss(w, data)

@@ -8,9 +8,7 @@ leaks into the run time.
 """
 
 import argparse
-import json
 import pathlib
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +17,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from .. import _common
 
 
 @dataclass
@@ -166,39 +166,33 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join([line(columns), rule, *(line(r) for r in cells)])
 
 
-def environment() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    import importlib.metadata as metadata
-
-    versions = {}
-    for name in ("jax", "jaxlib", "equinox", "lineax", "jaxopt", "bilevax"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "devices": [str(d) for d in jax.devices()],
-        "x64": bool(jax.config.read("jax_enable_x64")),
-        "versions": versions,
-    }
+environment = _common.environment  # what the numbers were measured on
+write_json = _common.write_json  # atomic, mode 0644; `Timing`s by their `to_dict`
 
 
-def write_json(path: pathlib.Path, obj: Any) -> pathlib.Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def header(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """What a benchmark's JSON starts with: its name, its configuration (the options, with
+    the defaults resolved into `args`) and `environment()`: versions, git commit, devices."""
+    config = {k: v for k, v in vars(args).items() if k not in _common.HARNESS_OPTIONS}
+    return {"benchmark": name, "config": config, "environment": environment()}
 
-    def default(x):
-        if isinstance(x, np.generic | np.ndarray | jax.Array):
-            return np.asarray(x).tolist()
-        if isinstance(x, Timing):
-            return x.to_dict()
-        if isinstance(x, pathlib.Path):
-            return str(x)
-        raise TypeError(f"cannot serialise {type(x).__name__}")
 
-    path.write_text(json.dumps(obj, indent=2, default=default) + "\n")
-    return path
+def finish(args: argparse.Namespace, name: str, out: pathlib.Path, payload: dict, plot=None):
+    """Writes `<out>/<name>.json` (the `header`, then `payload`) and, given `plot`,
+    `<out>/<name>.png` (`plot(path)`), and says where."""
+    paths = [write_json(out / f"{name}.json", {**header(args, name), **payload})]
+    if plot is not None:
+        paths.append(plot(out / f"{name}.png"))
+    print("wrote " + " and ".join(map(str, paths)), flush=True)
+
+
+def log_axes(ax, xlabel: str, ylabel: str) -> None:
+    """Log-log axes with labels and a light grid."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
 
 
 def bar_ratio_plot(
@@ -213,11 +207,7 @@ def bar_ratio_plot(
 ) -> pathlib.Path:
     """Two panels: grouped bars of run time per contender (log scale), and the ratio per case
     with the goal as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _common.pyplot()
     x = np.arange(len(labels))
     fig, (ax_time, ax_ratio) = plt.subplots(
         2, 1, figsize=(max(6.0, 0.9 * len(labels) + 2), 7), sharex=True
@@ -236,23 +226,17 @@ def bar_ratio_plot(
     ax_ratio.axhline(1.0, color="grey", linewidth=0.8)
     ax_ratio.set_ylabel(ratio_name)
     ax_ratio.set_xticks(x, labels, rotation=30, ha="right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _common.save_figure(fig, path)
 
 
 def parser(name: str, description: str) -> argparse.ArgumentParser:
-    """`--quick` and `--out` (default `runs/benchmarks`), as every benchmark takes them."""
-    p = argparse.ArgumentParser(
-        prog=f"python -m experiments.benchmarks.{name}", description=description
-    )
-    p.add_argument("--quick", action="store_true", help="small sizes, CPU minutes")
-    p.add_argument(
-        "--out",
-        type=pathlib.Path,
-        default=pathlib.Path("runs") / "benchmarks",
-        help="output directory (default: runs/benchmarks)",
-    )
-    return p
+    """`--quick`, `--out` (default: a new `runs/benchmarks-<date>-<time>`) and `--overwrite`,
+    as every benchmark takes them (see `experiments._common.parser`)."""
+    module = f"benchmarks.{name}" if name else "benchmarks"
+    return _common.parser(module, description, resumable=False)
+
+
+def outputs(args: argparse.Namespace, name: str) -> pathlib.Path:
+    """The output directory of benchmark `name`, which writes `<name>.json` and `<name>.png`
+    there: refused if they exist, unless `--overwrite`."""
+    return _common.claim_outputs(args, [f"{name}.json", f"{name}.png"])

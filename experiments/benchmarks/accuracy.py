@@ -11,7 +11,9 @@ from sklearn.datasets import load_diabetes
 
 import bilevax as bx
 
-from ._timing import format_table, parser, write_json
+from .. import _common
+from ..problems import half_mse as outer, relerr, ridge_loss as inner
+from ._timing import finish, format_table, outputs, parser
 
 
 def _problem():
@@ -23,22 +25,9 @@ def _problem():
     return train, val
 
 
-def _mse(w, data):
-    X, y = data
-    return 0.5 * jnp.mean((X @ w - y) ** 2)
-
-
-def inner(w, lam, data):
-    return _mse(w, data) + 0.5 * jnp.sum(jnp.exp(lam) * w**2)
-
-
-def outer(w, lam, data):
-    del lam
-    return _mse(w, data)
-
-
 def main(argv=None) -> list[dict]:
     args = parser("accuracy", __doc__.splitlines()[0]).parse_args(argv)
+    out = outputs(args, "accuracy")
     jax.config.update("jax_enable_x64", True)
     train, val = _problem()
     d = train[0].shape[1]
@@ -107,7 +96,6 @@ def main(argv=None) -> list[dict]:
         f"unrolled_hypergrad forward, T={T}": unrolled(mode="forward"),
         f"unrolled_hypergrad checkpoints=100, T={T}": unrolled(checkpoints=100),
     }
-    relerr = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
     rows = [{"path": name, "relerr": relerr(g, exact)} for name, g in paths.items()]
     rows.append(
         {
@@ -122,9 +110,9 @@ def main(argv=None) -> list[dict]:
         }
     )
     print(format_table(rows, ["path", "relerr"]))
-    write_json(args.out / "accuracy.json", rows)
+    finish(args, "accuracy", out, {"rows": rows})
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    _common.cli(main)

@@ -41,9 +41,11 @@ import numpy as np
 
 import bilevax as bx
 
+from .. import _common
+from ..problems import relerr
 from . import implicit_vs_jaxopt as logistic
 from ._calls import time_calls
-from ._timing import block, compile_fn, environment, format_table, parser, write_json
+from ._timing import block, compile_fn, finish, format_table, outputs, parser
 
 
 jax.config.update("jax_enable_x64", True)
@@ -58,11 +60,6 @@ def torch_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def relerr(a, b) -> float:
-    a, b = np.ravel(np.asarray(a)), np.ravel(np.asarray(b))
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
 # -- 1. logistic regression, implicit ------------------------------------------------------------
@@ -380,6 +377,7 @@ def main(argv=None) -> list[dict]:
     if not torch_available():
         print("skipped: torch not installed (pip install 'bilevax[bench]')")
         return []
+    out = outputs(args, NAME)
     import torch
 
     torch.set_num_threads(args.torch_threads)
@@ -409,31 +407,16 @@ def main(argv=None) -> list[dict]:
         "faster); agree = relative difference of the hypergradients; float64; torch threads "
         f"= {torch.get_num_threads()}."
     )
-    json_path = write_json(
-        args.out / f"{NAME}.json",
-        {
-            "benchmark": NAME,
-            "quick": args.quick,
-            "environment": environment() | {"torch": torch.__version__},
-            "rows": rows,
-        },
-    )
-    png_path = args.out / f"{NAME}.png"
-    plot(png_path, rows)
-    print(f"wrote {json_path} and {png_path}")
+    payload = {"torch": torch.__version__, "rows": rows}
+    finish(args, NAME, out, payload, lambda path: plot(path, rows))
     return rows
 
 
-def plot(path, rows) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(path, rows):
     labels = [
         f"{r['case']}\nvs {r['peer']}" + ("" if r["device"] == "cpu" else " (GPU)") for r in rows
     ]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(rows) + 2), 4.8))
+    fig, ax = _common.pyplot().subplots(figsize=(max(6.0, 0.8 * len(rows) + 2), 4.8))
     x = np.arange(len(rows))
     colours = ["tab:green" if r["ratio"] <= 1 else "tab:red" for r in rows]
     ax.bar(x, [r["ratio"] for r in rows], 0.6, color=colours)
@@ -442,11 +425,8 @@ def plot(path, rows) -> None:
     ax.set_ylabel("bilevax / peer run time")
     ax.set_xticks(x, labels, rotation=40, ha="right", fontsize=7)
     ax.set_title("bilevax against PyTorch peers (float64; < 1: bilevax faster)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return _common.save_figure(fig, path)
 
 
 if __name__ == "__main__":
-    main()
+    _common.cli(main)

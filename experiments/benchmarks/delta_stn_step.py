@@ -24,14 +24,15 @@ import optax
 
 import bilevax.nn as bnn
 
+from .. import _common
 from ._timing import (
     bar_ratio_plot,
     compare,
-    environment,
+    finish,
     format_table,
+    outputs,
     paired_ratio,
     parser,
-    write_json,
 )
 
 
@@ -83,6 +84,7 @@ def _steps(optimizer):
 
 def main(argv=None) -> list[dict]:
     args = parser("delta_stn_step", __doc__.splitlines()[0]).parse_args(argv)
+    out = outputs(args, "delta_stn_step")
     cases = [(784, 256, 256, 10)] if args.quick else [(784, 256, 256, 10), (784, 1200, 1200, 10)]
     batch = 128
     rows = []
@@ -128,14 +130,9 @@ def main(argv=None) -> list[dict]:
                 )
             )
     print(format_table(rows, COLUMNS))
-    out = args.out
-    json_path = write_json(
-        out / "delta_stn_step.json",
-        {"rows": rows, "environment": environment(), "goal": "delta <= 1.5x plain"},
-    )
     labels = [f"{r['sizes']}\n{r['contender']}" for r in rows if r["contender"] != "plain"]
-    png_path = bar_ratio_plot(
-        out / "delta_stn_step.png",
+    figure = lambda path: bar_ratio_plot(
+        path,
         labels,
         {
             "step": [r["run_ms"] / 1e3 for r in rows if r["contender"] != "plain"],
@@ -154,9 +151,9 @@ def main(argv=None) -> list[dict]:
         goal=1.5,
         title="STN weight steps against a plain step (MLP, batch 128, float32)",
     )
-    print(f"Wrote {json_path} and {png_path}")
+    finish(args, "delta_stn_step", out, {"rows": rows, "goal": "delta <= 1.5x plain"}, figure)
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    _common.cli(main)

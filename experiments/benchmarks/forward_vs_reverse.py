@@ -26,8 +26,10 @@ import numpy as np
 
 import bilevax as bx
 
+from .. import _common
+from ..problems import relerr
 from ._logistic import inner_loss as inner_loss, log_loss as log_loss, outer_loss as outer_loss
-from ._timing import compare, environment, format_table, parser, write_json
+from ._timing import compare, finish, format_table, log_axes, outputs, parser
 
 
 jax.config.update("jax_enable_x64", True)
@@ -99,11 +101,6 @@ def contenders(num_steps: int, learning_rate: float):
     }
 
 
-def relerr(a, b) -> float:
-    a, b = np.ravel(np.asarray(a)), np.ravel(np.asarray(b))
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
-
-
 def run_size(H, train, val, *, num_steps, learning_rate, repeats, skip, log) -> list[dict]:
     d = train[0].shape[1]
     group = jnp.asarray(np.arange(d) % H)
@@ -153,13 +150,8 @@ def crossover(rows, family: str) -> int | None:
     return None
 
 
-def plot(path, rows) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+def plot(path, rows):
+    fig, ax = _common.pyplot().subplots(figsize=(6.5, 4.5))
     styles = {"reverse": "o-", "forward": "s--"}
     colours = {"unrolled": "tab:blue", "implicit": "tab:orange"}
     for name in CONTENDERS:
@@ -172,17 +164,10 @@ def plot(path, rows) -> None:
             color=colours[family],
             label=f"{family}, {mode}",
         )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("number of scalar hyperparameters H")
-    ax.set_ylabel("run time (s, median)")
-    ax.grid(True, which="both", alpha=0.3)
+    log_axes(ax, "number of scalar hyperparameters H", "run time (s, median)")
     ax.legend()
     ax.set_title("hypergradient: forward vs reverse mode")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return _common.save_figure(fig, path)
 
 
 COLUMNS = ["H", "family", "mode", "run_s", "vs_reverse", "compile_s", "fwd_vs_rev_err", "skipped"]
@@ -194,6 +179,7 @@ def main(argv=None) -> list[dict]:
         "--budget", type=float, default=10.0, help="skip a forward call predicted over this (s)"
     )
     args = p.parse_args(argv)
+    out = outputs(args, NAME)
     log = lambda message: print(message, flush=True)
     if args.quick:
         n, d, num_steps, repeats = 100, 1_000, 20, 3
@@ -228,22 +214,11 @@ def main(argv=None) -> list[dict]:
         f"first slower than reverse at H = {cross['unrolled']} (unrolled, T = {num_steps}) and "
         f"H = {cross['implicit']} (implicit); n = {n}, d = {d}, float64."
     )
-    json_path = write_json(
-        args.out / f"{NAME}.json",
-        {
-            "benchmark": NAME,
-            "quick": args.quick,
-            "problem": {"n_train": n, "d": d, "num_steps": num_steps},
-            "crossover": cross,
-            "environment": environment(),
-            "rows": rows,
-        },
-    )
-    png_path = args.out / f"{NAME}.png"
-    plot(png_path, rows)
-    print(f"wrote {json_path} and {png_path}")
+    problem = {"n_train": n, "d": d, "num_steps": num_steps}
+    payload = {"problem": problem, "crossover": cross, "rows": rows}
+    finish(args, NAME, out, payload, lambda path: plot(path, rows))
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    _common.cli(main)

@@ -25,7 +25,6 @@ GPU (`torch.cuda.is_available()`) it runs there, synchronised after each step.
 """
 
 import statistics
-import time
 
 import equinox as eqx
 import jax
@@ -33,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .. import _common
 from ..hyper_representation import (
     Batch,
     HyperRepresentation,
@@ -40,7 +40,9 @@ from ..hyper_representation import (
     init_state,
     make_meta_step,
 )
-from ._timing import compile_fn, environment, format_table, parser, write_json
+from ..problems import relerr
+from ._calls import time_calls
+from ._timing import compile_fn, finish, format_table, outputs, parser
 
 
 NAME = "hyper_representation_step"
@@ -215,35 +217,7 @@ def flat_jax_gradient(grads) -> dict:
     return out
 
 
-def relerr(a: dict, b: dict) -> float:
-    num = sum(float(np.sum((a[k] - b[k]) ** 2)) for k in b)
-    den = sum(float(np.sum(b[k] ** 2)) for k in b)
-    return (num / den) ** 0.5
-
-
 # -- timing ------------------------------------------------------------------------------------
-
-
-def interleaved(calls: dict, repeats: int, min_run_s: float) -> dict[str, dict]:
-    """Median seconds per call of each `calls[name]()` (which must block until done), with
-    the repeats interleaved across contenders."""
-    number = {}
-    for name, call in calls.items():
-        call()  # warm-up
-        start = time.perf_counter()
-        call()
-        number[name] = max(1, int(np.ceil(min_run_s / max(time.perf_counter() - start, 1e-9))))
-    runs = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            for _ in range(number[name]):
-                call()
-            runs[name].append((time.perf_counter() - start) / number[name])
-    return {
-        name: dict(run_s=statistics.median(r), runs=r, number=number[name])
-        for name, r in runs.items()
-    }
 
 
 def main(argv=None) -> dict:
@@ -251,6 +225,8 @@ def main(argv=None) -> dict:
     p.add_argument("--meta-batch", type=int, default=None, help="(default 32; 4 with --quick)")
     p.add_argument("--repeats", type=int, default=None, help="(default 7; 3 with --quick)")
     args = p.parse_args(argv)
+    args.meta_batch = args.meta_batch or (4 if args.quick else 32)
+    args.repeats = args.repeats or (3 if args.quick else 7)
     x64 = jax.config.read("jax_enable_x64")
     jax.config.update("jax_enable_x64", False)
     try:
@@ -260,8 +236,8 @@ def main(argv=None) -> dict:
 
 
 def _main(args) -> dict:
-    meta_batch = args.meta_batch or (4 if args.quick else 32)
-    repeats = args.repeats or (3 if args.quick else 7)
+    out = outputs(args, NAME)
+    meta_batch, repeats = args.meta_batch, args.repeats
     model = HyperRepresentation(64, key=jax.random.key(0))
     batch = make_batch(meta_batch)
     optimizer = optax.adam(LEARNING_RATE)
@@ -298,21 +274,21 @@ def _main(args) -> dict:
         if not err < 5e-4:
             raise AssertionError(f"{name}'s meta-gradient differs from bilevax's: relerr {err:.1e}")
 
-    timings = interleaved(calls, repeats, min_run_s=0.0 if args.quick else 1.0)
-    base = timings["bilevax"]["run_s"]
+    timings = time_calls(calls, repeats=repeats, min_run_s=0.0 if args.quick else 1.0)
+    base = timings["bilevax"].run_s
     rows = []
     for name, t in timings.items():
         rows.append(
             dict(
                 contender=name,
-                ms=1e3 * t["run_s"],
-                bilevax_ratio=base / t["run_s"],
+                ms=1e3 * t.run_s,
+                bilevax_ratio=base / t.run_s,
                 # Per repeat, then the median: steadier than a ratio of medians under load.
                 paired_ratio=statistics.median(
-                    b / x for b, x in zip(timings["bilevax"]["runs"], t["runs"])
+                    b / x for b, x in zip(timings["bilevax"].runs, t.runs)
                 ),
                 grad_relerr=checks.get(name, 0.0),
-                spread=(max(t["runs"]) - min(t["runs"])) / t["run_s"],
+                spread=t.spread,
             )
         )
     print(f"meta-step, meta-batch {meta_batch}, {N_WAY}-way {K_SHOT}-shot, T = {T}, float32")
@@ -320,14 +296,14 @@ def _main(args) -> dict:
     print(format_table(rows, columns))
     torch_names = [n for n in timings if n.startswith("torch")]
     summary = dict(
-        vs_hand_written=base / timings["hand-written JAX"]["run_s"],
+        vs_hand_written=base / timings["hand-written JAX"].run_s,
         goal_vs_hand_written=GOAL_VS_HAND_WRITTEN,
     )
     if torch_names:
-        best_torch = min(torch_names, key=lambda n: timings[n]["run_s"])
+        best_torch = min(torch_names, key=lambda n: timings[n].run_s)
         summary.update(
             fastest_torch=best_torch,
-            torch_over_bilevax=timings[best_torch]["run_s"] / base,
+            torch_over_bilevax=timings[best_torch].run_s / base,
             goal_torch_over_bilevax=1 / GOAL_VS_TORCH,
         )
         print(
@@ -336,7 +312,7 @@ def _main(args) -> dict:
             f"{summary['torch_over_bilevax']:.2f}x"
         )
     result = dict(
-        config=dict(
+        problem=dict(
             meta_batch=meta_batch,
             n_way=N_WAY,
             k_shot=K_SHOT,
@@ -349,12 +325,11 @@ def _main(args) -> dict:
         timings=timings,
         compile_s=compile_s,
         summary=summary,
-        environment=dict(environment(), torch=torch_version, torch_device=torch_device),
+        torch=dict(version=torch_version, device=torch_device),
     )
-    path = write_json(args.out / f"{NAME}.json", result)
-    print(f"wrote {path}")
+    finish(args, NAME, out, result)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    _common.cli(main)

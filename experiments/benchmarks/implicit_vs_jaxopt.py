@@ -45,15 +45,22 @@ import numpy as np
 
 import bilevax as bx
 
+from .. import _common
+from ..problems import (
+    log_loss as log_loss,
+    logistic_loss as inner_loss,
+    logistic_outer as outer_loss,
+    relerr,
+)
 from ._timing import (
     bar_ratio_plot,
     compare,
-    environment,
+    finish,
     format_table,
     marginal_time,
+    outputs,
     paired_ratio,
     parser,
-    write_json,
 )
 
 
@@ -68,21 +75,6 @@ STABILISE_EVERY = lx.CG(0.0, 0.0, max_steps=1).stabilise_every
 
 
 # -- the problem -------------------------------------------------------------------------------
-
-
-def log_loss(w, data):
-    X, y = data
-    z = X @ w
-    return jnp.mean(jnp.logaddexp(0.0, z) - y * z)
-
-
-def inner_loss(w, lam, data):
-    return log_loss(w, data) + 0.5 * jnp.sum(jnp.exp(lam) * w**2)
-
-
-def outer_loss(w, lam, data):
-    del lam
-    return log_loss(w, data)
 
 
 def breast_cancer(seed: int = 0):
@@ -261,11 +253,6 @@ def hvp_times(w, lam, train, count: int) -> dict[str, float]:
 # -- the benchmark -------------------------------------------------------------------------------
 
 
-def relerr(a, b) -> float:
-    a, b = np.ravel(np.asarray(a)), np.ravel(np.asarray(b))
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
-
-
 def _efficiency(timing, hvps: int, hvp_s: float) -> float:
     """Fastest run / (HVP count × one HVP): 1 means the HVPs are all the cost."""
     return min(timing.runs) / (hvps * hvp_s) if hvp_s > 0 else math.nan
@@ -407,6 +394,7 @@ def main(argv=None) -> list[dict]:
     args = parser(
         NAME, "bilevax vs jaxopt: implicit hypergradients of logistic-regression L2 HO"
     ).parse_args(argv)
+    out = outputs(args, NAME)
     log = lambda message: print(message, flush=True)
     tol = 1e-8
     repeats = 9 if args.quick else 11
@@ -432,21 +420,10 @@ def main(argv=None) -> list[dict]:
         f"(HVPs × one HVP) (goal ≤ {HVP_GOAL}); 'iters': both run the same CG iterations, "
         f"'tol': each library's own stopping rule with tol = {tol:g}."
     )
-    out = args.out
-    json_path = write_json(
-        out / f"{NAME}.json",
-        {
-            "benchmark": NAME,
-            "quick": args.quick,
-            "ratio_goal": RATIO_GOAL,
-            "hvp_goal": HVP_GOAL,
-            "environment": environment(),
-            "rows": rows,
-        },
-    )
+    payload = {"ratio_goal": RATIO_GOAL, "hvp_goal": HVP_GOAL, "rows": rows}
     labels = [f"{r['problem']}\n{r['lambda']}, {r['setting']}" for r in rows]
-    png_path = bar_ratio_plot(
-        out / f"{NAME}.png",
+    figure = lambda path: bar_ratio_plot(
+        path,
         labels,
         {
             "bilevax (lx.CG)": [r["run_bx_s"] for r in rows],
@@ -458,9 +435,9 @@ def main(argv=None) -> list[dict]:
         goal=RATIO_GOAL,
         title="implicit hypergradient, logistic-regression L2 HO (float64, CG)",
     )
-    print(f"wrote {json_path} and {png_path}")
+    finish(args, NAME, out, payload, figure)
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    _common.cli(main)

@@ -38,8 +38,10 @@ import numpy as np
 
 import bilevax as bx
 
+from .. import _common
+from ..problems import log_loss, logistic_loss as inner_loss, relerr
 from ._calls import time_calls
-from ._timing import block, compile_fn, environment, format_table, parser, write_json
+from ._timing import block, compile_fn, finish, format_table, log_axes, outputs, parser
 
 
 jax.config.update("jax_enable_x64", True)
@@ -54,16 +56,6 @@ def make_tasks(batch: int, seed: int = 0):
     teacher = rng.standard_normal((batch, D))
     y = (np.einsum("bnd,bd->bn", X, teacher) + rng.standard_normal((batch, 2 * N)) > 0) * 1.0
     return {"train": (X[:, :N], y[:, :N]), "val": (X[:, N:], y[:, N:])}
-
-
-def log_loss(w, data):
-    X, y = data
-    z = X @ w
-    return jnp.mean(jnp.logaddexp(0.0, z) - y * z)
-
-
-def inner_loss(w, lam, data):
-    return log_loss(w, data) + 0.5 * jnp.sum(jnp.exp(lam) * w**2)
 
 
 def solve(lam, task):
@@ -84,11 +76,6 @@ def hypergrad(lam, task):
         return log_loss(solve(lam, task).params, task["val"])
 
     return jax.value_and_grad(val_loss)(lam)
-
-
-def relerr(a, b) -> float:
-    a, b = np.ravel(np.asarray(a)), np.ravel(np.asarray(b))
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
 def task(tasks, i):
@@ -214,38 +201,22 @@ def run_devices(sizes, repeats, log) -> list[dict]:
         return json.loads(out.read_text())
 
 
-def plot(path, rows, device_rows) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax_dev) = plt.subplots(1, 2, figsize=(11, 4.2))
+def plot(path, rows, device_rows):
+    fig, (ax, ax_dev) = _common.pyplot().subplots(1, 2, figsize=(11, 4.2))
     Bs = [r["B"] for r in rows]
     ax.plot(Bs, [r["vmap_s"] for r in rows], "o-", label="vmap (one call)")
     ax.plot(Bs, [r["loop_s"] for r in rows], "s--", label="Python loop of jitted calls")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("tasks B")
-    ax.set_ylabel("run time (s)")
-    ax.grid(True, which="both", alpha=0.3)
+    log_axes(ax, "tasks B", "run time (s)")
     ax.legend()
     ax.set_title("hypergradients of B tasks")
     for count in sorted({r["devices"] for r in device_rows}):
         sub = [r for r in device_rows if r["devices"] == count]
         ax_dev.plot([r["B"] for r in sub], [r["run_s"] for r in sub], "o-", label=f"{count}")
-    ax_dev.set_xscale("log")
-    ax_dev.set_yscale("log")
-    ax_dev.set_xlabel("tasks B")
-    ax_dev.set_ylabel("run time (s)")
-    ax_dev.grid(True, which="both", alpha=0.3)
+    log_axes(ax_dev, "tasks B", "run time (s)")
     ax_dev.legend(title="devices")
     platform = device_rows[0]["platform"] if device_rows else "cpu"
     ax_dev.set_title(f"vmap sharded over devices ({platform}, forced host devices on CPU)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return _common.save_figure(fig, path)
 
 
 COLUMNS = [
@@ -268,6 +239,7 @@ def main(argv=None) -> list[dict]:
         devices_worker(spec["sizes"], spec["repeats"], spec["out"])
         return []
     args = parser(NAME, "hypergradients of B tasks: vmap vs a loop, 1-4 devices").parse_args(argv)
+    out = outputs(args, NAME)
     log = lambda message: print(message, flush=True)
     sizes = [1, 8, 64, 1024] if args.quick else [1, 4, 16, 64, 256, 1024]
     repeats = 5 if args.quick else 9
@@ -282,22 +254,10 @@ def main(argv=None) -> list[dict]:
         f"\nloop_vs_vmap = Python-loop time / vmap time (interleaved runs); n = {N}, d = {D}, "
         "float64. Devices: the vmapped call with the task axis sharded."
     )
-    json_path = write_json(
-        args.out / f"{NAME}.json",
-        {
-            "benchmark": NAME,
-            "quick": args.quick,
-            "problem": {"n_train": N, "d": D},
-            "environment": environment(),
-            "rows": rows,
-            "devices": device_rows,
-        },
-    )
-    png_path = args.out / f"{NAME}.png"
-    plot(png_path, rows, device_rows)
-    print(f"wrote {json_path} and {png_path}")
+    payload = {"problem": {"n_train": N, "d": D}, "rows": rows, "devices": device_rows}
+    finish(args, NAME, out, payload, lambda path: plot(path, rows, device_rows))
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    _common.cli(main)

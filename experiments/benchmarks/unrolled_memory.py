@@ -29,8 +29,10 @@ import numpy as np
 
 import bilevax as bx
 
+from .. import _common
+from ..problems import relerr
 from ._logistic import inner_loss as inner_loss, log_loss as log_loss, outer_loss as outer_loss
-from ._timing import compare, environment, format_table, parser, write_json
+from ._timing import compare, finish, format_table, log_axes, outputs, parser
 
 
 jax.config.update("jax_enable_x64", True)
@@ -98,11 +100,6 @@ def memory_analysis(fn, *args) -> dict[str, int]:
     }
 
 
-def relerr(a, b) -> float:
-    a, b = np.ravel(np.asarray(a)), np.ravel(np.asarray(b))
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
-
-
 def run_size(num_steps: int, problem, *, repeats: int, log) -> list[dict]:
     train, val, group, lam = problem
     args = (lam, train, val, group)
@@ -141,30 +138,18 @@ def run_size(num_steps: int, problem, *, repeats: int, log) -> list[dict]:
     return rows
 
 
-def plot(path, rows) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
+def plot(path, rows):
+    fig, (ax_mem, ax_time) = _common.pyplot().subplots(1, 2, figsize=(11, 4.2))
     for name in CONTENDERS:
         sub = [r for r in rows if r["method"] == name]
         Ts = [r["T"] for r in sub]
         ax_mem.plot(Ts, [r["peak_MB"] for r in sub], "o-", label=name)
         ax_time.plot(Ts, [r["run_s"] for r in sub], "o-", label=name)
     for ax, label in ((ax_mem, "peak memory (MB, XLA memory analysis)"), (ax_time, "run time (s)")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("inner steps T")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
+        log_axes(ax, "inner steps T", label)
     ax_mem.legend()
     ax_mem.set_title(f"checkpoints=⌈√T⌉, truncate={TRUNCATE}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return _common.save_figure(fig, path)
 
 
 COLUMNS = [
@@ -182,6 +167,7 @@ COLUMNS = [
 
 def main(argv=None) -> list[dict]:
     args = parser(NAME, "unrolled hypergradients: memory and time against T").parse_args(argv)
+    out = outputs(args, NAME)
     log = lambda message: print(message, flush=True)
     if args.quick:
         n, d, groups, repeats = 100, 200, 10, 3
@@ -201,23 +187,11 @@ def main(argv=None) -> list[dict]:
         f"(goal ≤ {MEMORY_GOAL:.0%}), time = {ck['time_vs_full']:.2f}x full (goal ≤ {TIME_GOAL}x)"
         f"; n = {n}, d = {d}, G = {groups} hyperparameters, float64."
     )
-    json_path = write_json(
-        args.out / f"{NAME}.json",
-        {
-            "benchmark": NAME,
-            "quick": args.quick,
-            "problem": {"n_train": n, "d": d, "hyperparameters": groups, "truncate": TRUNCATE},
-            "memory_goal": MEMORY_GOAL,
-            "time_goal": TIME_GOAL,
-            "environment": environment(),
-            "rows": rows,
-        },
-    )
-    png_path = args.out / f"{NAME}.png"
-    plot(png_path, rows)
-    print(f"wrote {json_path} and {png_path}")
+    problem = {"n_train": n, "d": d, "hyperparameters": groups, "truncate": TRUNCATE}
+    payload = {"problem": problem, "memory_goal": MEMORY_GOAL, "time_goal": TIME_GOAL}
+    finish(args, NAME, out, {**payload, "rows": rows}, lambda path: plot(path, rows))
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    _common.cli(main)

@@ -28,7 +28,8 @@ import pathlib
 import sys
 import time
 
-from ._timing import format_table, parser, write_json
+from .. import _common
+from ._timing import finish, format_table, outputs, parser
 
 
 def worker(
@@ -126,13 +127,8 @@ def run(
         return json.loads(pathlib.Path(result_path).read_text())
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+def plot(rows: list[dict], path: pathlib.Path):
+    fig, (left, right) = _common.pyplot().subplots(1, 2, figsize=(11, 4))
     for config in dict.fromkeys(r["config"] for r in rows):
         sub = [r for r in rows if r["config"] == config]
         procs = [r["processes"] for r in sub]
@@ -147,9 +143,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     right.set(xlabel="processes", ylabel="steps/s(P) / steps/s(1)", title="Weak-scaling efficiency")
     for ax in (left, right):
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return _common.save_figure(fig, path)
 
 
 CONFIGS = "implicit/auto,unrolled/auto,unrolled/shard_map"
@@ -178,13 +172,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args, _ = p.parse_known_args(argv)
-    steps = args.steps or (5 if args.quick else 20)
+    args.steps = steps = args.steps or (5 if args.quick else 20)
     args.tasks_per_process = args.tasks_per_process or (16 if args.quick else 64)
     configs = [tuple(c.split("/")) for c in args.configs.split(",")]
     if args.worker is not None:
         ((method, partitioning),) = configs
         worker(args.worker, args.tasks_per_process, steps, method, partitioning)
         return None
+    out = outputs(args, "weak_scaling")
 
     rows, load_before = [], os.getloadavg()[0]
     for method, partitioning in configs:
@@ -213,7 +208,6 @@ def main(argv: list[str] | None = None) -> dict | None:
         f"Weak scaling, {args.tasks_per_process} tasks per process, {cores} CPU cores, load "
         f"average {load[0]:.1f} before and {load[1]:.1f} after\n{table}"
     )
-    out = pathlib.Path(args.out)
     results = dict(
         rows=rows,
         platform=args.platform,
@@ -222,11 +216,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         tasks_per_process=args.tasks_per_process,
         steps=steps,
     )
-    write_json(out / "weak_scaling.json", results)
-    plot(rows, out / "weak_scaling.png")
-    print(f"Wrote {out / 'weak_scaling.json'} and {out / 'weak_scaling.png'}")
+    finish(args, "weak_scaling", out, results, lambda path: plot(rows, path))
     return results
 
 
 if __name__ == "__main__":
-    main()
+    _common.cli(main)

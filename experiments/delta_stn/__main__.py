@@ -1,7 +1,8 @@
 """Δ-STN, centred STN and STN against random search and TPE, at the same budget of epochs.
 
-    python -m experiments.delta_stn TASK [--quick] [--out DIR] [--seed S] [--resume]
-        [--num-seeds K] [--epochs E] [--methods delta centred stn random tpe]
+    python -m experiments.delta_stn TASK [--quick] [--out DIR] [--seed S]
+        [--resume | --overwrite] [--num-seeds K] [--epochs E]
+        [--methods delta centred stn random tpe]
 
 TASK is one of `ridge`, `dropout-regression` (diabetes; closed forms known), `digits-mlp`,
 `mnist-mlp`, `mnist-cnn`.
@@ -9,9 +10,7 @@ TASK is one of `ridge`, `dropout-regression` (diabetes; closed forms known), `di
 
 import time
 
-import jax
 import numpy as np
-import rich.console
 
 from .. import _common
 from . import _plots
@@ -49,11 +48,11 @@ def _summarise(runs: list[dict]) -> dict:
     )
 
 
-def run_method(task, method: str, seed: int, ckpt: _common.Checkpoints) -> dict:
+def run_method(task, method: str, seed: int, run: _common.Run) -> dict:
     if method in ("random", "tpe"):
-        r = search(task, method, seed, ckpt)
+        r = search(task, method, seed, run)
         return dict(r, seed=seed)
-    r = self_tuning(task, method, seed, ckpt)
+    r = self_tuning(task, method, seed, run)
     return dict(
         seed=seed,
         val_loss=r["val_loss"],
@@ -81,10 +80,9 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=None, help="override the task's epochs")
     args = p.parse_args(argv)
     x64 = args.task in ("ridge", "dropout-regression")
-    out = _common.setup(args, x64=x64)
-    ckpt = _common.Checkpoints(out, args.resume)
-    data_dir = _common.data_dir(args) if args.task.startswith("mnist") else None
-    start = time.perf_counter()
+    # Each method and seed is a run of its own: more seeds, or other methods, add runs.
+    run = _common.start(args, x64=x64, may_grow=("num_seeds",), may_change=("methods",))
+    data_dir = _common.data_dir(args, "mnist") if args.task.startswith("mnist") else None
     seeds = [args.seed + i for i in range(args.num_seeds)]
     runs = {m: [] for m in args.methods}
     references = []
@@ -96,7 +94,7 @@ def main(argv=None) -> dict:
             references.append(dropout_closed_form(task, seed))
         for method in args.methods:
             tic = time.perf_counter()
-            r = run_method(task, method, seed, ckpt)
+            r = run_method(task, method, seed, run)
             r["seconds"] = time.perf_counter() - tic
             # The closed-form checks judge the end of the run, not the luckiest epoch.
             if args.task == "ridge":
@@ -120,16 +118,12 @@ def main(argv=None) -> dict:
         trial_epochs=task.trial_epochs,
         batch_size=task.batch_size,
         hparam_names=[s.name for s in task.specs],
-        device=str(jax.devices()[0]),
-        seconds=time.perf_counter() - start,
     )
     print_table(results)
-    (out / "table.md").write_text(markdown_table(results))
-    figure = out / f"delta_stn_{args.task}.png"
-    _plots.plot(results, figure, METHODS)
-    path = _common.write_results(out, results)
-    _common.console.print(f"Wrote {path} and {figure}")
-    return results
+    if _common.is_main_process():
+        _common.atomic_write(run.path("table.md"), markdown_table(results).encode())
+    figure = lambda path: _plots.plot(results, path, METHODS)
+    return run.finish(results, {f"delta_stn_{args.task}.png": figure})
 
 
 def markdown_table(results: dict) -> str:
@@ -154,26 +148,22 @@ def markdown_table(results: dict) -> str:
 
 
 def print_table(results: dict) -> None:
-    from rich.table import Table
-
     config = results["config"]
-    table = Table(title=f"{config['task']}: eval-mode loss, mean ± sd over seeds {config['seeds']}")
-    for column in ("method", "val loss", "test loss", "hyperparameters (mean)"):
-        table.add_column(column, justify="left" if column == "method" else "right")
-    names = [*(m for m in METHODS if m in results), "closed_form"]
-    for m in names:
-        if m not in results:
-            continue
-        r = results[m]
-        table.add_row(
+    rows = [
+        (
             METHODS.get(m, "closed form"),
-            f"{r['val_loss']:.4f} ± {r['val_loss_sd']:.4f}",
-            f"{r['test_loss']:.4f} ± {r['test_loss_sd']:.4f}",
-            " ".join(f"{v:.3g}" for v in np.atleast_1d(r["hparams"])),
+            f"{results[m]['val_loss']:.4f} ± {results[m]['val_loss_sd']:.4f}",
+            f"{results[m]['test_loss']:.4f} ± {results[m]['test_loss_sd']:.4f}",
+            " ".join(f"{v:.3g}" for v in np.atleast_1d(results[m]["hparams"])),
         )
+        for m in [*METHODS, "closed_form"]
+        if m in results
+    ]
+    title = f"{config['task']}: eval-mode loss, mean ± sd over seeds {config['seeds']}"
+    columns = ("method", "val loss", "test loss", "hyperparameters (mean)")
     # The table is the run's result: it goes to stdout, the progress bars to stderr.
-    rich.console.Console().print(table)
+    _common.print_table(title, columns, rows)
 
 
 if __name__ == "__main__":
-    main()
+    _common.cli(main)

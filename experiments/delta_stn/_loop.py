@@ -52,13 +52,6 @@ class Task:
     dtype: object = jnp.float32
 
 
-def _update(optimizer, grads, opt_state, params):
-    # optax's internal counters are int32; strict promotion (the test suite's) rejects mixing.
-    with jax.numpy_dtype_promotion("standard"):
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-
 def _batches(n: int, batch: int | None, steps: int, rng: np.random.Generator) -> np.ndarray:
     """`steps` index batches from shuffled passes over `range(n)`."""
     if batch is None or batch >= n:
@@ -82,7 +75,7 @@ def _evaluate(task: Task, variant, model, hparams, data):
     return jnp.mean(jax.vmap(task.val_loss)(out, y))
 
 
-def self_tuning(task: Task, variant: str, seed: int, ckpt: _common.Checkpoints) -> dict:
+def self_tuning(task: Task, variant: str, seed: int, run: _common.Run) -> dict:
     """Trains a self-tuning network of `variant` for `task.epochs` epochs (the first
     `task.warmup` without hyper steps) and records, after every epoch, the hyperparameters,
     their perturbation scales and the eval-mode validation loss.
@@ -104,15 +97,13 @@ def self_tuning(task: Task, variant: str, seed: int, ckpt: _common.Checkpoints) 
         optax.linear_schedule(task.hyper_lr, task.hyper_lr * task.hyper_lr_final, hyper_steps)
     )
     s_opt = optax.rmsprop(task.hyper_lr if task.scale_lr is None else task.scale_lr)
-    fresh = dict(
-        epoch=0,
+    fresh = lambda: dict(
         model=model,
         hparams=hparams,
         w_state=w_opt.init(eqx.filter(model, eqx.is_inexact_array)),
         h_state=(h_opt.init(hparams.values), s_opt.init(hparams.scales)),
         history=dict(epoch=[], hparams=[], sigma=[], val_curve=[], test_curve=[], train_curve=[]),
     )
-    state = ckpt.load(name, fresh)
     cycles = cycles_per_epoch(task)
 
     def cycle(carry, inputs, tune, data):
@@ -126,7 +117,7 @@ def self_tuning(task: Task, variant: str, seed: int, ckpt: _common.Checkpoints) 
             loss, grads = bnn.weight_grads(
                 variant, task.apply, task.train_loss, model, hparams, xtr[idx], ytr[idx], key
             )
-            model, w_state = _update(w_opt, grads, w_state, model)
+            model, w_state = _common.optax_step(w_opt, grads, w_state, model)
             return (model, hparams, w_state, h_state), loss
 
         def hyper_step(carry, inputs):
@@ -145,8 +136,8 @@ def self_tuning(task: Task, variant: str, seed: int, ckpt: _common.Checkpoints) 
                     entropy_weight=task.entropy_weight,
                 )
             )(hparams)
-            values, v_state = _update(h_opt, grads.values, h_state[0], hparams.values)
-            scales, s_state = _update(s_opt, grads.scales, h_state[1], hparams.scales)
+            values, v_state = _common.optax_step(h_opt, grads.values, h_state[0], hparams.values)
+            scales, s_state = _common.optax_step(s_opt, grads.scales, h_state[1], hparams.scales)
             hparams = eqx.tree_at(lambda hp: (hp.values, hp.scales), hparams, (values, scales))
             return (model, hparams, w_state, (v_state, s_state)), None
 
@@ -173,48 +164,41 @@ def self_tuning(task: Task, variant: str, seed: int, ckpt: _common.Checkpoints) 
         return carry, jnp.mean(losses), val, _evaluate(task, variant, model, hparams, test)
 
     ytr, yval = task.train[1], task.val[1]
-
-    carry = (state["model"], state["hparams"], state["w_state"], state["h_state"])
-    history = state["history"]
     val_batch = task.batch_size if task.batch_size is not None else len(yval)
-    with _common.progress(f"{task.name} {variant} s{seed}", task.epochs, state["epoch"]) as advance:
-        for e in range(state["epoch"], task.epochs):
-            rng = np.random.default_rng([seed, e])
-            train_idx = _batches(len(ytr), task.batch_size, cycles * task.t_train, rng)
-            val_idx = _batches(len(yval), val_batch, cycles * task.t_valid, rng)
-            keys = jax.random.split(jax.random.fold_in(key, 1000 + e), cycles)
-            carry, train_loss, val_loss, test_loss = epoch(
-                carry,
-                (task.train, task.val),
-                task.test,
-                jnp.asarray(train_idx.reshape(cycles, task.t_train, -1)),
-                jnp.asarray(val_idx.reshape(cycles, task.t_valid, -1)),
-                keys,
-                jnp.asarray(e >= task.warmup),
-            )
-            hp = carry[1]
-            history["epoch"].append(e + 1)
-            history["hparams"].append(np.asarray(hp.value()))
-            history["sigma"].append(np.asarray(hp.sigma))
-            history["val_curve"].append(float(val_loss))
-            history["test_curve"].append(float(test_loss))
-            history["train_curve"].append(float(train_loss))
-            ckpt.save(
-                name,
-                dict(
-                    epoch=e + 1,
-                    model=carry[0],
-                    hparams=carry[1],
-                    w_state=carry[2],
-                    h_state=carry[3],
-                    history=history,
-                ),
-            )
-            advance(f"val {float(val_loss):.4f}")
+
+    def step(e, state):
+        rng = np.random.default_rng([seed, e])
+        train_idx = _batches(len(ytr), task.batch_size, cycles * task.t_train, rng)
+        val_idx = _batches(len(yval), val_batch, cycles * task.t_valid, rng)
+        keys = jax.random.split(jax.random.fold_in(key, 1000 + e), cycles)
+        carry = (state["model"], state["hparams"], state["w_state"], state["h_state"])
+        carry, train_loss, val_loss, test_loss = epoch(
+            carry,
+            (task.train, task.val),
+            task.test,
+            jnp.asarray(train_idx.reshape(cycles, task.t_train, -1)),
+            jnp.asarray(val_idx.reshape(cycles, task.t_valid, -1)),
+            keys,
+            jnp.asarray(e >= task.warmup),
+        )
+        state["model"], state["hparams"], state["w_state"], state["h_state"] = carry
+        history, hp = state["history"], carry[1]
+        history["epoch"].append(e + 1)
+        history["hparams"].append(np.asarray(hp.value()))
+        history["sigma"].append(np.asarray(hp.sigma))
+        history["val_curve"].append(float(val_loss))
+        history["test_curve"].append(float(test_loss))
+        history["train_curve"].append(float(train_loss))
+        best = np.fmin.reduce(history["val_curve"])
+        return state, f"val {float(val_loss):.4f}  best {best:.4f}"
+
+    description = f"{task.name} {variant} s{seed}"
+    state = run.loop(name, task.epochs, fresh, step, description=description)
+    history = state["history"]
     curve = np.asarray(history["val_curve"])
     # A diverged run (NaN from some epoch on) is judged on its epochs before divergence.
     best = int(np.nanargmin(curve)) if np.isfinite(curve).any() else len(curve) - 1
-    hparams = carry[1]
+    hparams = state["hparams"]
     return dict(
         history,
         # Model selection on the validation set: the epoch with the best validation loss.
@@ -262,7 +246,7 @@ def _plain_functions(task: Task):
             return jnp.mean(jax.vmap(task.train_loss, in_axes=(0, 0, None))(out, ytr[idx], lam))
 
         grads = eqx.filter_grad(loss)(model)
-        return _update(w_opt, grads, w_state, model), None
+        return _common.optax_step(w_opt, grads, w_state, model), None
 
     @eqx.filter_jit
     def evaluate(model, data, lam):

@@ -2,13 +2,11 @@
 
 import numpy as np
 
+from .. import _common
 
-def plot(results: dict, path, methods: dict) -> None:
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: dict, path, methods: dict):
+    plt = _common.pyplot()
     names = results["config"]["hparam_names"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     colours = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
@@ -79,6 +77,4 @@ def plot(results: dict, path, methods: dict) -> None:
         right.set_ylim(0.9 * finite.min(), 3 * np.median(finite))
     left.legend(fontsize=8)
     right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return _common.save_figure(fig, path, dpi=110)

@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 
 import bilevax.nn as bnn
 
-from .. import ridge_l2
+from .. import problems
 from ..data import load_mnist, split
 from ._loop import Task
 
@@ -39,7 +39,7 @@ def _squared_error(out, y):
 
 
 def ridge(seed: int, quick: bool) -> Task:
-    data = ridge_l2.load(seed)
+    train, val, test = problems.diabetes(seed)
     return Task(
         name="ridge",
         specs=[bnn.Hyperparameter("log_l2", 0.0, "identity")],
@@ -47,9 +47,9 @@ def ridge(seed: int, quick: bool) -> Task:
         apply=_ridge_apply,
         train_loss=_ridge_train_loss,
         val_loss=_squared_error,
-        train=data.train,
-        val=data.val,
-        test=data.test,
+        train=train,
+        val=val,
+        test=test,
         search=[(-8.0, 4.0, False)],
         epochs=40 if quick else 80,
         warmup=1,
@@ -105,7 +105,7 @@ P_MAX = 0.9
 
 
 def dropout_regression(seed: int, quick: bool) -> Task:
-    data = ridge_l2.load(seed)
+    train, val, test = problems.diabetes(seed)
     # Rates near 1 scale the kept inputs by 1/(1 − p) without bound: the range stops at 0.9.
     specs = [bnn.Hyperparameter(f"p{j}", 0.1, "sigmoid", 0.0, P_MAX) for j in range(10)]
     return Task(
@@ -115,9 +115,9 @@ def dropout_regression(seed: int, quick: bool) -> Task:
         apply=_dropout_apply,
         train_loss=lambda out, y, lam: (out - y) ** 2,
         val_loss=_squared_error,
-        train=data.train,
-        val=data.val,
-        test=data.test,
+        train=train,
+        val=val,
+        test=test,
         search=[(0.0, P_MAX, False)] * 10,
         epochs=40 if quick else 80,
         warmup=1,
@@ -163,19 +163,8 @@ def dropout_closed_form(task: Task, seed: int = 0) -> dict:
     starts = [np.full(10, np.log(0.1 / 0.9)), np.full(10, -8.0)] + [
         rng.uniform(-8, 2, 10) for _ in range(6)
     ]
-    best = None
-    for v0 in starts:
-        res = scipy.optimize.minimize(
-            val_and_grad,
-            v0,
-            jac=True,
-            method="L-BFGS-B",
-            bounds=[(-16.0, float(np.log(P_MAX / (1 - P_MAX))))] * 10,
-            options=dict(maxiter=2000, ftol=1e-15, gtol=1e-12),
-        )
-        if best is None or res.fun < best.fun:
-            best = res
-    assert best is not None
+    bounds = [(-16.0, float(np.log(P_MAX / (1 - P_MAX))))] * 10
+    best, _ = problems.lbfgsb_from(val_and_grad, starts, bounds, maxiter=2000)
     r = np.exp(best.x)
     p = r / (1 + r)
     return dict(

@@ -21,6 +21,7 @@ from jaxtyping import Array, Float, Int
 
 import bilevax as bx
 
+from .. import _common
 from ._model import HyperRepresentation
 
 
@@ -160,10 +161,8 @@ def meta_step(
     params, static = eqx.partition(state.model, eqx.is_inexact_array)
     loss_fn = lambda p: batch_loss(eqx.combine(p, static), batch, n_way=n_way, num_steps=num_steps)
     (loss, (accuracies, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    # optax's Adam mixes its int32 step count with floats, which strict promotion refuses.
-    with jax.numpy_dtype_promotion("standard"):
-        updates, opt_state = optimizer.update(grads, state.opt_state, params)
-    model = eqx.combine(optax.apply_updates(params, updates), static)
+    params, opt_state = _common.optax_step(optimizer, grads, state.opt_state, params)
+    model = eqx.combine(params, static)
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(accuracies),

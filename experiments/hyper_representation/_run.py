@@ -95,7 +95,7 @@ def evaluate(model, batches: list[Batch], n_way: int, num_steps: int, mesh) -> n
     return np.concatenate(out)
 
 
-def train_setting(name: str, splits, cfg: dict, args, ckpt, mesh, runs) -> dict:
+def train_setting(name: str, splits, cfg: dict, args, run: _common.Run, mesh, runs) -> dict:
     """Meta-trains one setting with checkpoints; returns its results."""
     n_way, k_shot = SETTINGS[name]
     train_images, val_images, test_images = (s.images for s in splits)
@@ -111,102 +111,110 @@ def train_setting(name: str, splits, cfg: dict, args, ckpt, mesh, runs) -> dict:
         args.seed + 1,
         cfg["eval_chunk"],
     )
-
-    key = jax.random.key(args.seed)
-    model = HyperRepresentation(
-        cfg["width"],
-        step_size=cfg["step_size"],
-        max_step_size=cfg["max_step_size"],
-        key=key,
-    )
-    fresh = dict(
-        step=0,
-        train_state=init_state(model, optimizer),
-        best=dict(model=model, val_acc=-1.0, step=0),
-        history=dict(step=[], val_acc=[], train_loss=[], train_acc=[], step_size=[]),
-        rng_state=args.seed,
-        seconds=0.0,
-        timed_steps=0,
-        timed_seconds=0.0,
-    )
-    saved = ckpt.load(name, fresh)
-    state = replicate(saved["train_state"], mesh)
-    best, history = saved["best"], saved["history"]
-    best = dict(best, model=replicate(best["model"], mesh))  # a resumed run's is on the host
-    rng_state, meta_batch = saved["rng_state"], cfg["meta_batch"]
+    meta_batch = cfg["meta_batch"]
     if meta_batch % jax.process_count():
         raise ValueError(
             f"`--meta-batch` ({meta_batch}) must be a multiple of the number of processes "
             f"({jax.process_count()})."
         )
-    if jax.process_count() > 1:
-        # Each process samples only its share of every meta-batch, from a seed of its own: the
-        # run's seed, its index and the step it starts from (the checkpointed generator state
-        # is process 0's).
-        seed = [args.seed, jax.process_index(), saved["step"]]
-        rng_state = np.random.default_rng(seed).bit_generator.state
-        meta_batch //= jax.process_count()
-    stream = EpisodeStream(train_images, n_way, k_shot, cfg["train_queries"], meta_batch, rng_state)
-    seconds, timed_steps, timed_seconds = (
-        saved["seconds"],
-        saved["timed_steps"],
-        saved["timed_seconds"],
-    )
-    losses, accs = [], []
-    start = saved["step"]
+
+    def fresh():
+        model = HyperRepresentation(
+            cfg["width"],
+            step_size=cfg["step_size"],
+            max_step_size=cfg["max_step_size"],
+            key=jax.random.key(args.seed),
+        )
+        return dict(
+            train_state=init_state(model, optimizer),
+            best=dict(model=model, val_acc=-1.0, step=0),
+            history=dict(step=[], val_acc=[], train_loss=[], train_acc=[], step_size=[]),
+            rng_state=args.seed,
+            train_seconds=0.0,
+            timed_steps=0,
+            timed_seconds=0.0,
+        )
+
+    # Between evaluations: the losses and accuracies since the last one, and the timer.
+    window: dict = dict(losses=[], accs=[], info="")
+
+    def prepare(state):
+        state["train_state"] = replicate(state["train_state"], mesh)
+        # A resumed run's best model is on the host.
+        state["best"]["model"] = replicate(state["best"]["model"], mesh)
+        rng_state, batch = state["rng_state"], meta_batch
+        if jax.process_count() > 1:
+            # Each process samples only its share of every meta-batch, from a seed of its own:
+            # the run's seed, its index and the step it starts from (the checkpointed
+            # generator state is process 0's).
+            seed = [args.seed, jax.process_index(), state["step"]]
+            rng_state = np.random.default_rng(seed).bit_generator.state
+            batch //= jax.process_count()
+        window.update(
+            stream=EpisodeStream(
+                train_images, n_way, k_shot, cfg["train_queries"], batch, rng_state
+            ),
+            start=state["step"],
+            tic=time.perf_counter(),
+        )
+        return state
+
+    def step(k, state):
+        state["train_state"], metrics = step_fn(
+            state["train_state"], _train_batch(next(window["stream"]), mesh)
+        )
+        state["rng_state"] = window["stream"].state()
+        window["losses"].append(metrics["loss"])
+        window["accs"].append(metrics["accuracy"])
+        if k == window["start"]:  # the first step compiles: keep it out of the rate
+            jax.block_until_ready(metrics)
+            toc = time.perf_counter()
+            state["train_seconds"] += toc - window["tic"]
+            window.update(tic=toc, first_timed=k + 1)
+        done = k + 1
+        if done % 50 == 0 or done == cfg["meta_steps"]:
+            loss = float(np.mean(window["losses"][-50:]))
+            acc = float(np.mean(window["accs"][-50:]))
+            eta = float(metrics["step_size"])
+            window["info"] = f"loss {loss:.3f}  acc {acc:.3f}  η {eta:.3f}"
+        if done % cfg["eval_every"] == 0 or done == cfg["meta_steps"]:
+            model = jax.block_until_ready(state["train_state"]).model
+            toc = time.perf_counter()
+            state["timed_steps"] += done - window["first_timed"]
+            state["timed_seconds"] += toc - window["tic"]
+            state["train_seconds"] += toc - window["tic"]
+            val_acc = float(evaluate(model, val, n_way, T, mesh).mean())
+            history = state["history"]
+            history["step"].append(done)
+            history["val_acc"].append(val_acc)
+            history["train_loss"].append(float(np.mean(jax.device_get(window["losses"]))))
+            history["train_acc"].append(float(np.mean(jax.device_get(window["accs"]))))
+            history["step_size"].append(float(model.step_size()))
+            window.update(losses=[], accs=[])
+            if val_acc > state["best"]["val_acc"]:
+                state["best"] = dict(model=model, val_acc=val_acc, step=done)
+            window["info"] += f"  val {val_acc:.3f} (best {state['best']['val_acc']:.3f})"
+            window.update(tic=time.perf_counter(), first_timed=done)
+        return state, window["info"]
+
     try:
-        with _common.progress(name, cfg["meta_steps"], start) as advance:
-            tic = time.perf_counter()
-            info = ""
-            for k in range(start, cfg["meta_steps"]):
-                state, metrics = step_fn(state, _train_batch(next(stream), mesh))
-                losses.append(metrics["loss"])
-                accs.append(metrics["accuracy"])
-                if k == start:  # the first step compiles: keep it out of the rate
-                    jax.block_until_ready(metrics)
-                    toc = time.perf_counter()
-                    seconds += toc - tic
-                    tic, first_timed = toc, k + 1
-                done = k + 1
-                if done % 50 == 0 or done == cfg["meta_steps"]:
-                    loss, acc = float(np.mean(losses[-50:])), float(np.mean(accs[-50:]))
-                    info = f"loss {loss:.3f}  acc {acc:.3f}  η {float(metrics['step_size']):.3f}"
-                if done % cfg["eval_every"] == 0 or done == cfg["meta_steps"]:
-                    jax.block_until_ready(state)
-                    toc = time.perf_counter()
-                    timed_steps += done - first_timed
-                    timed_seconds += toc - tic
-                    seconds += toc - tic
-                    model = state.model
-                    val_acc = float(evaluate(model, val, n_way, T, mesh).mean())
-                    history["step"].append(done)
-                    history["val_acc"].append(val_acc)
-                    history["train_loss"].append(float(np.mean(jax.device_get(losses))))
-                    history["train_acc"].append(float(np.mean(jax.device_get(accs))))
-                    history["step_size"].append(float(model.step_size()))
-                    losses, accs = [], []
-                    if val_acc > best["val_acc"]:
-                        best = dict(model=model, val_acc=val_acc, step=done)
-                    info += f"  val {val_acc:.3f} (best {best['val_acc']:.3f})"
-                    tic, first_timed = time.perf_counter(), done
-                if done % cfg["checkpoint_every"] == 0 or done == cfg["meta_steps"]:
-                    jax.block_until_ready(state)
-                    ckpt.save(
-                        name,
-                        dict(
-                            step=done,
-                            train_state=state,
-                            best=best,
-                            history=history,
-                            rng_state=stream.state(),
-                            seconds=seconds,
-                            timed_steps=timed_steps,
-                            timed_seconds=timed_seconds,
-                        ),
-                    )
-                advance(info)
+        state = run.loop(
+            name,
+            cfg["meta_steps"],
+            fresh,
+            step,
+            every=cfg["checkpoint_every"],
+            prepare=prepare,
+        )
     finally:
-        stream.close()
+        if "stream" in window:
+            window["stream"].close()
+    best, history = state["best"], state["history"]
+    seconds, timed_steps, timed_seconds = (
+        state["train_seconds"],
+        state["timed_steps"],
+        state["timed_seconds"],
+    )
 
     test = fixed_episodes(
         test_images,
@@ -224,7 +232,7 @@ def train_setting(name: str, splits, cfg: dict, args, ckpt, mesh, runs) -> dict:
         test_episodes=len(test_accs),
         val_acc=100 * best["val_acc"],
         best_step=best["step"],
-        final_step_size=float(state.model.step_size()),
+        final_step_size=float(state["train_state"].model.step_size()),
         best_step_size=float(best["model"].step_size()),
         meta_steps=cfg["meta_steps"],
         train_seconds=seconds,
@@ -239,12 +247,8 @@ def train_setting(name: str, splits, cfg: dict, args, ckpt, mesh, runs) -> dict:
     return result
 
 
-def plot(results: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: dict, path):
+    plt = _common.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name in SETTINGS:
         if name not in results:
@@ -256,9 +260,7 @@ def plot(results: dict, path) -> None:
     left.legend()
     right.set(xlabel="meta-steps", ylabel="learned inner step size η", title="Step size")
     right.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return _common.save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,9 +287,12 @@ def main(argv=None) -> dict:
     for key in FULL:
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
-    out = _common.setup(args, x64=False)
-    ckpt = _common.Checkpoints(out, args.resume)
-    data = _common.data_dir(args, "omniglot").parent
+        setattr(args, key, cfg[key])  # resolved: the run's configuration
+    # Each setting is trained on its own; the test sets are drawn after training.
+    run = _common.start(
+        args, x64=False, may_change=("settings", "checkpoint_every", "test_episodes")
+    )
+    data = _common.data_dir(args, "omniglot")
     chars = load_omniglot(data)
     runs = None
     if args.split == "hold-out-runs":
@@ -303,23 +308,17 @@ def main(argv=None) -> dict:
     )
     results = {}
     for name in cfg["settings"]:
-        done = ckpt.load(f"{name}_done")
-        if done is None:
-            done = train_setting(name, splits, cfg, args, ckpt, mesh, runs)
-            ckpt.save(f"{name}_done", done)
-        results[name] = done
+        results[name] = done = run.stage(
+            f"{name}_done", lambda: train_setting(name, splits, cfg, args, run, mesh, runs)
+        )
         line = f"{name}: test {done['test_acc']:.2f} ± {done['ci95']:.2f}"
         if "lake_runs_acc" in done:
             line += f"  Lake's runs {done['lake_runs_acc']:.2f} ± {done['lake_runs_ci95']:.2f}"
         _common.console.print(line)
-    results["config"] = dict(cfg, split=args.split, seed=args.seed, quick=args.quick)
+    results["config"] = run.config
     results["device"] = dict(
         kind=jax.devices()[0].device_kind,
         platform=jax.devices()[0].platform,
         count=len(jax.devices()),
     )
-    if _common.is_main_process():
-        plot(results, out / "hyper_representation.png")
-    path = _common.write_results(out, results)
-    _common.console.print(f"Wrote {path} and {out / 'hyper_representation.png'}")
-    return results
+    return run.finish(results, {"hyper_representation.png": lambda path: plot(results, path)})
