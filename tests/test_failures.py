@@ -241,24 +241,24 @@ def test_one_nan_task_in_a_batch_poisons_the_meta_gradient():
     assert outcome(lambda: grad(False)) == "nan"
 
 
+def with_linear_solver(path, mode, linear_solver, throw):
+    """The hypergradient on clean data along `path` with `linear_solver` (`mode` for the
+    `implicit_hypergrad` path)."""
+    data = (PROBLEM.inner_data, PROBLEM.outer_data)
+    if path == "inner_solve":
+        return through_inner_solve(*data, linear_solver, throw)
+    if path == "implicit":
+        return implicit(*data, mode, linear_solver, throw)
+    return implicit_diff(*data, linear_solver, throw)
+
+
 @pytest.mark.parametrize("mode", ["reverse", "forward"])
 @pytest.mark.parametrize("path", ["inner_solve", "implicit", "implicit_diff"])
 def test_truncated_linear_solve(mode, path):
     # Cut short: raises by default; with `throw=False` an approximation (finite, and wrong by
     # more than rounding), flagged in the info.
-    runs = {
-        "inner_solve": lambda throw: through_inner_solve(
-            PROBLEM.inner_data, PROBLEM.outer_data, TRUNCATED, throw
-        ),
-        "implicit": lambda throw: implicit(
-            PROBLEM.inner_data, PROBLEM.outer_data, mode, TRUNCATED, throw
-        ),
-        "implicit_diff": lambda throw: implicit_diff(
-            PROBLEM.inner_data, PROBLEM.outer_data, TRUNCATED, throw
-        ),
-    }
-    assert outcome(lambda: runs[path](True)) == "raises"
-    _, hgrad = runs[path](False)
+    assert outcome(lambda: with_linear_solver(path, mode, TRUNCATED, True)) == "raises"
+    _, hgrad = with_linear_solver(path, mode, TRUNCATED, False)
     exact = PROBLEM.exact_hypergrad(PROBLEM.hparams)
     assert np.all(np.isfinite(np.asarray(hgrad)))
     assert np.linalg.norm(np.asarray(hgrad) - exact) > 1e-6 * np.linalg.norm(exact)
@@ -270,19 +270,8 @@ def test_truncated_linear_solve(mode, path):
 @pytest.mark.parametrize("mode", ["reverse", "forward"])
 @pytest.mark.parametrize("path", ["inner_solve", "implicit", "implicit_diff"])
 def test_divergent_neumann_series(mode, path):
-    runs = {
-        "inner_solve": lambda throw: through_inner_solve(
-            PROBLEM.inner_data, PROBLEM.outer_data, DIVERGENT, throw
-        ),
-        "implicit": lambda throw: implicit(
-            PROBLEM.inner_data, PROBLEM.outer_data, mode, DIVERGENT, throw
-        ),
-        "implicit_diff": lambda throw: implicit_diff(
-            PROBLEM.inner_data, PROBLEM.outer_data, DIVERGENT, throw
-        ),
-    }
-    assert outcome(lambda: runs[path](True)) == "raises"
-    _, hgrad = runs[path](False)
+    assert outcome(lambda: with_linear_solver(path, mode, DIVERGENT, True)) == "raises"
+    _, hgrad = with_linear_solver(path, mode, DIVERGENT, False)
     assert np.isnan(np.asarray(hgrad)).all()
 
 
