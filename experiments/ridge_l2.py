@@ -1,20 +1,30 @@
-r"""Per-feature L2 hyperparameter optimisation for ridge regression (the main demo).
+r"""Per-feature L2 hyperparameter optimisation for ridge regression by K-fold cross-validation
+(the main demo).
 
-Ten hyperparameters $\lambda_i$, the log L2 strengths of the diabetes data's ten features:
+Ten hyperparameters $\lambda_i$, the log L2 strengths of the diabetes data's ten features. The
+340 points not held out for testing are cut into $K$ folds; fold $k$'s inner problem fits the
+weights on the other $K - 1$ folds and its outer loss scores them on fold $k$:
 
-$$L(w, \lambda) = \tfrac{1}{2n}\|X_{tr} w - y_{tr}\|^2 + \tfrac12 \sum_i e^{\lambda_i} w_i^2,
-  \qquad E(w) = \tfrac{1}{m}\|X_{val} w - y_{val}\|^2,$$
+$$L(w, \lambda; D_{-k}) = \tfrac{1}{2|D_{-k}|}\|X_{-k} w - y_{-k}\|^2
+  + \tfrac12 \sum_i e^{\lambda_i} w_i^2, \qquad
+  \mathrm{CV}(\lambda) = \frac1K \sum_k \tfrac{1}{|D_k|}\|X_k w_k^*(\lambda) - y_k\|^2,$$
 
-searched over the box $\lambda \in [-8, 4]^{10}$. Hypergradient descent (Adam on $\lambda$, with
-implicit or unrolled hypergradients) is compared with grid search over one shared $\lambda$,
-random search and TPE, at the same number of inner trainings. The closed form
+the cross-validation loss a practitioner would tune on, searched over the box
+$\lambda \in [-8, 4]^{10}$. The $K$ inner problems are solved in one `jax.vmap` (each stops on
+its own convergence test), and `jax.grad` differentiates their mean through `inner_solve`.
+Hypergradient descent (Adam on $\lambda$, with implicit or unrolled hypergradients) is compared
+with grid search over one shared $\lambda$, random search and TPE, at the same number of
+cross-validations ($K$ inner trainings each). Every method's test loss refits the weights on all
+340 points at its chosen $\lambda$ and scores them on the 102 held-out points. The closed form
 $w^* = (X^\top X/n + \mathrm{diag}\, e^\lambda)^{-1} X^\top y/n$ checks the hypergradients and
 gives the optimum every method is measured against.
 
 Every method's state is checkpointed as it goes (`--resume` continues a killed run). In
-`results.json`, `log_lam` fields hold log strengths $\lambda$ (the penalty is $e^\lambda$).
+`results.json`, `log_lam` fields hold log strengths $\lambda$ (the penalty is $e^\lambda$) and
+`cv_loss` fields the K-fold cross-validation loss.
 
-    python -m experiments.ridge_l2 [--quick] [--out DIR] [--seed S] [--resume | --overwrite]
+    python -m experiments.ridge_l2 [--quick] [--folds K] [--out DIR] [--seed S]
+                                   [--resume | --overwrite]
 """
 
 import equinox as eqx
@@ -34,27 +44,49 @@ from .problems import mse as outer_loss, ridge_loss as inner_loss
 
 LOWER, UPPER = -8.0, 4.0  # the search box for every λ_i
 LAM0 = 0.0  # where hypergradient descent starts: unit strength on every feature
-SPLIT = problems.DIABETES_SPLIT  # train / validation / test
+SPLIT = (340, 0, 102)  # cross-validation / (no separate validation) / test
 INNER_TOL = 1e-10  # ‖∇_w L‖ at which an inner training stops
 INNER_MAX_STEPS = 10_000
 
 
 class Ridge(eqx.Module):
-    """The data, standardised with the training statistics, and the spectrum bounds of
-    $X_{tr}^\top X_{tr}/n$ that set the inner solver's step size."""
+    """The data, standardised with the cross-validation part's statistics, cut into folds, and
+    the spectrum bounds of the folds' $X_{-k}^\top X_{-k}/n$ that set the inner solver's step
+    size.
 
-    train: tuple[Float[Array, "n 10"], Float[Array, " n"]]
-    val: tuple[Float[Array, "m 10"], Float[Array, " m"]]
+    `fold_train` and `fold_val` stack the $K$ folds' training and held-out parts on a leading
+    axis; `cv` is all of the cross-validation part (the final refit) and `test` the hold-out.
+    """
+
+    fold_train: tuple[Float[Array, "K n 10"], Float[Array, "K n"]]
+    fold_val: tuple[Float[Array, "K m 10"], Float[Array, "K m"]]
+    cv: tuple[Float[Array, "N 10"], Float[Array, " N"]]
     test: tuple[Float[Array, "k 10"], Float[Array, " k"]]
     eig_min: float = eqx.field(static=True)
     eig_max: float = eqx.field(static=True)
 
+    @property
+    def folds(self) -> int:
+        return self.fold_train[1].shape[0]
 
-def load(seed: int) -> Ridge:
-    """The diabetes data (bundled with scikit-learn), split at random with `seed`."""
-    train, val, test = problems.diabetes(seed, SPLIT)
-    eigs = problems.gram_eigenvalues(train[0])
-    return Ridge(train, val, test, float(eigs[0]), float(eigs[-1]))
+
+def check_folds(folds: int) -> None:
+    if folds < 2 or SPLIT[0] % folds:
+        raise ValueError(f"`folds` must be at least 2 and divide {SPLIT[0]}, got {folds}.")
+
+
+def load(seed: int, folds: int = 5) -> Ridge:
+    """The diabetes data (bundled with scikit-learn) in a random order drawn with `seed`: 340
+    points cut into `folds` contiguous folds, and 102 held out for testing."""
+    check_folds(folds)
+    cv, _, test = problems.diabetes(seed, SPLIT)
+    X, y = map(np.asarray, cv)
+    held_out = np.arange(len(y)).reshape(folds, -1)
+    kept = np.stack([np.setdiff1d(np.arange(len(y)), h) for h in held_out])
+    fold_train = (jnp.asarray(X[kept]), jnp.asarray(y[kept]))
+    fold_val = (jnp.asarray(X[held_out]), jnp.asarray(y[held_out]))
+    eigs = np.stack([problems.gram_eigenvalues(X[k]) for k in kept])
+    return Ridge(fold_train, fold_val, cv, test, float(eigs.min()), float(eigs.max()))
 
 
 def closed_form_params(lam, data):
@@ -63,64 +95,74 @@ def closed_form_params(lam, data):
     return jnp.linalg.solve(X.T @ X / n + jnp.diag(jnp.exp(lam)), X.T @ y / n)
 
 
-def closed_form_loss(lam, problem: Ridge):
-    """E(w*(λ)) with the exact w*: its gradient is the reference hypergradient."""
-    return outer_loss(closed_form_params(lam, problem.train), lam, problem.val)
+def _fold_losses(params, lam, problem: Ridge):
+    """Each fold's held-out loss, given the folds' fitted weights stacked on axis 0."""
+    return jax.vmap(outer_loss, in_axes=(0, None, 0))(params, lam, problem.fold_val)
+
+
+def closed_form_cv_loss(lam, problem: Ridge):
+    """CV(λ) with the exact w*_k: its gradient is the reference hypergradient."""
+    params = jax.vmap(closed_form_params, in_axes=(None, 0))(lam, problem.fold_train)
+    return jnp.mean(_fold_losses(params, lam, problem))
 
 
 def solver(lam, problem: Ridge) -> bx.GradientDescent:
     # Heavy ball with the optimal step and momentum for the Hessian's spectrum bounds
-    # [eig_min + min e^λ, eig_max + max e^λ]: converges for every λ in the box, in O(√κ)
-    # steps. The step is a tuning choice, not a function to differentiate through.
+    # [eig_min + min e^λ, eig_max + max e^λ] (over all folds): converges for every λ in the
+    # box, in O(√κ) steps. The step is a tuning choice, not a function to differentiate through.
     strength = jnp.exp(jax.lax.stop_gradient(lam))
     big = jnp.sqrt(problem.eig_max + jnp.max(strength))
     small = jnp.sqrt(problem.eig_min + jnp.min(strength))
     return bx.GradientDescent(4 / (big + small) ** 2, ((big - small) / (big + small)) ** 2)
 
 
-def _train(lam, init, problem: Ridge):
-    return bx.inner_solve(
+def _train(lam, init, problem: Ridge, adjoint=bx.ImplicitAdjoint()):
+    """The K folds' inner trainings in one `vmap`, from `init` (K × d)."""
+    train_fold = lambda init, data: bx.inner_solve(
         inner_loss,
         init,
         lam,
-        problem.train,
+        data,
         solver=lambda lam: solver(lam, problem),
         max_steps=INNER_MAX_STEPS,
         tol=INNER_TOL,
+        adjoint=adjoint,
     )
+    return jax.vmap(train_fold)(init, problem.fold_train)
 
 
 @eqx.filter_jit
 def implicit_hypergrad(lam, w_warm, problem: Ridge):
-    """One inner training (warm-started) and the implicit hypergradient at its solution."""
-    sol = _train(lam, w_warm, problem)
-    value, hgrad = bx.implicit_hypergrad(
-        outer_loss,
-        inner_loss,
-        sol.params,
-        lam,
-        problem.train,
-        problem.val,
-        linear_solver=lx.CG(rtol=1e-12, atol=1e-12),
-    )
-    return value, hgrad, sol.params
+    """The K folds' inner trainings (each warm-started from its last solution) and the implicit
+    hypergradient of their mean held-out loss: `jax.grad` through a vmapped `inner_solve`."""
+    # Tight CG: the run's hypergradients are checked against the closed form to 1e-6.
+    adjoint = bx.ImplicitAdjoint(linear_solver=lx.CG(rtol=1e-12, atol=1e-12))
+
+    def cv_loss(lam):
+        params = _train(lam, w_warm, problem, adjoint).params
+        return jnp.mean(_fold_losses(params, lam, problem)), params
+
+    (value, params), hgrad = jax.value_and_grad(cv_loss, has_aux=True)(lam)
+    return value, hgrad, params
 
 
 @eqx.filter_jit
 def unrolled_hypergrad(lam, w_warm, problem: Ridge, num_steps: int):
-    """`num_steps` inner steps from zero, differentiated in reverse mode through the steps."""
-    value, hgrad = bx.unrolled_hypergrad(
+    """`num_steps` inner steps from zero on every fold, differentiated in reverse mode through
+    the steps."""
+    fold_hypergrad = lambda train, val: bx.unrolled_hypergrad(
         outer_loss,
         inner_loss,
-        jnp.zeros_like(w_warm),
+        jnp.zeros(w_warm.shape[1:], w_warm.dtype),
         lam,
-        problem.train,
-        problem.val,
+        train,
+        val,
         solver=lambda lam: solver(lam, problem),
         num_steps=num_steps,
     )
+    values, hgrads = jax.vmap(fold_hypergrad)(problem.fold_train, problem.fold_val)
     # No warm start to pass on: each unrolled run starts from zero, as in Franceschi et al.
-    return value, hgrad, w_warm
+    return jnp.mean(values), jnp.mean(hgrads, axis=0), w_warm
 
 
 # The learning rate lives in the optimiser state, so one compiled step serves every rate.
@@ -129,7 +171,7 @@ HYPER_OPTIMIZER = optax.inject_hyperparams(optax.adam)(learning_rate=0.1)
 
 @eqx.filter_jit
 def _hyper_step(lam, hgrad, opt_state, problem: Ridge):
-    reference = jax.grad(closed_form_loss)(lam, problem)
+    reference = jax.grad(closed_form_cv_loss)(lam, problem)
     # Projected Adam: the optimum has coordinates on the box's faces.
     box = lambda lam: jnp.clip(lam, LOWER, UPPER)
     lam_next, opt_state = _common.optax_step(HYPER_OPTIMIZER, hgrad, opt_state, lam, project=box)
@@ -145,20 +187,21 @@ def hypergradient_descent(
     learning_rate: float = 0.5,
     unrolled_steps: int = 2000,
 ) -> dict:
-    """Projected Adam on λ with one inner training per step, checkpointed after every step.
+    """Projected Adam on λ with one cross-validation (K inner trainings) per step,
+    checkpointed after every step.
 
     **Arguments:**
 
-    - `method`: `"implicit"` (inner training to `INNER_TOL`, warm-started from the previous
-        solution, then the implicit hypergradient) or `"unrolled"` (`unrolled_steps` steps
-        from zero, reverse-mode through them).
+    - `method`: `"implicit"` (the folds' inner trainings to `INNER_TOL`, each warm-started
+        from its previous solution, then the implicit hypergradient) or `"unrolled"`
+        (`unrolled_steps` steps from zero, reverse-mode through them).
     - `problem`: the data.
-    - `budget`: the number of hypergradient steps, i.e. of inner trainings.
+    - `budget`: the number of hypergradient steps, i.e. of cross-validations.
     - `run`: the run; a resumed run continues from the checkpoint.
 
     **Returns:**
 
-    The run's history: `log_lam` and `val_loss` at every step, the relative error of each
+    The run's history: `log_lam` and `cv_loss` at every step, the relative error of each
     hypergradient against the closed form, the final `log_lam`, and the seconds spent.
     """
     if method == "implicit":
@@ -167,14 +210,15 @@ def hypergradient_descent(
         hypergrad = lambda lam, w: unrolled_hypergrad(lam, w, problem, unrolled_steps)
     else:
         raise ValueError(f"`method` must be 'implicit' or 'unrolled', got {method!r}.")
-    d = problem.train[0].shape[1]
+    d = problem.cv[0].shape[1]
 
     def fresh():
         lam = jnp.full(d, LAM0, jnp.float64)
         opt_state = HYPER_OPTIMIZER.init(lam)
         opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float64)
-        history = dict(log_lam=[], val_loss=[], relerr=[])
-        return dict(lam=lam, w=jnp.zeros(d, jnp.float64), opt_state=opt_state, history=history)
+        history = dict(log_lam=[], cv_loss=[], relerr=[])
+        w = jnp.zeros((problem.folds, d), jnp.float64)  # one warm start per fold
+        return dict(lam=lam, w=w, opt_state=opt_state, history=history)
 
     def step(k, state):
         history = state["history"]
@@ -183,10 +227,10 @@ def hypergradient_descent(
         state["lam"], state["opt_state"], relerr = _hyper_step(
             state["lam"], hgrad, state["opt_state"], problem
         )
-        history["val_loss"].append(float(value))
+        history["cv_loss"].append(float(value))
         history["relerr"].append(float(relerr))
-        best = min(history["val_loss"])
-        return state, f"val {float(value):.5f}  best {best:.5f}  relerr {float(relerr):.1e}"
+        best = min(history["cv_loss"])
+        return state, f"CV {float(value):.5f}  best {best:.5f}  relerr {float(relerr):.1e}"
 
     state = run.loop(f"hgd_{method}", budget, fresh, step, description=f"HGD ({method})")
     return dict(state["history"], final_log_lam=np.asarray(state["lam"]), seconds=state["seconds"])
@@ -194,32 +238,34 @@ def hypergradient_descent(
 
 @eqx.filter_jit
 def _train_and_validate(lam, problem: Ridge):
-    sol = _train(lam, jnp.zeros_like(lam), problem)
-    return outer_loss(sol.params, lam, problem.val)
+    """One cross-validation: the K folds' inner trainings from zero, and their mean held-out
+    loss."""
+    sol = _train(lam, jnp.zeros((problem.folds, *lam.shape), lam.dtype), problem)
+    return jnp.mean(_fold_losses(sol.params, lam, problem))
 
 
 def grid_search(problem: Ridge, budget: int, run: _common.Run) -> dict:
     """One shared strength for all features, on `budget` evenly spaced values of λ."""
-    d = problem.train[0].shape[1]
+    d = problem.cv[0].shape[1]
     grid = np.linspace(LOWER, UPPER, budget)
 
     def step(k, state):
         history = state["history"]
         lam = jnp.full(d, grid[k], jnp.float64)
         history["log_lam"].append(np.asarray(lam))
-        history["val_loss"].append(float(_train_and_validate(lam, problem)))
-        best = int(np.argmin(history["val_loss"]))
-        return state, f"best {history['val_loss'][best]:.5f} at λ {grid[best]:+.2f}"
+        history["cv_loss"].append(float(_train_and_validate(lam, problem)))
+        best = int(np.argmin(history["cv_loss"]))
+        return state, f"best {history['cv_loss'][best]:.5f} at λ {grid[best]:+.2f}"
 
-    fresh = lambda: dict(history=dict(log_lam=[], val_loss=[]))
+    fresh = lambda: dict(history=dict(log_lam=[], cv_loss=[]))
     state = run.loop("grid", budget, fresh, step, description="grid (shared λ)", every=10)
     return dict(state["history"], seconds=state["seconds"])
 
 
 def optuna_search(problem: Ridge, budget: int, method: str, seed: int, run: _common.Run) -> dict:
-    """`budget` trials of random search or TPE (`method`) over the box, one inner training
+    """`budget` trials of random search or TPE (`method`) over the box, one cross-validation
     per trial."""
-    d = problem.train[0].shape[1]
+    d = problem.cv[0].shape[1]
     distributions = {
         f"lam{i}": optuna.distributions.FloatDistribution(LOWER, UPPER) for i in range(d)
     }
@@ -242,39 +288,41 @@ def optuna_search(problem: Ridge, budget: int, method: str, seed: int, run: _com
     trials = state["trials"]
     return dict(
         log_lam=[t["log_lam"] for t in trials],
-        val_loss=[t["value"] for t in trials],
+        cv_loss=[t["value"] for t in trials],
         seconds=state["seconds"],
     )
 
 
 def closed_form_optimum(problem: Ridge, seed: int, restarts: int = 4) -> dict:
-    """L-BFGS-B on the closed-form validation loss over the box, from λ0 and random points."""
-    value_and_grad = jax.jit(jax.value_and_grad(closed_form_loss))
+    """L-BFGS-B on the closed-form CV loss over the box, from λ0 and random points."""
+    value_and_grad = jax.jit(jax.value_and_grad(closed_form_cv_loss))
     fun = lambda x: tuple(
         np.asarray(v, np.float64) for v in value_and_grad(jnp.asarray(x), problem)
     )
-    d = problem.train[0].shape[1]
+    d = problem.cv[0].shape[1]
     rng = np.random.default_rng(seed)
     starts = [np.full(d, LAM0)] + [rng.uniform(LOWER, UPPER, d) for _ in range(restarts)]
     best, nfev = problems.lbfgsb_from(fun, starts, [(LOWER, UPPER)] * d)
-    return dict(log_lam=np.asarray(best.x), val_loss=float(best.fun), nfev=nfev)
+    return dict(log_lam=np.asarray(best.x), cv_loss=float(best.fun), nfev=nfev)
 
 
 def held_out_loss(lam, problem: Ridge) -> float:
-    """Test loss of the exact inner solution at `lam` (what every inner training approximates
-    to `INNER_TOL`)."""
+    """Test loss at `lam` as a practitioner gets it: the weights refitted on all of the
+    cross-validation data (exactly, what an inner training approximates to `INNER_TOL`),
+    scored on the held-out test points."""
     lam = jnp.asarray(lam, jnp.float64)
-    return float(outer_loss(closed_form_params(lam, problem.train), lam, problem.test))
+    return float(outer_loss(closed_form_params(lam, problem.cv), lam, problem.test))
 
 
 def summarise(history: dict, problem: Ridge) -> dict:
-    """The λ with the best validation loss seen, its test loss, and the best-so-far curve."""
-    vals = np.asarray(history["val_loss"])
+    """The λ with the best CV loss seen, its test loss, and the best-so-far curve."""
+    vals = np.asarray(history["cv_loss"])
     best = int(np.argmin(vals))
     summary = dict(
-        val_loss=float(vals[best]),
+        cv_loss=float(vals[best]),
         test_loss=held_out_loss(history["log_lam"][best], problem),
-        inner_trainings=len(vals),
+        cross_validations=len(vals),
+        inner_trainings=len(vals) * problem.folds,
         log_lam=np.asarray(history["log_lam"][best]),
         best_so_far=np.minimum.accumulate(vals),
         seconds=history["seconds"],
@@ -293,37 +341,48 @@ def summarise(history: dict, problem: Ridge) -> dict:
 
 def plot(results: dict, path):
     plt = _common.pyplot()
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2))
-    optimum = results["closed_form"]["val_loss"]
+    fig, (best, gap, accuracy, learned) = plt.subplots(1, 4, figsize=(20, 4.2))
+    optimum = results["closed_form"]["cv_loss"]
     for name, label in METHODS.items():
         curve = np.asarray(results[name]["best_so_far"])
-        trainings = np.arange(1, len(curve) + 1)
+        evaluations = np.arange(1, len(curve) + 1)
         # The two hypergradient runs coincide to plotting accuracy: dash one to show both.
         style = dict(label=label, ls="--" if name == "hgd_unrolled" else "-")
-        left.plot(trainings, curve, **style)
+        best.plot(evaluations, curve, **style)
         # The optimiser's optimum can sit a hair above a visited point: floor the gap.
-        middle.semilogy(trainings, np.maximum(curve - optimum, 1e-8), **style)
+        gap.semilogy(evaluations, np.maximum(curve - optimum, 1e-8), **style)
         if "hypergrad_relerr" in results[name]:
-            right.semilogy(results[name]["hypergrad_relerr"], **style)
-    left.axhline(optimum, color="k", ls="--", lw=1, label="closed-form optimum")
-    left.set(
-        xlabel="inner trainings",
-        ylabel="best validation MSE so far",
-        title="Per-feature L2 on diabetes",
+            accuracy.semilogy(results[name]["hypergrad_relerr"], **style)
+    for name, label in [*METHODS.items(), ("closed_form", "closed-form optimum")]:
+        log_lam = np.asarray(results[name]["log_lam"])
+        marker = "k*" if name == "closed_form" else "o"
+        learned.plot(np.arange(len(log_lam)), log_lam, marker, label=label, alpha=0.8)
+    best.axhline(optimum, color="k", ls="--", lw=1, label="closed-form optimum")
+    best.set(
+        xlabel="cross-validations (K inner trainings each)",
+        ylabel="best CV MSE so far",
+        title="Per-feature L2 on diabetes, K-fold CV",
         ylim=(optimum - 0.005, optimum + 0.05),
     )
-    left.legend()
-    middle.set(
-        xlabel="inner trainings",
+    best.legend()
+    gap.set(
+        xlabel="cross-validations",
         ylabel="best so far − closed-form optimum",
         title="Gap to the optimum",
     )
-    right.set(
+    accuracy.set(
         xlabel="hypergradient step",
         ylabel="relative error vs closed form",
         title="Hypergradient accuracy along the run",
     )
-    right.legend()
+    accuracy.legend()
+    learned.set(
+        xlabel="feature",
+        ylabel="log λ at the best CV loss",
+        title="Learned L2 strength per feature",
+        xticks=np.arange(len(results["closed_form"]["log_lam"])),
+    )
+    learned.legend(fontsize="small")
     return _common.save_figure(fig, path)
 
 
@@ -342,15 +401,19 @@ def main(argv=None) -> dict:
         "--budget",
         type=int,
         default=None,
-        help="inner trainings per method (default 200, 50 with --quick)",
+        help="cross-validations per method, K inner trainings each (default 200, 50 with --quick)",
+    )
+    p.add_argument(
+        "--folds", type=int, default=5, help="K, the cross-validation folds (divides 340)"
     )
     p.add_argument("--unrolled-steps", type=int, default=2000, help="T for unrolled HGD")
     p.add_argument("--lr", type=float, default=0.5, help="Adam's learning rate on λ")
     args = p.parse_args(argv)
     args.budget = args.budget or (50 if args.quick else 200)
-    run = _common.start(args)
+    check_folds(args.folds)  # before `start`, so that a bad --folds leaves no run behind
+    run = _common.start(args)  # float64 from here on: load the data after it
     budget = args.budget
-    problem = load(args.seed)
+    problem = load(args.seed, args.folds)
 
     histories = {
         "hgd_implicit": hypergradient_descent(
@@ -369,18 +432,19 @@ def main(argv=None) -> dict:
         "tpe": optuna_search(problem, budget, "tpe", args.seed, run),
     }
     optimum = closed_form_optimum(problem, args.seed)
-    lam0 = jnp.full(problem.train[0].shape[1], LAM0, jnp.float64)
+    lam0 = jnp.full(problem.cv[0].shape[1], LAM0, jnp.float64)
     results = {name: summarise(h, problem) for name, h in histories.items()}
     results["closed_form"] = dict(
-        val_loss=optimum["val_loss"],
+        cv_loss=optimum["cv_loss"],
         test_loss=held_out_loss(optimum["log_lam"], problem),
+        cross_validations=0,
         inner_trainings=0,
         closed_form_solves=optimum["nfev"],
         log_lam=optimum["log_lam"],
-        hypergrad_at_log_lam0=jax.grad(closed_form_loss)(lam0, problem),
+        hypergrad_at_log_lam0=jax.grad(closed_form_cv_loss)(lam0, problem),
     )
     for name in METHODS:
-        results[name]["gap_to_optimum"] = results[name]["val_loss"] - optimum["val_loss"]
+        results[name]["gap_to_optimum"] = results[name]["cv_loss"] - optimum["cv_loss"]
     results["config"] = dict(run.config, log_lam_box=(LOWER, UPPER), log_lam0=LAM0, split=SPLIT)
     print_table(results)
     return run.finish(results, {"ridge_l2.png": lambda path: plot(results, path)})
@@ -398,17 +462,18 @@ def print_table(results: dict) -> None:
         rows.append(
             (
                 label,
-                f"{r['val_loss']:.5f}",
+                f"{r['cv_loss']:.5f}",
                 f"{r.get('gap_to_optimum', 0.0):.5f}",
                 f"{r['test_loss']:.5f}",
                 str(r["inner_trainings"]),
+                " ".join(f"{v:+.1f}" for v in np.asarray(r["log_lam"])),
                 relerr,
             )
         )
     _common.print_table(
-        "Per-feature L2 for ridge regression on diabetes (MSE, standardised y)",
-        ("method", "best val loss", "gap to optimum", "test loss", "inner trainings",
-         "hypergrad relerr (start / max)"),
+        "Per-feature L2 for ridge regression on diabetes by K-fold CV (MSE, standardised y)",
+        ("method", "best CV loss", "gap to optimum", "test loss", "inner trainings",
+         "learned log λ per feature", "hypergrad relerr (start / max)"),
         rows,
     )  # fmt: skip
 
