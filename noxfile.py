@@ -18,8 +18,18 @@ CPU_ENV = {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
 
 
 def _pytest(session: nox.Session, *args: str) -> None:
+    """pytest on every core (pytest-xdist), with one persistent compilation cache that the
+    workers and the tests' subprocesses share: tests that build the same problem compile it
+    once. The cache lives in the session's environment, so a repeat run reuses it; it is keyed
+    by the program and the versions, so it is never stale."""
+    env = dict(
+        CPU_ENV,
+        JAX_COMPILATION_CACHE_DIR=str(pathlib.Path(session.virtualenv.location) / "jax-cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     # pytest exits 5 when it collects no test; that must fail the session, never pass.
-    session.run("pytest", *args, *session.posargs, env=CPU_ENV)
+    session.run("pytest", "-n", "auto", "--dist", "loadfile", *args, *session.posargs, env=env)
 
 
 @nox.session

@@ -1,9 +1,108 @@
+import fnmatch
+import re
+
 import jax
 import pytest
 
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+# The default suite's budget is six minutes on an idle 2-core machine. These tests (node-id
+# patterns under `tests/`, `*` a wildcard) take the longest there and each has a quicker sibling
+# that checks the same property by default: the MLP member of the zoo beside the convex ones,
+# one checkpointing variant of several, the experiments' resume tests beside `test_harness`'s
+# and ridge_l2's, multi-process and multi-device runs beside `test_shard_map_implicit`. They
+# are marked `slow` and run with `nox -s slow`.
+SLOW_FOR_THE_DEFAULT_BUDGET = [
+    "test_benchmarks_peers.py::test_forward_and_reverse_agree",
+    "test_benchmarks_peers.py::test_task_batching_vmap_equals_loop",
+    "test_benchmarks_peers.py::test_unrolled_contenders_agree_with_a_plain_loop",
+    "test_cg.py::test_hypergradient_on_the_zoo[logistic-reverse]",
+    "test_cg.py::test_hypergradient_on_the_zoo[ridge-reverse]",
+    "test_custom_root.py::test_derivative_wrt_data_and_closure",
+    "test_custom_root.py::test_fixed_point_non_symmetric*",
+    "test_custom_root.py::test_hessian_through_the_wrapper",
+    "test_custom_root.py::test_ridge_any_solver[closed_form-False]",
+    "test_delta_stn.py::test_dropout_regression_within_two_percent_of_closed_form",
+    "test_delta_stn.py::test_resume_continues_a_killed_run",
+    "test_delta_stn.py::test_resume_with_more_seeds_or_other_methods",
+    "test_delta_stn.py::test_ridge_lands_on_the_closed_form_optimum",
+    "test_distributed.py::*",
+    "test_effect_of_t.py::test_f_T_approaches_f",
+    "test_effect_of_t.py::test_reverse_forward_checkpointed_agree",
+    "test_effect_of_t.py::test_train_resumes_from_its_last_checkpoint",
+    "test_failures.py::test_nonfinite_data[*-hoag-*]",
+    "test_failures.py::test_one_nan_task_in_a_batch_poisons_the_meta_gradient",
+    "test_hoag.py::test_a_truncated_linear_solve_raises_or_is_reported",
+    "test_hoag.py::test_adaptive_tolerance_reaches_the_same_hparams_with_fewer_inner_steps[logistic]",
+    "test_hoag.py::test_warm_starts_save_iterations_and_keep_the_hypergradients",
+    "test_hyper_cleaning.py::test_implicit_hypergrad_matches_finite_differences",
+    "test_hyper_cleaning.py::test_resume_runs_only_the_steps_left",
+    "test_hyper_representation.py::test_batch_norm_uses_the_episode_statistics",
+    "test_hyper_representation.py::test_convnet_shapes",
+    "test_hyper_representation.py::test_meta_gradient_matches_hand_written_loop",
+    "test_hyper_representation.py::test_meta_step_is_adam_on_the_meta_gradient",
+    "test_hyper_representation.py::test_meta_step_sharded_over_4_devices",
+    "test_hyper_representation.py::test_training_resumes_where_it_was_killed",
+    "test_hypergrad_info.py::test_error_estimate_and_bound_track_the_inner_error",
+    "test_hypergrad_info.py::test_info_reports_what_it_says",
+    "test_implicit.py::test_adjoint_tolerance_follows_the_inner_solve",
+    "test_implicit.py::test_grad_jvp_hessian_through_inner_solve[quadratic]",
+    "test_implicit.py::test_implicit_hypergrad_matches_reference[forward-logistic]",
+    "test_implicit.py::test_mlp_hypergradient_against_dense_reference",
+    "test_implicit.py::test_unconverged_linear_solve_raises_or_returns_its_approximation[forward]",
+    "test_inner_solve.py::test_problem_zoo_reference_solutions_are_minimisers[mlp]",
+    "test_lasso_ho.py::test_coming_from_jaxopt_programs_agree",
+    "test_nested.py::test_trilevel_hessian_forward_over_forward[implicit-implicit]",
+    "test_nested.py::test_trilevel_hypergradient[implicit-*]",
+    "test_nested.py::test_trilevel_hypergradient[unrolled-implicit]",
+    "test_nested.py::test_trilevel_vmap_over_hparams",
+    "test_nn.py::test_delta_stn_weight_gradients_are_decoupled",
+    "test_nn.py::test_variants_agree_with_a_plain_network_at_init[centred]",
+    "test_nn.py::test_variants_agree_with_a_plain_network_at_init[stn]",
+    "test_precision.py::test_ridge_low_precision_inner_loop[bfloat16]",
+    "test_preconditioner.py::test_indefinite_hessian_breaks_bx_cg_down",
+    "test_preconditioner.py::test_indefinite_hessian_is_reported_and_gmres_solves_it",
+    "test_preconditioner.py::test_user_preconditioner_exact_inverse_needs_one_step",
+    "test_readme.py::test_getting_started_page_runs_and_its_claims_hold",
+    "test_sharded_params.py::*",
+    "test_sharding.py::*",
+    "test_stochastic.py::test_a_nonfinite_run_is_nan_and_says_so_per_task[saba]",
+    "test_stochastic.py::test_a_run_in_pieces_equals_one_run[solver1]",
+    "test_stochastic.py::test_saba_converges_with_constant_steps_where_soba_stalls",
+    "test_stochastic.py::test_saba_memory_mean_stays_the_table_mean",
+    "test_stochastic.py::test_soba_with_decreasing_steps_converges",
+    "test_stochastic_bilevel.py::test_outputs_and_resume",
+    "test_stochastic_bilevel.py::test_resume_of_a_finished_run_runs_nothing",
+    "test_stochastic_bilevel.py::test_resume_after_kill_runs_only_the_rest",
+    "test_stochastic_bilevel.py::test_stochastic_methods_lower_the_validation_loss",
+    "test_unrolled.py::test_forward_mode_with_more_hyperparameters_than_one_chunk",
+    "test_unrolled.py::test_matches_hand_written_loop[*-mlp]",
+    "test_unrolled.py::test_matches_hand_written_loop[checkpoints*-logistic]",
+    "test_unrolled.py::test_matches_hand_written_loop[checkpoints*-quadratic]",
+    "test_unrolled.py::test_matches_hand_written_loop[forward-logistic]",
+    "test_unrolled.py::test_matches_hand_written_loop[truncate=T-logistic]",
+    "test_unrolled.py::test_unrolled_adjoint_in_inner_solve[logistic]",
+    "test_unrolled.py::test_unrolled_converges_to_implicit[logistic]",
+]
+
+
+def _pattern(glob: str) -> str:
+    # fnmatch reads `[...]` as a character class; here brackets are pytest's parameter ids.
+    escaped = glob.replace("[", "\0").replace("]", "[]]").replace("\0", "[[]")
+    return fnmatch.translate(escaped)
+
+
+_SLOW = re.compile("|".join(_pattern("tests/" + glob) for glob in SLOW_FOR_THE_DEFAULT_BUDGET))
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if _SLOW.fullmatch(item.nodeid):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
