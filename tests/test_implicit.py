@@ -115,9 +115,7 @@ def test_grad_jvp_hessian_through_inner_solve(make_problem):
     assert relerr(jacfwd(h), jax.grad(E_exact)(h)) < 1e-8
     assert relerr(hessian(h), jax.hessian(E_exact)(h)) < 1e-7
     # Finite differences check the closed form itself, independently of JAX's derivatives.
-    assert directional(grad(h), d) == pytest.approx(
-        central_difference(E_exact, h, d), rel=1e-7
-    )
+    assert directional(grad(h), d) == pytest.approx(central_difference(E_exact, h, d), rel=1e-7)
 
 
 def test_finite_differences_logistic():
