@@ -9,6 +9,12 @@ import pytest
 from experiments import _common
 from experiments.delta_stn import _search
 from experiments.delta_stn.__main__ import main
+from experiments.delta_stn._tasks import (
+    RIDGE_VAL_GAP,
+    make_task,
+    ridge_closed_form,
+    ridge_val_gap,
+)
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +103,29 @@ def test_digits_mlp_quick(tmp_path):
     # A 64-128-128-10 MLP on 1000 digits reaches a cross-entropy under 0.12 in 40 epochs.
     assert results["delta"]["val_loss"] < 0.12
     assert results["delta"]["test_loss"] < 0.15
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_ridge_flatness_is_measured_on_the_exact_loss(seed):
+    task = make_task("ridge", seed, quick=True)
+    reference = ridge_closed_form(task)
+    lo, hi = reference["flat_log_l2"]
+    assert lo <= reference["log_l2"] <= hi
+    assert ridge_val_gap(task, reference["log_l2"], reference) == pytest.approx(0, abs=1e-12)
+    # Inside the flat range the gap is within the tolerance; a grid step outside it is not
+    # (unless the range ends at the search box, as on seed 4, where λ* sits on its edge).
+    ((lower, upper, _),) = task.search
+    step = (upper - lower) / 240
+    for edge, outside in ((lo, lo - step), (hi, hi + step)):
+        assert ridge_val_gap(task, edge, reference) <= RIDGE_VAL_GAP
+        if lower <= outside <= upper:
+            assert ridge_val_gap(task, outside, reference) > RIDGE_VAL_GAP
+
+
+@pytest.mark.slow
+def test_ridge_quick_runs_reach_the_flat_optimum_on_three_seeds(tmp_path):
+    args = ["ridge", "--quick", "--num-seeds", "3", "--methods", "delta", "centred"]
+    results = main([*args, "--out", str(tmp_path)])
+    for method in ("delta", "centred"):
+        for run in results[method]["seeds"]:
+            assert run["val_gap"] < RIDGE_VAL_GAP, (method, run["seed"], run["hparams"])

@@ -22,6 +22,7 @@ from ._tasks import (
     dropout_exact_val_loss,
     make_task,
     ridge_closed_form,
+    ridge_val_gap,
 )
 
 
@@ -99,6 +100,9 @@ def main(argv=None) -> dict:
             # The closed-form checks judge the end of the run, not the luckiest epoch.
             if args.task == "ridge":
                 r["log_l2_error"] = abs(float(r["hparams"][0]) - references[-1]["log_l2"])
+                # Where the validation loss is flat, |log λ − log λ*| says little: the gap in
+                # the loss itself is the check (see `flat_log_l2` in the closed form).
+                r["val_gap"] = ridge_val_gap(task, float(r["hparams"][0]), references[-1])
             elif args.task == "dropout-regression":
                 final = r.get("final_val_loss", r["val_loss"])
                 r["val_ratio"] = final / references[-1]["val_loss"]

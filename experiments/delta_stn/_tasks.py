@@ -63,9 +63,13 @@ def ridge(seed: int, quick: bool) -> Task:
     )
 
 
-def ridge_closed_form(task: Task) -> dict:
-    """The scalar λ* minimising the exact validation MSE of ridge, by bounded Brent on log λ
-    after a grid (the loss is smooth and unimodal in practice on this data)."""
+# How far above the optimum's validation loss a λ may be and still count as optimal, for the
+# flatness measurement and the ridge check: 0.1 % of the validation MSE.
+RIDGE_VAL_GAP = 1e-3
+
+
+def _ridge_losses(task: Task):
+    """The exact validation and test MSE of ridge as functions of log λ."""
     (X, y), (Xv, yv), (Xt, yt) = [
         tuple(map(np.asarray, d)) for d in (task.train, task.val, task.test)
     ]
@@ -75,18 +79,42 @@ def ridge_closed_form(task: Task) -> dict:
         return np.linalg.solve(X.T @ X / n + np.exp(u) * np.eye(X.shape[1]), X.T @ y / n)
 
     val = lambda u: float(np.mean((Xv @ weights(u) - yv) ** 2))
-    grid = np.linspace(-8, 4, 241)
-    u0 = grid[int(np.argmin([val(u) for u in grid]))]
+    test = lambda u: float(np.mean((Xt @ weights(u) - yt) ** 2))
+    return val, test
+
+
+def ridge_closed_form(task: Task) -> dict:
+    """The scalar λ* minimising the exact validation MSE of ridge over the search box, by
+    bounded Brent on log λ after a grid (the loss is smooth and unimodal in practice on this
+    data), and how flat the loss is there: `flat_log_l2`, the range of log λ on the grid whose
+    validation loss is within `RIDGE_VAL_GAP` (relative) of the optimum's."""
+    val, test = _ridge_losses(task)
+    ((lower, upper, _),) = task.search
+    grid = np.linspace(lower, upper, 241)
+    losses = np.asarray([val(u) for u in grid])
+    u0 = grid[int(np.argmin(losses))]
     r = scipy.optimize.minimize_scalar(
-        val, bounds=(u0 - 0.05, u0 + 0.05), method="bounded", options=dict(xatol=1e-10)
+        val,
+        bounds=(max(u0 - 0.05, lower), min(u0 + 0.05, upper)),  # within the box
+        method="bounded",
+        options=dict(xatol=1e-10),
     )
     u = float(r.x)
+    flat = grid[losses <= (1 + RIDGE_VAL_GAP) * val(u)]
     return dict(
         log_l2=u,
         hparams=[u],
         val_loss=val(u),
-        test_loss=float(np.mean((Xt @ weights(u) - yt) ** 2)),
+        test_loss=test(u),
+        flat_log_l2=[float(flat.min()), float(flat.max())],
     )
+
+
+def ridge_val_gap(task: Task, log_l2: float, reference: dict) -> float:
+    """`E(λ) / E(λ*) − 1`: how far the exact ridge solution at `log_l2` is from the best
+    validation MSE (`reference`, from `ridge_closed_form`)."""
+    val, _ = _ridge_losses(task)
+    return val(log_l2) / reference["val_loss"] - 1
 
 
 # ---------------------------------------------------------------------------------------------
