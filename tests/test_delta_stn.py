@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import _common
-from experiments.delta_stn import _search
+from experiments.delta_stn import _search, stability
 from experiments.delta_stn.__main__ import main
 from experiments.delta_stn._tasks import (
     RIDGE_VAL_GAP,
@@ -129,3 +129,23 @@ def test_ridge_quick_runs_reach_the_flat_optimum_on_three_seeds(tmp_path):
     for method in ("delta", "centred"):
         for run in results[method]["seeds"]:
             assert run["val_gap"] < RIDGE_VAL_GAP, (method, run["seed"], run["hparams"])
+
+
+@pytest.mark.slow
+def test_stability_grid_counts_a_diverged_run_and_resumes_without_retraining(tmp_path):
+    # A weight learning rate of 1000 sends every variant's loss to NaN; 0.1 (the task's
+    # default) does not. Two epochs each, on digits.
+    args = ["--quick", "--epochs", "2", "--lrs", "0.1", "1000", "--hyper-lrs", "0.01"]
+    results = stability.main([*args, "--out", str(tmp_path)])
+    for variant in stability.VARIANTS:
+        cells = {c["lr"]: c for c in results["cells"][variant]}
+        assert not cells[0.1]["diverged"] and np.isfinite(cells[0.1]["final_val_loss"])
+        assert cells[1000]["diverged"] and not np.isfinite(cells[1000]["final_val_loss"])
+        assert results["summary"][variant]["diverged"] == 1
+        assert results["summary"][variant]["worst_final_val_loss"] == cells[0.1]["final_val_loss"]
+    # Every run is checkpointed under its own name: a resume trains none of the six again
+    # (each loop resumes at epoch 2 of 2), and the results are the same.
+    again = stability.main([*args, "--out", str(tmp_path), "--resume"])
+    assert len(again["run"]["progress"]) == 6
+    assert all(p["from"] == p["to"] == 2 for p in again["run"]["progress"].values())
+    np.testing.assert_equal(again["summary"], results["summary"])

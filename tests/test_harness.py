@@ -331,6 +331,7 @@ EXPERIMENTS = [
     "stochastic_bilevel",
     "meta_ho",
     "delta_stn.__main__",
+    "delta_stn.stability",
     "hyper_representation._run",
     "hypergrad_diagnostics",
 ]

@@ -75,16 +75,19 @@ def _evaluate(task: Task, variant, model, hparams, data):
     return jnp.mean(jax.vmap(task.val_loss)(out, y))
 
 
-def self_tuning(task: Task, variant: str, seed: int, run: _common.Run) -> dict:
+def self_tuning(
+    task: Task, variant: str, seed: int, run: _common.Run, name: str | None = None
+) -> dict:
     """Trains a self-tuning network of `variant` for `task.epochs` epochs (the first
     `task.warmup` without hyper steps) and records, after every epoch, the hyperparameters,
     their perturbation scales and the eval-mode validation loss.
 
     **Returns:**
 
-    A history dict; `val_loss` and `test_loss` are those at the end.
+    A history dict; `val_loss` and `test_loss` are those at the end. The run is checkpointed
+    under `name` (default `"<variant>_<seed>"`).
     """
-    name = f"{variant}_{seed}"
+    name = name or f"{variant}_{seed}"
     key = jax.random.key(seed)
     model = task.init_model(jax.random.fold_in(key, 1))
     hparams = bnn.HyperParameters(task.specs, scale=task.scale, dtype=task.dtype)
