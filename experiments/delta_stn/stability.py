@@ -73,8 +73,10 @@ def plot(cells: dict, lrs, hyper_lrs, path):
             grid[lrs.index(c["lr"]), hyper_lrs.index(c["hyper_lr"])] = c["final_val_loss"]
         ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax, origin="lower")
         for (i, j), value in np.ndenumerate(grid):
-            text = "diverged" if not np.isfinite(value) else f"{value:.3f}"
-            ax.text(j, i, text, ha="center", va="center", color="w", fontsize=9)
+            if np.isfinite(value):
+                ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="w", fontsize=9)
+            else:  # an empty (white) cell
+                ax.text(j, i, "diverged", ha="center", va="center", color="crimson", fontsize=9)
         ax.set(
             xticks=range(len(hyper_lrs)),
             xticklabels=[f"{h:g}" for h in hyper_lrs],
