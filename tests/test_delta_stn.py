@@ -3,14 +3,20 @@ the outputs written, and resuming a killed run (counting the epochs and trials i
 
 import json
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import bilevax.nn as bnn
 from experiments import _common
 from experiments.delta_stn import _search, stability
 from experiments.delta_stn.__main__ import main
 from experiments.delta_stn._tasks import (
     RIDGE_VAL_GAP,
+    dropout_response_jacobian,
+    dropout_weights,
     make_task,
     ridge_closed_form,
     ridge_val_gap,
@@ -149,3 +155,39 @@ def test_stability_grid_counts_a_diverged_run_and_resumes_without_retraining(tmp
     assert len(again["run"]["progress"]) == 6
     assert all(p["from"] == p["to"] == 2 for p in again["run"]["progress"].values())
     np.testing.assert_equal(again["summary"], results["summary"])
+
+
+@pytest.mark.parametrize("variant", ["delta", "stn"])
+def test_response_jacobian_check_against_finite_differences(variant):
+    # Both sides of the dropout-regression Jacobian check, each against float64 central
+    # differences: the exact dw*/du of the closed form, and the network's dw/dh.
+    task = make_task("dropout-regression", 0, quick=True)
+    model = task.init_model(jax.random.key(0))
+    # A random response, so that the learned Jacobian is not zero.
+    model = jax.tree.map(lambda a: a + 0.1 * jnp.ones_like(a), model)
+    hparams = bnn.HyperParameters(task.specs, scale=task.scale, dtype=task.dtype)
+    hparams = eqx.tree_at(lambda hp: hp.values, hparams, hparams.values + jnp.linspace(-1, 1, 10))
+    result = dropout_response_jacobian(task, variant, model, hparams)
+    (X, y) = map(np.asarray, task.train)
+    u, h = np.asarray(hparams.values), np.asarray(bnn.eval_input(variant, hparams))
+    eps = 1e-6
+    exact_fd = np.stack(
+        [
+            (
+                dropout_weights(np.asarray(hparams.constrain(jnp.asarray(u + eps * e))), X, y)
+                - dropout_weights(np.asarray(hparams.constrain(jnp.asarray(u - eps * e))), X, y)
+            )
+            / (2 * eps)
+            for e in np.eye(10)
+        ],
+        axis=1,
+    )
+    weights = lambda h: np.asarray(jnp.sum(model.effective_weight(jnp.asarray(h)), axis=0))
+    learned_fd = np.stack(
+        [(weights(h + eps * e) - weights(h - eps * e)) / (2 * eps) for e in np.eye(10)], axis=1
+    )
+    np.testing.assert_allclose(result["exact"], exact_fd, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(result["learned"], learned_fd, rtol=1e-5, atol=1e-8)
+    assert np.linalg.norm(result["learned"]) > 0
+    expected = np.linalg.norm(learned_fd - exact_fd) / np.linalg.norm(exact_fd)
+    assert float(result["relerr"]) == pytest.approx(expected, rel=1e-4)

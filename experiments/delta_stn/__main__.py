@@ -20,6 +20,7 @@ from ._tasks import (
     TASKS,
     dropout_closed_form,
     dropout_exact_val_loss,
+    dropout_response_jacobian,
     make_task,
     ridge_closed_form,
     ridge_val_gap,
@@ -54,7 +55,12 @@ def run_method(task, method: str, seed: int, run: _common.Run) -> dict:
         r = search(task, method, seed, run)
         return dict(r, seed=seed)
     r = self_tuning(task, method, seed, run)
+    checks = {}
+    if task.name == "dropout-regression":
+        jacobian = dropout_response_jacobian(task, method, r["model"], r["hyperparameters"])
+        checks = dict(response_jacobian_relerr=float(jacobian["relerr"]))
     return dict(
+        checks,
         seed=seed,
         val_loss=r["val_loss"],
         test_loss=r["test_loss"],

@@ -213,6 +213,9 @@ def self_tuning(
         final_test_loss=history["test_curve"][-1],
         final_hparams=np.asarray(hparams.value()),
         final_sigma=np.asarray(hparams.sigma),
+        # The trained network and hyperparameters, for checks against closed forms.
+        model=state["model"],
+        hyperparameters=hparams,
     )
 
 

@@ -208,6 +208,33 @@ def dropout_exact_val_loss(task: Task, p) -> float:
     return float(np.mean((Xv @ dropout_weights(np.asarray(p), X, y) - yv) ** 2))
 
 
+def dropout_response_jacobian(task: Task, variant: str, model, hparams) -> dict:
+    r"""The best-response Jacobian $\partial w / \partial u$ that a trained self-tuning
+    network of `variant` has learned on `task` (dropout regression), against the exact one,
+    both at the network's current hyperparameters, in their unconstrained coordinates $u$.
+
+    The network's regression weights are $w(h) = \mathbf 1^\top (W + \operatorname{diag}(Hh)
+    V)$ (its ten units summed), so its estimate is $\partial w / \partial h$ at the eval-mode
+    input $h$; the exact one differentiates $w^*(p(u))$ of `dropout_weights`.
+
+    **Returns:**
+
+    `learned` and `exact` (10 × 10) and the relative error `relerr` (Frobenius norm).
+    """
+    X, y = (jnp.asarray(a) for a in task.train)
+    G = X.T @ X
+
+    def exact_weights(u):
+        p = hparams.constrain(u)
+        r = p / (1 - p)
+        return jnp.linalg.solve(G + jnp.diag(r * jnp.diag(G)), X.T @ y)
+
+    learned_weights = lambda h: jnp.sum(model.effective_weight(h), axis=0)
+    exact = jax.jacfwd(exact_weights)(hparams.values)
+    learned = jax.jacfwd(learned_weights)(bnn.eval_input(variant, hparams))
+    return dict(learned=learned, exact=exact, relerr=problems.relerr(learned, exact))
+
+
 # ---------------------------------------------------------------------------------------------
 # Classification: MLPs on digits and MNIST, a CNN on MNIST.
 
