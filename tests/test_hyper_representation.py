@@ -361,3 +361,38 @@ def test_training_resumes_where_it_was_killed(tmp_path, monkeypatch):
     assert len(calls) == 2 and run.progress["5w1s"] == {"from": 2, "to": 4}
     assert resumed["history"] == whole["history"]
     assert resumed["test_acc"] == whole["test_acc"]
+
+
+def test_protonet_episode_loss_against_a_hand_computation():
+    # Two shots per class in a shuffled order, so the prototypes are true means of the right
+    # images; the loss and accuracy written out in NumPy from the net's features.
+    model = hr.HyperRepresentation(8, step_size=0.5, key=jax.random.key(0), dtype=jnp.float64)
+    key_s, key_q = jax.random.split(jax.random.key(1))
+    support = jax.random.uniform(key_s, (6, 28, 28, 1), jnp.float64)  # 28: features of size 8
+    query = jax.random.uniform(key_q, (4, 28, 28, 1), jnp.float64)
+    support_labels = jnp.asarray([2, 0, 1, 0, 2, 1], jnp.int32)
+    query_labels = jnp.asarray([1, 2, 0, 1], jnp.int32)
+    loss, accuracy = hr.episode_loss(
+        model, support, support_labels, query, query_labels, n_way=3, num_steps=0,
+        head="prototypes",
+    )  # fmt: skip
+    features = np.asarray(model.net(jnp.concatenate([support, query])))
+    fs, fq = features[:6], features[6:]
+    labels = np.asarray(support_labels)
+    prototypes = np.stack([fs[labels == k].mean(0) for k in range(3)])
+    logits = -((fq[:, None, :] - prototypes[None]) ** 2).sum(-1)
+    log_p = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
+    log_p -= logits.max(1, keepdims=True)
+    expected = -np.mean(log_p[np.arange(4), np.asarray(query_labels)])
+    assert float(loss) == pytest.approx(expected, rel=1e-10)
+    assert float(accuracy) == np.mean(logits.argmax(1) == np.asarray(query_labels))
+    # The linear head on the same episode is another classifier, with another loss.
+    linear, _ = hr.episode_loss(
+        model, support, support_labels, query, query_labels, n_way=3, num_steps=3
+    )
+    assert abs(float(linear) - expected) > 1e-3
+
+
+def test_unknown_head_is_refused():
+    with pytest.raises(ValueError, match="`--head` must be one of"):
+        hr.main(["--head", "nearest", "--out", "/nonexistent/never-created"])

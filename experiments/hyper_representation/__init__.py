@@ -20,6 +20,7 @@ from ._data import (
     split_holding_out as split_holding_out,
 )
 from ._meta_step import (
+    HEADS as HEADS,
     Batch as Batch,
     Head as Head,
     TrainState as TrainState,
@@ -30,6 +31,7 @@ from ._meta_step import (
     make_meta_step as make_meta_step,
     make_optimizer as make_optimizer,
     meta_step as meta_step,
+    prototype_logits as prototype_logits,
     replicate as replicate,
     shard_batch as shard_batch,
     train_head as train_head,

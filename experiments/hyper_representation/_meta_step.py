@@ -91,6 +91,19 @@ def train_head(features, labels, step_size, n_way: int, num_steps: int) -> Head:
     return sol.params
 
 
+# How an episode's classifier is built on the features: a linear head trained by T gradient
+# steps (the hyper-representation), or the classes' mean support features (ProtoNet).
+HEADS = ("linear", "prototypes")
+
+
+def prototype_logits(support_features, support_labels, query_features, n_way: int):
+    r"""Prototypical networks (Snell et al. 2017): logits $-\|q - c_k\|^2$, with $c_k$ the
+    mean support feature of class $k$."""
+    one_hot = jax.nn.one_hot(support_labels, n_way, dtype=support_features.dtype)
+    prototypes = (one_hot.T @ support_features) / jnp.sum(one_hot, axis=0)[:, None]
+    return -jnp.sum((query_features[:, None, :] - prototypes[None]) ** 2, axis=-1)
+
+
 def episode_loss(
     model: HyperRepresentation,
     support,
@@ -100,24 +113,29 @@ def episode_loss(
     *,
     n_way: int,
     num_steps: int,
+    head: str = "linear",
 ):
-    """The outer objective of one episode: query cross-entropy of the trained head, and its
-    query accuracy (as aux).
+    """The outer objective of one episode: query cross-entropy of the episode's classifier
+    (`head`, one of `HEADS`), and its query accuracy (as aux).
 
     Support and query go through the net together, so batch norm uses the episode's
     statistics, and the features are computed once, outside the inner steps."""
     features = model.net(jnp.concatenate([support, query]))
     support_features, query_features = jnp.split(features, [support.shape[0]])
-    head = train_head(support_features, support_labels, model.step_size(), n_way, num_steps)
-    logits = head(query_features)
+    if head == "prototypes":
+        logits = prototype_logits(support_features, support_labels, query_features, n_way)
+    else:
+        step_size = model.step_size()
+        trained = train_head(support_features, support_labels, step_size, n_way, num_steps)
+        logits = trained(query_features)
     predicted = jnp.argmax(logits, axis=1).astype(query_labels.dtype)
     accuracy = jnp.mean((predicted == query_labels).astype(logits.dtype))
     return cross_entropy(logits, query_labels), accuracy
 
 
-def batch_loss(model, batch: Batch, *, n_way: int, num_steps: int):
+def batch_loss(model, batch: Batch, *, n_way: int, num_steps: int, head: str = "linear"):
     """Mean episode loss over the meta-batch, and `(accuracies, losses)` per episode."""
-    loss_fn = lambda *e: episode_loss(model, *e, n_way=n_way, num_steps=num_steps)
+    loss_fn = lambda *e: episode_loss(model, *e, n_way=n_way, num_steps=num_steps, head=head)
     losses, accuracies = jax.vmap(loss_fn)(*batch)
     return jnp.mean(losses), (accuracies, losses)
 
@@ -145,6 +163,7 @@ def meta_step(
     optimizer: optax.GradientTransformation,
     n_way: int,
     num_steps: int,
+    head: str = "linear",
 ) -> tuple[TrainState, dict[str, Array]]:
     """One Adam step on the representation and step size with the mean meta-gradient of the
     meta-batch.
@@ -159,7 +178,9 @@ def meta_step(
     queries) and `"step_size"`.
     """
     params, static = eqx.partition(state.model, eqx.is_inexact_array)
-    loss_fn = lambda p: batch_loss(eqx.combine(p, static), batch, n_way=n_way, num_steps=num_steps)
+    loss_fn = lambda p: batch_loss(
+        eqx.combine(p, static), batch, n_way=n_way, num_steps=num_steps, head=head
+    )
     (loss, (accuracies, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     params, opt_state = _common.optax_step(optimizer, grads, state.opt_state, params)
     model = eqx.combine(params, static)
@@ -171,23 +192,27 @@ def meta_step(
     return TrainState(model, opt_state, state.step + 1), metrics
 
 
-def make_meta_step(optimizer: optax.GradientTransformation, n_way: int, num_steps: int):
+def make_meta_step(
+    optimizer: optax.GradientTransformation, n_way: int, num_steps: int, head: str = "linear"
+):
     """`meta_step` with its configuration bound, jitted: `(state, batch) -> (state, metrics)`.
 
     The state is not donated: the run keeps the best model seen, which shares its buffers."""
 
     def step(state, batch):
-        return meta_step(state, batch, optimizer=optimizer, n_way=n_way, num_steps=num_steps)
+        return meta_step(
+            state, batch, optimizer=optimizer, n_way=n_way, num_steps=num_steps, head=head
+        )
 
     return jax.jit(step)
 
 
 @eqx.filter_jit
 def episode_accuracies(
-    model: HyperRepresentation, batch: Batch, n_way: int, num_steps: int
+    model: HyperRepresentation, batch: Batch, n_way: int, num_steps: int, head: str = "linear"
 ) -> Float[Array, " B"]:
     """Query accuracy of each episode of `batch` (no gradient)."""
-    _, (accuracies, _) = batch_loss(model, batch, n_way=n_way, num_steps=num_steps)
+    _, (accuracies, _) = batch_loss(model, batch, n_way=n_way, num_steps=num_steps, head=head)
     return accuracies
 
 

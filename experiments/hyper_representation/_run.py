@@ -17,6 +17,7 @@ from ._data import (
     split_holding_out,
 )
 from ._meta_step import (
+    HEADS,
     Batch,
     episode_accuracies,
     init_state,
@@ -38,6 +39,7 @@ FULL = dict(
     meta_steps=50_000,
     meta_batch=32,
     inner_steps=5,
+    head="linear",  # or "prototypes": ProtoNet in the same harness
     lr=1e-3,
     warmup=0,
     width=64,
@@ -80,7 +82,9 @@ def _train_batch(batch: Batch, mesh) -> Batch:
     return _distributed.global_batch_from_local(batch, mesh)
 
 
-def evaluate(model, batches: list[Batch], n_way: int, num_steps: int, mesh) -> np.ndarray:
+def evaluate(
+    model, batches: list[Batch], n_way: int, num_steps: int, mesh, head: str = "linear"
+) -> np.ndarray:
     """Query accuracy of every episode of `batches`, each batch sharded over the mesh (padded
     with repeats of its first episode up to a multiple of the device count)."""
     num_devices = mesh.shape["tasks"]
@@ -90,7 +94,7 @@ def evaluate(model, batches: list[Batch], n_way: int, num_steps: int, mesh) -> n
         pad = -size % num_devices
         if pad:
             batch = Batch(*(np.concatenate([x, np.repeat(x[:1], pad, 0)]) for x in batch))
-        acc = episode_accuracies(model, shard_batch(batch, mesh), n_way, num_steps)
+        acc = episode_accuracies(model, shard_batch(batch, mesh), n_way, num_steps, head)
         out.append(_distributed.to_host(acc)[:size])  # gathered from every process
     return np.concatenate(out)
 
@@ -101,7 +105,7 @@ def train_setting(name: str, splits, cfg: dict, args, run: _common.Run, mesh, ru
     train_images, val_images, test_images = (s.images for s in splits)
     T = cfg["inner_steps"]
     optimizer = make_optimizer(cfg["lr"], cfg["meta_steps"], warmup=cfg["warmup"])
-    step_fn = make_meta_step(optimizer, n_way, T)
+    step_fn = make_meta_step(optimizer, n_way, T, cfg["head"])
     val = fixed_episodes(
         val_images,
         n_way,
@@ -183,7 +187,7 @@ def train_setting(name: str, splits, cfg: dict, args, run: _common.Run, mesh, ru
             state["timed_steps"] += done - window["first_timed"]
             state["timed_seconds"] += toc - window["tic"]
             state["train_seconds"] += toc - window["tic"]
-            val_acc = float(evaluate(model, val, n_way, T, mesh).mean())
+            val_acc = float(evaluate(model, val, n_way, T, mesh, cfg["head"]).mean())
             history = state["history"]
             history["step"].append(done)
             history["val_acc"].append(val_acc)
@@ -225,7 +229,7 @@ def train_setting(name: str, splits, cfg: dict, args, run: _common.Run, mesh, ru
         args.seed + 2,
         cfg["eval_chunk"],
     )
-    test_accs = evaluate(best["model"], test, n_way, T, mesh)
+    test_accs = evaluate(best["model"], test, n_way, T, mesh, cfg["head"])
     result = dict(
         test_acc=100 * float(test_accs.mean()),
         ci95=100 * ci95(test_accs),
@@ -240,7 +244,7 @@ def train_setting(name: str, splits, cfg: dict, args, run: _common.Run, mesh, ru
         history=history,
     )
     if runs is not None:
-        run_accs = evaluate(best["model"], [runs], runs.support.shape[1], T, mesh)
+        run_accs = evaluate(best["model"], [runs], runs.support.shape[1], T, mesh, cfg["head"])
         result.update(
             lake_runs_acc=100 * float(run_accs.mean()), lake_runs_ci95=100 * ci95(run_accs)
         )
@@ -288,6 +292,8 @@ def main(argv=None) -> dict:
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
         setattr(args, key, cfg[key])  # resolved: the run's configuration
+    if cfg["head"] not in HEADS:
+        raise ValueError(f"`--head` must be one of {HEADS}, got {cfg['head']!r}.")
     # Each setting is trained on its own; the test sets are drawn after training.
     run = _common.start(
         args, x64=False, may_change=("settings", "checkpoint_every", "test_episodes")
