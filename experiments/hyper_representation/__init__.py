@@ -34,6 +34,7 @@ from ._meta_step import (
     prototype_logits as prototype_logits,
     replicate as replicate,
     shard_batch as shard_batch,
+    solve_head as solve_head,
     train_head as train_head,
 )
 from ._model import (

@@ -1,7 +1,9 @@
 r"""One meta-step: per episode, a linear softmax head trained by $T$ gradient steps on the
 support features (`bilevax.inner_solve` with `bilevax.UnrolledAdjoint`), its query loss
 differentiated in reverse mode through the steps, averaged over a meta-batch of episodes
-(`jax.vmap`) that is sharded over the devices (`jax.sharding`).
+(`jax.vmap`) that is sharded over the devices (`jax.sharding`). Two other heads share the
+harness: the L2-regularised head solved to a tolerance and differentiated by the implicit
+function theorem (the limit $T \to \infty$), and ProtoNet's class means.
 
 The sharding is made in one place, [`make_mesh`][experiments.hyper_representation.make_mesh]
 and [`shard_batch`][experiments.hyper_representation.shard_batch]: the meta-step itself is one
@@ -65,23 +67,38 @@ def cross_entropy(logits, labels):
 
 
 def inner_loss(head: Head, hparams: dict, labels: Int[Array, " nk"]):
-    """Cross-entropy of the head on the support features (`hparams["features"]`)."""
-    return cross_entropy(head(hparams["features"]), labels)
+    r"""Cross-entropy of the head on the support features (`hparams["features"]`), plus
+    $\tfrac{\mu}{2}(\|W\|^2 + \|b\|^2)$ when `hparams` holds an L2 strength $\mu$ (`"l2"`).
+
+    The bias is regularised too: the softmax is unchanged by adding one number to every bias,
+    so without it the inner problem has no unique minimiser and its Hessian is singular."""
+    loss = cross_entropy(head(hparams["features"]), labels)
+    if "l2" in hparams:
+        squares = sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(head))
+        loss = loss + 0.5 * hparams["l2"] * squares
+    return loss
 
 
 def _solver(hparams: dict) -> bx.GradientDescent:
     return bx.GradientDescent(hparams["step_size"])
 
 
-def train_head(features, labels, step_size, n_way: int, num_steps: int) -> Head:
-    """$T$ = `num_steps` gradient steps from zero on the support loss, differentiable through
-    the steps with respect to `features` and `step_size`."""
+def zero_head(features, n_way: int) -> Head:
     d = features.shape[-1]
-    init = Head(jnp.zeros((d, n_way), features.dtype), jnp.zeros(n_way, features.dtype))
+    return Head(jnp.zeros((d, n_way), features.dtype), jnp.zeros(n_way, features.dtype))
+
+
+def train_head(features, labels, step_size, n_way: int, num_steps: int, l2=None) -> Head:
+    """$T$ = `num_steps` gradient steps from zero on the support loss (L2-regularised if `l2`
+    is given), differentiable through the steps with respect to `features`, `step_size` and
+    `l2`."""
+    hparams = {"features": features, "step_size": step_size}
+    if l2 is not None:
+        hparams["l2"] = l2
     sol = bx.inner_solve(
         inner_loss,
-        init,
-        {"features": features, "step_size": step_size},
+        zero_head(features, n_way),
+        hparams,
         labels,
         solver=_solver,
         max_steps=num_steps,
@@ -91,9 +108,53 @@ def train_head(features, labels, step_size, n_way: int, num_steps: int) -> Head:
     return sol.params
 
 
+def _accelerated_solver(hparams: dict):
+    r"""Nesterov's accelerated gradient with the step and momentum of a $\mu$-strongly convex,
+    $L$-smooth problem: $1/L$ and $(1 - \sqrt{\mu/L})/(1 + \sqrt{\mu/L})$, so the steps
+    needed grow as $\sqrt{L/\mu}$.
+
+    $L = \tfrac12\lambda_{\max}(\tilde Z\tilde Z^\top/n) + \mu$ with $\tilde Z = [Z, 1]$ the
+    support features and a column of ones bounds the Hessian (a softmax's Hessian is at most
+    $\tfrac12$); it is computed exactly from the small $n \times n$ Gram matrix. A method
+    with a line search (BFGS, L-BFGS) stalls in float32 before a gradient norm of $10^{-4}$:
+    the loss decreases it tests are below float32's resolution there."""
+    features, mu = hparams["features"], hparams["l2"]
+    z = jnp.concatenate([features, jnp.ones((features.shape[0], 1), features.dtype)], axis=1)
+    smoothness = 0.5 * jnp.linalg.eigvalsh(z @ z.T / z.shape[0])[-1] + mu
+    q = jnp.sqrt(mu / smoothness)
+    return optax.sgd(1 / smoothness, momentum=(1 - q) / (1 + q), nesterov=True)
+
+
+def solve_head(features, labels, l2, n_way: int, tol: float, max_steps: int = 5000) -> Head:
+    r"""The L2-regularised head solved from zero to a gradient norm of `tol` (Nesterov's
+    accelerated gradient), differentiated by the implicit function theorem
+    (`bilevax.ImplicitAdjoint`, conjugate gradients on the head's Hessian) with respect to
+    `features` and `l2`: the limit $T \to \infty$ of `train_head`.
+
+    From zero rather than warm-started: every episode is a new task with new classes, so no
+    earlier solution is near this one. A solve that does not reach `tol` in `max_steps`
+    raises (the meta-gradient of a head that is not the minimiser would be wrong)."""
+    sol = bx.inner_solve(
+        inner_loss,
+        zero_head(features, n_way),
+        {"features": features, "l2": l2},
+        labels,
+        solver=_accelerated_solver,
+        max_steps=max_steps,
+        tol=tol,
+        adjoint=bx.ImplicitAdjoint(),
+        throw=True,
+    )
+    return sol.params
+
+
 # How an episode's classifier is built on the features: a linear head trained by T gradient
-# steps (the hyper-representation), or the classes' mean support features (ProtoNet).
-HEADS = ("linear", "prototypes")
+# steps (the hyper-representation), the L2-regularised head solved to a tolerance and
+# differentiated implicitly, or the classes' mean support features (ProtoNet).
+HEADS = ("linear", "implicit", "prototypes")
+# The implicit head's gradient norm at which its solve stops: float32 reaches 1e-5 (not always
+# 1e-6); float64 (the tests) is held to 1e-10, so that finite differences can check it.
+INNER_TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.float64): 1e-10}
 
 
 def prototype_logits(support_features, support_labels, query_features, n_way: int):
@@ -124,6 +185,10 @@ def episode_loss(
     support_features, query_features = jnp.split(features, [support.shape[0]])
     if head == "prototypes":
         logits = prototype_logits(support_features, support_labels, query_features, n_way)
+    elif head == "implicit":
+        tol = INNER_TOL[jnp.dtype(features.dtype)]
+        trained = solve_head(support_features, support_labels, model.l2(), n_way, tol)
+        logits = trained(query_features)
     else:
         step_size = model.step_size()
         trained = train_head(support_features, support_labels, step_size, n_way, num_steps)
@@ -175,7 +240,7 @@ def meta_step(
     **Returns:**
 
     `(state, metrics)`, metrics `"loss"` and `"accuracy"` (means over the meta-batch, on the
-    queries) and `"step_size"`.
+    queries), `"step_size"` and `"l2"`.
     """
     params, static = eqx.partition(state.model, eqx.is_inexact_array)
     loss_fn = lambda p: batch_loss(
@@ -188,6 +253,7 @@ def meta_step(
         "loss": loss,
         "accuracy": jnp.mean(accuracies),
         "step_size": state.model.step_size(),
+        "l2": state.model.l2(),
     }
     return TrainState(model, opt_state, state.step + 1), metrics
 

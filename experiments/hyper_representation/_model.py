@@ -71,17 +71,26 @@ class HyperRepresentation(eqx.Module):
     step size drifting up (as it does on 20-way episodes) cannot leave the range where $T$
     gradient steps on the head are stable, and smooth, so that the bound has no dead gradient.
 
+    The L2 strength of the implicit head (`head="implicit"`) is $\mu = \mu_{\min} + e^{\kappa}$
+    with $\kappa$ learned: bounded below, so that the inner problem's condition number, and
+    with it the number of inner steps, stays bounded. The unrolled and ProtoNet heads ignore it
+    (its gradient is zero there).
+
     **Arguments:**
 
     - `width`, `depth`: of the [`ConvNet`][experiments.hyper_representation.ConvNet].
     - `step_size`: the initial $\eta$.
     - `max_step_size`: $\eta_{\max}$.
+    - `l2`: the initial $\mu$.
+    - `min_l2`: $\mu_{\min}$.
     - `key`: initialises the convolutions.
     """
 
     net: ConvNet
     raw_step: Float[Array, ""]
+    raw_l2: Float[Array, ""]
     max_step_size: float = eqx.field(static=True)
+    min_l2: float = eqx.field(static=True)
 
     def __init__(
         self,
@@ -90,6 +99,8 @@ class HyperRepresentation(eqx.Module):
         *,
         step_size: float = 0.5,
         max_step_size: float = 2.0,
+        l2: float = 0.1,
+        min_l2: float = 1e-3,
         key: PRNGKeyArray,
         dtype=None,
     ):
@@ -97,11 +108,18 @@ class HyperRepresentation(eqx.Module):
             raise ValueError(
                 f"`step_size` must be in (0, max_step_size={max_step_size}); got {step_size}."
             )
+        if not 0 < min_l2 < l2:
+            raise ValueError(f"`l2` must exceed `min_l2={min_l2}` > 0; got {l2}.")
         dtype = jnp.float32 if dtype is None else dtype
         self.net = ConvNet(width, depth, key=key, dtype=dtype)
         p = step_size / max_step_size
         self.raw_step = jnp.asarray(math.log(p / (1 - p)), dtype)
         self.max_step_size = max_step_size
+        self.raw_l2 = jnp.asarray(math.log(l2 - min_l2), dtype)
+        self.min_l2 = min_l2
 
     def step_size(self) -> Float[Array, ""]:
         return self.max_step_size * jax.nn.sigmoid(self.raw_step)
+
+    def l2(self) -> Float[Array, ""]:
+        return self.min_l2 + jnp.exp(self.raw_l2)

@@ -39,7 +39,8 @@ FULL = dict(
     meta_steps=50_000,
     meta_batch=32,
     inner_steps=5,
-    head="linear",  # or "prototypes": ProtoNet in the same harness
+    head="linear",  # "implicit": solved to a tolerance; "prototypes": ProtoNet
+    l2=0.1,  # the implicit head's initial L2 strength (learned)
     lr=1e-3,
     warmup=0,
     width=64,
@@ -99,8 +100,11 @@ def evaluate(
     return np.concatenate(out)
 
 
-def train_setting(name: str, splits, cfg: dict, args, run: _common.Run, mesh, runs) -> dict:
-    """Meta-trains one setting with checkpoints; returns its results."""
+def train_setting(
+    name: str, splits, cfg: dict, args, run: _common.Run, mesh, runs, loop_name: str | None = None
+) -> dict:
+    """Meta-trains one setting with checkpoints (under `loop_name`, default `name`); returns
+    its results."""
     n_way, k_shot = SETTINGS[name]
     train_images, val_images, test_images = (s.images for s in splits)
     T = cfg["inner_steps"]
@@ -127,12 +131,13 @@ def train_setting(name: str, splits, cfg: dict, args, run: _common.Run, mesh, ru
             cfg["width"],
             step_size=cfg["step_size"],
             max_step_size=cfg["max_step_size"],
+            l2=cfg["l2"],
             key=jax.random.key(args.seed),
         )
         return dict(
             train_state=init_state(model, optimizer),
             best=dict(model=model, val_acc=-1.0, step=0),
-            history=dict(step=[], val_acc=[], train_loss=[], train_acc=[], step_size=[]),
+            history=dict(step=[], val_acc=[], train_loss=[], train_acc=[], step_size=[], l2=[]),
             rng_state=args.seed,
             train_seconds=0.0,
             timed_steps=0,
@@ -194,6 +199,7 @@ def train_setting(name: str, splits, cfg: dict, args, run: _common.Run, mesh, ru
             history["train_loss"].append(float(np.mean(jax.device_get(window["losses"]))))
             history["train_acc"].append(float(np.mean(jax.device_get(window["accs"]))))
             history["step_size"].append(float(model.step_size()))
+            history["l2"].append(float(model.l2()))
             window.update(losses=[], accs=[])
             if val_acc > state["best"]["val_acc"]:
                 state["best"] = dict(model=model, val_acc=val_acc, step=done)
@@ -203,7 +209,7 @@ def train_setting(name: str, splits, cfg: dict, args, run: _common.Run, mesh, ru
 
     try:
         state = run.loop(
-            name,
+            loop_name or name,
             cfg["meta_steps"],
             fresh,
             step,
@@ -238,6 +244,7 @@ def train_setting(name: str, splits, cfg: dict, args, run: _common.Run, mesh, ru
         best_step=best["step"],
         final_step_size=float(state["train_state"].model.step_size()),
         best_step_size=float(best["model"].step_size()),
+        best_l2=float(best["model"].l2()),
         meta_steps=cfg["meta_steps"],
         train_seconds=seconds,
         meta_steps_per_s=timed_steps / timed_seconds if timed_seconds else float("nan"),
@@ -285,6 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_splits(args):
+    """The meta-train, meta-validation and meta-test characters (`args.split`, `args.seed`),
+    and Lake's one-shot runs as one batch (`None` with the random split)."""
+    data = _common.data_dir(args, "omniglot")
+    chars = load_omniglot(data)
+    if args.split == "hold-out-runs":
+        raw_runs = load_one_shot_runs(data)
+        splits = split_holding_out(chars, runs_character_ids(chars, raw_runs), seed=args.seed)
+        return splits, runs_batch(raw_runs)
+    return split_characters(chars, seed=args.seed), None
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
@@ -298,15 +317,7 @@ def main(argv=None) -> dict:
     run = _common.start(
         args, x64=False, may_change=("settings", "checkpoint_every", "test_episodes")
     )
-    data = _common.data_dir(args, "omniglot")
-    chars = load_omniglot(data)
-    runs = None
-    if args.split == "hold-out-runs":
-        raw_runs = load_one_shot_runs(data)
-        splits = split_holding_out(chars, runs_character_ids(chars, raw_runs), seed=args.seed)
-        runs = runs_batch(raw_runs)
-    else:
-        splits = split_characters(chars, seed=args.seed)
+    splits, runs = load_splits(args)
     mesh = make_mesh()
     _common.console.print(
         f"{len(jax.devices())} device(s): {jax.devices()[0].device_kind}; "
