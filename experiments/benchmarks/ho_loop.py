@@ -1,0 +1,497 @@
+"""The outer loop of hyperparameter optimisation: inner solve, hypergradient, update, repeat.
+
+A user never computes one hypergradient; they run a loop. The problem is logistic regression
+with one L2 strength per feature, λ its logarithm,
+
+    L(w, λ) = mean log-loss(X_train w, y_train) + ½ Σ_i exp(λ_i) w_i²,
+    E(w, λ) = mean log-loss(X_val w, y_val),
+
+on scikit-learn's breast cancer data (d = 30) and synthetic problems with d = 2,000 and
+(without `--quick`) d = 100,000, the data of `implicit_vs_jaxopt`. Every contender runs the
+same number of outer steps of Adam on λ from the same start, and each whole loop is one
+jitted function (a `lax.scan` over the outer steps), so the steady-state time is a call of
+the compiled loop and the compile time is reported apart. The inner solver is L-BFGS
+everywhere (history 10) and the inner problem is solved to `‖∇_w L‖₂ ≤ INNER_TOL`:
+
+- (a) `jaxopt`, as its documentation teaches it: `jaxopt.LBFGS(implicit_diff=True)` with
+    `jax.value_and_grad` through `solver.run`, warm-started from the last solution as
+    jaxopt's examples do; its implicit-diff solve is `solve_cg` at `tol = INNER_TOL` (the
+    default, `solve_normal_cg` at 1e-5, squares the condition number and would only make
+    jaxopt slower and less accurate).
+- (b) `obvious`: bilevax written the obvious way, `jax.value_and_grad` through
+    `bx.inner_solve(..., solver=optx.LBFGS(...), tol=INNER_TOL)` from zero, everything else
+    at its default (the implicit adjoint with `bx.CG` at the inner tolerance).
+- (c) `best`: bilevax's best loop, from its primitives: the inner solve starts at the
+    previous solution, `bx.implicit_hypergrad` with `bx.CG` starts at the previous adjoint
+    (`adjoint_init`, the `info.adjoint` of `has_aux=True`), and both tolerances follow HOAG's
+    schedule `ε_k = max(ε_0 ρ^k, INNER_TOL)` (`bx.contrib.HOAG.tolerance`).
+- (d) `hoag`: `bx.contrib.HOAG.step` itself, the same schedule and warm starts, with the
+    `lx.CG` it hard-codes.
+
+Before timing, every loop's final λ is compared with jaxopt's, and the validation loss at
+the final λ (with the inner problem solved to machine precision by an independent Newton-CG)
+must agree to `LOSS_RTOL` relative. The timed runs of the contenders are interleaved
+(a b c d a b c d ...) so that load on a shared machine falls on all alike. Counted once, in
+un-timed copies that call back to the host: inner iterations, inner-loss evaluations (each a
+value and gradient, or a gradient), and Hessian-vector products (HVPs) in the linear solves.
+The goals: (c) at most `SPEEDUP_GOAL` × (a) in steady state, (b) at most (a).
+"""
+
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+import optax
+import optimistix as optx
+
+import bilevax as bx
+
+from .. import _common
+from ..problems import logistic_loss as inner_loss, logistic_outer as outer_loss, relerr
+from ._timing import Timing, block, compile_fn, finish, format_table, outputs, parser
+from .implicit_vs_jaxopt import breast_cancer, newton_cg, synthetic
+
+
+jax.config.update("jax_enable_x64", True)
+
+NAME = "ho_loop"
+SPEEDUP_GOAL = 0.5  # (c) best / (a) jaxopt, steady state
+PARITY_GOAL = 1.0  # (b) obvious / (a) jaxopt, steady state
+OUTER_STEPS = 100
+# --quick: the d = 2,000 loop takes ~2 s per 20 outer steps on 2 cores (jaxopt), and the
+# problems grow harder as λ falls, so 20 steps keep the whole run near two minutes.
+QUICK_OUTER_STEPS = 20
+OUTER_LR = 0.05  # Adam on log λ
+INNER_TOL = 1e-8  # ‖∇_w L‖₂ at the end of every inner solve (the last of HOAG's)
+INNER_MAX_STEPS = 2_000
+HISTORY = 10  # L-BFGS memory, jaxopt's default
+# HOAG's schedule: loose early, INNER_TOL from step ~60 of 100 on.
+INITIAL_TOL, DECAY = 1e-7, 0.9
+# The validation loss at the final λ must agree across contenders to this, relative.
+LOSS_RTOL = 1e-6
+CONTENDERS = ("jaxopt", "obvious", "best", "hoag")
+QUICK_CONTENDERS = CONTENDERS[:3]  # (d) only in the full run: two more compilations each
+# lineax's CG recomputes the residual from scratch every `stabilise_every` steps (an HVP).
+STABILISE_EVERY = lx.CG(0.0, 0.0, max_steps=1).stabilise_every
+
+
+# -- counting --------------------------------------------------------------------------------
+
+
+class Counter:
+    """Host-side tallies that the un-timed copies of the loops call back into."""
+
+    def __init__(self):
+        self.loss_evals = 0
+        self.hvps = 0
+
+    def loss(self):
+        self.loss_evals += 1
+
+    def add_hvps(self, count):
+        self.hvps += int(count)
+
+
+def _counted_loss(counter: Counter | None):
+    """`inner_loss`, calling `counter.loss` on every evaluation (a gradient evaluates it once:
+    the callback sits in the forward pass)."""
+    if counter is None:
+        return inner_loss
+
+    def loss(w, lam, data):
+        jax.debug.callback(counter.loss)
+        return inner_loss(w, lam, data)
+
+    return loss
+
+
+class CountedSolver(lx.AbstractLinearSolver):
+    """A lineax solver that reports its HVPs to a `Counter`: for `bx.CG` one per step, plus
+    one for the initial residual when started from a `y0`; for `lx.CG` one per step, one for
+    the initial residual, and one per re-computed residual."""
+
+    solver: lx.AbstractLinearSolver
+    counter: Counter = eqx.field(static=True)
+
+    def init(self, operator, options):
+        return self.solver.init(operator, options)
+
+    def compute(self, state, vector, options):
+        solution, result, stats = self.solver.compute(state, vector, options)
+        steps = stats["num_steps"]
+        if isinstance(self.solver, lx.CG):
+            hvps = steps + 1 + steps // STABILISE_EVERY
+        else:
+            hvps = steps + int(options.get("y0") is not None)
+        jax.debug.callback(self.counter.add_hvps, hvps)
+        return solution, result, stats
+
+    def transpose(self, state, options):
+        return self.solver.transpose(state, options)
+
+    def conj(self, state, options):
+        return self.solver.conj(state, options)
+
+    def assume_full_rank(self):
+        return self.solver.assume_full_rank()
+
+
+def _counted_solver(solver, counter: Counter | None):
+    return solver if counter is None else CountedSolver(solver, counter)
+
+
+# -- the contenders: each `(lam0, train, val) -> (lam, values, inner_steps)` ---------------------
+
+
+def _lbfgs():
+    # optimistix's own stopping test is replaced by bilevax's ‖∇L‖₂ ≤ tol.
+    return optx.LBFGS(rtol=INNER_TOL, atol=INNER_TOL, history_length=HISTORY)
+
+
+def _adam_step(optimizer, hypergrad, opt_state, lam):
+    # Adam's bias correction mixes an int32 count with floats (strict promotion refuses).
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimizer.update(hypergrad, opt_state, lam)
+    return optax.apply_updates(lam, updates), opt_state
+
+
+def jaxopt_loop(num_steps: int, counter: Counter | None = None):
+    """(a): jaxopt's L-BFGS with implicit differentiation, warm-started."""
+    from jaxopt import LBFGS
+    from jaxopt.linear_solve import solve_cg
+
+    def solve(matvec, b):
+        if counter is not None:
+            plain = matvec
+
+            def matvec(u):
+                jax.debug.callback(counter.add_hvps, 1)
+                return plain(u)
+
+        return solve_cg(matvec, b, tol=INNER_TOL)
+
+    solver = LBFGS(
+        fun=_counted_loss(counter),
+        tol=INNER_TOL,
+        maxiter=INNER_MAX_STEPS,
+        history_size=HISTORY,
+        implicit_diff=True,
+        implicit_diff_solve=solve,
+    )
+    optimizer = optax.adam(OUTER_LR)
+
+    def objective(lam, w, train, val):
+        params, state = solver.run(w, lam, train)
+        return outer_loss(params, lam, val), (params, state.iter_num)
+
+    def loop(lam, train, val):
+        def step(carry, _):
+            lam, opt_state, w = carry
+            (value, (w, steps)), hypergrad = jax.value_and_grad(objective, has_aux=True)(
+                lam, w, train, val
+            )
+            lam, opt_state = _adam_step(optimizer, hypergrad, opt_state, lam)
+            return (lam, opt_state, w), (value, steps)
+
+        w0 = jnp.zeros(train[0].shape[1], lam.dtype)
+        carry = (lam, optimizer.init(lam), w0)
+        (lam, _, _), (values, steps) = jax.lax.scan(step, carry, length=num_steps)
+        return lam, values, steps
+
+    return loop
+
+
+def obvious_loop(num_steps: int, counter: Counter | None = None):
+    """(b): `jax.value_and_grad` through `bx.inner_solve` from zero, with its defaults."""
+    optimizer = optax.adam(OUTER_LR)
+    adjoint = bx.ImplicitAdjoint()
+    if counter is not None:  # the default linear solver, counted
+        adjoint = bx.ImplicitAdjoint(
+            _counted_solver(bx.CG(rtol=max(INNER_TOL, 1e-10), atol=0.0), counter)
+        )
+
+    def objective(lam, train, val):
+        w0 = jnp.zeros(train[0].shape[1], lam.dtype)
+        sol = bx.inner_solve(
+            _counted_loss(counter),
+            w0,
+            lam,
+            train,
+            solver=_lbfgs(),
+            tol=INNER_TOL,
+            max_steps=INNER_MAX_STEPS,
+            adjoint=adjoint,
+        )
+        return outer_loss(sol.params, lam, val), sol.stats["num_steps"]
+
+    def loop(lam, train, val):
+        def step(carry, _):
+            lam, opt_state = carry
+            (value, steps), hypergrad = jax.value_and_grad(objective, has_aux=True)(lam, train, val)
+            lam, opt_state = _adam_step(optimizer, hypergrad, opt_state, lam)
+            return (lam, opt_state), (value, steps)
+
+        (lam, _), (values, steps) = jax.lax.scan(step, (lam, optimizer.init(lam)), length=num_steps)
+        return lam, values, steps
+
+    return loop
+
+
+def _hoag(counter: Counter | None = None):
+    return bx.contrib.HOAG(
+        optax.adam(OUTER_LR),
+        _lbfgs(),
+        initial_tol=INITIAL_TOL,
+        decay=DECAY,
+        final_tol=INNER_TOL,
+        max_steps=INNER_MAX_STEPS,
+    )
+
+
+def best_loop(num_steps: int, counter: Counter | None = None):
+    """(c): warm starts of the solution and the adjoint, HOAG's tolerances, `bx.CG`."""
+    optimizer = optax.adam(OUTER_LR)
+    schedule = _hoag()
+    loss = _counted_loss(counter)
+
+    def loop(lam, train, val):
+        def step(carry, k):
+            lam, opt_state, w, v = carry
+            tol = schedule.tolerance(k.astype(lam.dtype))  # a float power, for strict promotion
+            sol = bx.inner_solve(
+                loss, w, lam, train, solver=_lbfgs(), tol=tol, max_steps=INNER_MAX_STEPS
+            )
+            linear_solver = _counted_solver(bx.CG(rtol=tol, atol=0.0), counter)
+            value, hypergrad, info = bx.implicit_hypergrad(
+                outer_loss,
+                loss,
+                sol.params,
+                lam,
+                train,
+                val,
+                linear_solver=linear_solver,
+                adjoint_init=v,
+                has_aux=True,
+                tol=tol,
+            )
+            if counter is not None:  # the info's residual ‖H v − ∇_w E‖: one more HVP
+                jax.debug.callback(counter.add_hvps, 1)
+            lam, opt_state = _adam_step(optimizer, hypergrad, opt_state, lam)
+            return (lam, opt_state, sol.params, info.adjoint), (value, sol.stats["num_steps"])
+
+        zeros = jnp.zeros(train[0].shape[1], lam.dtype)
+        carry = (lam, optimizer.init(lam), zeros, zeros)
+        (lam, *_), (values, steps) = jax.lax.scan(step, carry, jnp.arange(num_steps))
+        return lam, values, steps
+
+    return loop
+
+
+def hoag_loop(num_steps: int, counter: Counter | None = None):
+    """(d): `bx.contrib.HOAG` as it is."""
+    hoag = _hoag()
+    loss = _counted_loss(counter)
+
+    def loop(lam, train, val):
+        zeros = jnp.zeros(train[0].shape[1], lam.dtype)
+
+        def step(state, _):
+            state, stats = hoag.step(outer_loss, loss, state, zeros, train, val)
+            if counter is not None:
+                hvps = stats["solve_steps"] + 1 + stats["solve_steps"] // STABILISE_EVERY
+                jax.debug.callback(counter.add_hvps, hvps)
+            return state, (stats["value"], stats["inner_steps"])
+
+        state, (values, steps) = jax.lax.scan(step, hoag.init(zeros, lam), length=num_steps)
+        return state.hparams, values, steps
+
+    return loop
+
+
+LOOPS = {"jaxopt": jaxopt_loop, "obvious": obvious_loop, "best": best_loop, "hoag": hoag_loop}
+
+
+# -- the problems ----------------------------------------------------------------------------
+
+
+def make_problems(quick: bool):
+    """`(name, lam0, train, val)`: per-feature log strengths spread around a base strength."""
+    sizes = [("breast_cancer", breast_cancer(), 1e-2)]
+    sizes.append(("synthetic_d2000", synthetic(1_000, 500, 2_000), 1e-3))
+    if not quick:
+        sizes.append(("synthetic_d100000", synthetic(400, 200, 100_000), 1e-3))
+    problems = []
+    for name, (train, val), strength in sizes:
+        d = train[0].shape[1]
+        spread = np.random.default_rng(1).uniform(-1.0, 1.0, d)
+        lam0 = jnp.asarray(np.log(strength) + spread)
+        problems.append(
+            (name, lam0, jax.tree.map(jnp.asarray, train), jax.tree.map(jnp.asarray, val))
+        )
+    return problems
+
+
+def final_val_loss(lam, train, val):
+    """The validation loss at `lam`, the inner problem solved to machine precision by a
+    Newton-CG that belongs to no contender."""
+    w, grad_norm = newton_cg(jnp.zeros(train[0].shape[1], lam.dtype), lam, train)
+    return float(outer_loss(w, lam, val)), float(grad_norm)
+
+
+# -- the benchmark ---------------------------------------------------------------------------
+
+
+def counted_run(name: str, num_steps: int, lam0, train, val):
+    """`(final λ, counts)` of one loop from an un-timed copy that calls back to the host: the
+    inner iterations, inner-loss evaluations and HVPs. The callbacks change no number."""
+    counter = Counter()
+    lam, _, steps = jax.jit(LOOPS[name](num_steps, counter))(lam0, train, val)
+    return lam, {
+        "inner_iters": int(jnp.sum(steps)),
+        "loss_evals": counter.loss_evals,
+        "hvps": counter.hvps,
+    }
+
+
+def check_same_result(name: str, lams: dict, train, val) -> dict[str, float]:
+    """Raises unless the validation loss at every contender's final λ matches the first's to
+    `LOSS_RTOL` relative; returns those losses."""
+    losses = {c: final_val_loss(lam, train, val)[0] for c, lam in lams.items()}
+    first = next(iter(losses))
+    for c, loss in losses.items():
+        error = abs(loss - losses[first]) / abs(losses[first])
+        if not error <= LOSS_RTOL:
+            raise AssertionError(
+                f"[{name}] {c}: final validation loss {loss!r} against {first}'s "
+                f"{losses[first]!r}, {error:.1e} relative > {LOSS_RTOL:g}"
+            )
+    return losses
+
+
+def run_problem(name, lam0, train, val, *, num_steps, repeats, contenders, log):
+    d = train[0].shape[1]
+    args = (lam0, train, val)
+    compiled, compile_s, first_s, outs = {}, {}, {}, {}
+    for c in contenders:
+        start = time.perf_counter()
+        compiled[c], compile_s[c] = compile_fn(LOOPS[c](num_steps), *args)
+        outs[c] = block(compiled[c](*args))
+        first_s[c] = time.perf_counter() - start
+        log(f"[{name}] {c}: compiled in {compile_s[c]:.1f}s, first loop {first_s[c]:.1f}s")
+
+    # The check, before any timing.
+    losses = check_same_result(name, {c: outs[c][0] for c in contenders}, train, val)
+    reference = outs[contenders[0]][0]
+    tallies = {c: counted_run(c, num_steps, *args)[1] for c in contenders}
+
+    runs = {c: [] for c in contenders}
+    for _ in range(repeats):
+        for c in contenders:
+            start = time.perf_counter()
+            block(compiled[c](*args))
+            runs[c].append(time.perf_counter() - start)
+    timings = {c: Timing(compile_s[c], float(np.median(runs[c])), runs[c]) for c in contenders}
+
+    rows = []
+    for c in contenders:
+        lam, values, steps = outs[c]
+        t = timings[c]
+        row = {
+            "problem": name,
+            "d": d,
+            "contender": c,
+            "run_s": t.run_s,
+            "compile_s": t.compile_s,
+            "first_s": first_s[c],
+            **tallies[c],
+            "evals_per_iter": tallies[c]["loss_evals"] / max(tallies[c]["inner_iters"], 1),
+            "hvps_per_step": tallies[c]["hvps"] / num_steps,
+            "val_loss": losses[c],
+            "lam_vs_jaxopt": relerr(lam, reference),
+            "vs_jaxopt": float(np.median([r / j for r, j in zip(runs[c], runs[contenders[0]])])),
+            "timing": t.to_dict(),
+        }
+        rows.append(row)
+        log(
+            f"[{name}] {c}: {t.run_s:.3g}s steady, {row['inner_iters']} inner iterations, "
+            f"{row['loss_evals']} loss evaluations, {row['hvps']} HVPs, ratio "
+            f"{row['vs_jaxopt']:.2f}"
+        )
+    return rows
+
+
+COLUMNS = [
+    "problem",
+    "d",
+    "contender",
+    "run_s",
+    "vs_jaxopt",
+    "compile_s",
+    "first_s",
+    "inner_iters",
+    "loss_evals",
+    "evals_per_iter",
+    "hvps",
+    "hvps_per_step",
+    "val_loss",
+    "lam_vs_jaxopt",
+]
+
+
+def main(argv=None) -> list[dict]:
+    args = parser(
+        NAME, "the outer loop of logistic-regression L2 HO: jaxopt vs bilevax"
+    ).parse_args(argv)
+    out = outputs(args, NAME)
+    log = lambda message: print(message, flush=True)
+    rows = []
+    for name, lam0, train, val in make_problems(args.quick):
+        d = train[0].shape[1]
+        rows += run_problem(
+            name,
+            lam0,
+            train,
+            val,
+            num_steps=QUICK_OUTER_STEPS if args.quick else OUTER_STEPS,
+            repeats=3 if args.quick or d > 10_000 else 5,
+            contenders=QUICK_CONTENDERS if args.quick else CONTENDERS,
+            log=log,
+        )
+    print()
+    print(format_table(rows, COLUMNS))
+    print()
+    goals = []
+    for name in dict.fromkeys(r["problem"] for r in rows):
+        by = {r["contender"]: r for r in rows if r["problem"] == name}
+        best, obvious = by["best"]["vs_jaxopt"], by["obvious"]["vs_jaxopt"]
+        goals.append(
+            {
+                "problem": name,
+                "best_vs_jaxopt": best,
+                "best_goal_met": best <= SPEEDUP_GOAL,
+                "obvious_vs_jaxopt": obvious,
+                "obvious_goal_met": obvious <= PARITY_GOAL,
+            }
+        )
+        print(
+            f"{name}: (c)/(a) = {best:.2f} (goal ≤ {SPEEDUP_GOAL}: "
+            f"{'met' if best <= SPEEDUP_GOAL else 'NOT met'}), (b)/(a) = {obvious:.2f} "
+            f"(goal ≤ {PARITY_GOAL}: {'met' if obvious <= PARITY_GOAL else 'NOT met'})"
+        )
+    payload = {
+        "outer_steps": QUICK_OUTER_STEPS if args.quick else OUTER_STEPS,
+        "inner_tol": INNER_TOL,
+        "speedup_goal": SPEEDUP_GOAL,
+        "parity_goal": PARITY_GOAL,
+        "goals": goals,
+        "rows": rows,
+    }
+    finish(args, NAME, out, payload)
+    return rows
+
+
+if __name__ == "__main__":
+    _common.cli(main)

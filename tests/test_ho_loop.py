@@ -1,0 +1,43 @@
+"""The outer-loop benchmark's contenders (`experiments/benchmarks/ho_loop.py`) end at the same
+hyperparameters, on a tiny problem: the benchmark times them, this checks that what is timed is
+the same loop. Counted, not timed."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import relerr
+
+
+pytest.importorskip("jaxopt")
+
+from experiments.benchmarks import ho_loop  # noqa: E402
+
+
+def test_the_three_loops_reach_the_same_hyperparameters():
+    (X_train, y_train), (X_val, y_val) = ho_loop.synthetic(60, 40, 20)
+    train = (jnp.asarray(X_train), jnp.asarray(y_train))
+    val = (jnp.asarray(X_val), jnp.asarray(y_val))
+    lam0 = jnp.asarray(np.log(1e-2) + np.random.default_rng(1).uniform(-1.0, 1.0, 20))
+    num_steps = 20
+    runs = {
+        name: ho_loop.counted_run(name, num_steps, lam0, train, val)
+        for name in ("jaxopt", "obvious", "best")
+    }
+    lams = {name: lam for name, (lam, _) in runs.items()}
+    # Raises unless the validation losses at the final λ agree to `LOSS_RTOL`.
+    ho_loop.check_same_result("tiny", lams, train, val)
+    assert relerr(lams["obvious"], lams["jaxopt"]) <= 1e-6
+    # HOAG's looser early tolerances move the path a little.
+    assert relerr(lams["best"], lams["jaxopt"]) <= 1e-4
+    assert relerr(lams["best"], lam0) > 1e-2  # the loop moved λ at all
+    for name, (_, counts) in runs.items():
+        for key, count in counts.items():
+            assert isinstance(count, int) and count > 0, (name, key)
+        # At least one inner iteration and one linear-solve step per outer step; an L-BFGS
+        # iteration evaluates the loss at least once, at most a line search's worth.
+        assert counts["inner_iters"] >= num_steps, name
+        assert counts["hvps"] >= num_steps, name
+        assert counts["inner_iters"] <= counts["loss_evals"] <= 20 * counts["inner_iters"], name
+    # Warm starts of the solution and of the adjoint save work.
+    assert runs["best"][1]["hvps"] <= runs["obvious"][1]["hvps"]
+    assert runs["best"][1]["inner_iters"] <= runs["obvious"][1]["inner_iters"]
