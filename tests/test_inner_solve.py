@@ -172,3 +172,21 @@ def test_problem_zoo_reference_solutions_are_minimisers(make_problem):
     grad = eqx.filter_grad(problem.inner)(w, problem.hparams, problem.inner_data)
     assert float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grad)))) < 1e-10
     assert make_problem in CONVEX or not problem.strongly_convex
+
+
+@pytest.mark.parametrize(
+    "solver", [bx.GradientDescent(0.2), optax.adam(0.1), optx.BFGS(1e-8, 1e-8)], ids=type
+)
+def test_python_numbers_in_hparams(solver):
+    # A Python float among the hyperparameters is a constant like any other: every kind of
+    # solver gives what an array there gives (optimistix minimisers once refused it).
+    loss = lambda w, hparams, data: jnp.sum((w - data) ** 2) + 0.5 * hparams["l2"] * jnp.sum(w**2)
+    data = jnp.arange(3.0)
+    solve = lambda hparams: (
+        bx.inner_solve(
+            loss, jnp.zeros(3), hparams, data, solver=solver, max_steps=500, tol=1e-10
+        ).params
+    )
+    expected = data / 1.25  # the minimiser of |w - d|^2 + 0.25 |w|^2
+    assert relerr(jax.jit(lambda: solve({"l2": 0.5}))(), expected) < 1e-8
+    assert relerr(solve({"l2": jnp.asarray(0.5)}), expected) < 1e-8

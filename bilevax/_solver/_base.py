@@ -121,7 +121,10 @@ class _OptimistixSolver(AbstractInnerSolver[Any]):
     minimiser: optx.AbstractMinimiser
 
     def init(self, fn, params, args):
-        loss_struct = jax.eval_shape(fn, params, args)
+        # `filter_eval_shape`, not `jax.eval_shape`: the latter turns Python numbers in `args`
+        # into abstract arrays, and the closure-converted loss refuses other arguments than
+        # it was traced with.
+        loss_struct = eqx.filter_eval_shape(fn, params, args)
         return self.minimiser.init(_with_aux(fn), params, args, {}, loss_struct, None, frozenset())
 
     def step(self, fn, params, grad, state, args):
