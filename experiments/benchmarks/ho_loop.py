@@ -34,6 +34,9 @@ must agree to `LOSS_RTOL` relative. The timed runs of the contenders are interle
 (a b c d a b c d ...) so that load on a shared machine falls on all alike. Counted once, in
 un-timed copies that call back to the host: inner iterations, inner-loss evaluations (each a
 value and gradient, or a gradient), and Hessian-vector products (HVPs) in the linear solves.
+A callback counts an evaluation as the program asks for it; XLA may merge two identical ones
+within one iteration (jaxopt's line search and update evaluate the same point), so time per
+inner iteration, not `loss_evals`, says how many gradients an iteration really costs.
 The goals: (c) at most `SPEEDUP_GOAL` × (a) in steady state, (b) at most (a).
 """
 
