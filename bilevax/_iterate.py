@@ -25,9 +25,8 @@ def solve_to_tolerance(
     with the implicit function theorem. Under `vmap` each batch element stops on its own
     test, because a batched `while_loop` freezes the elements whose condition is false.
     """
-    value_and_grad = jax.value_and_grad(fn)
     state = solver.init(fn, params, args)
-    loss, grad = value_and_grad(params, args)
+    loss, grad = jax.value_and_grad(fn)(params, args)
     dynamic_state, static_state = eqx.partition(state, eqx.is_array)
 
     def finite(loss, grad):
@@ -44,7 +43,7 @@ def solve_to_tolerance(
         params, dynamic_state, _, grad, num_steps = carry
         state = eqx.combine(dynamic_state, static_state)
         params, state = solver.step(fn, params, grad, state, args)
-        loss, grad = value_and_grad(params, args)
+        loss, grad = solver.value_and_grad(fn, params, state, args)
         dynamic_state, _ = eqx.partition(state, eqx.is_array)
         return params, dynamic_state, loss, grad, num_steps + 1
 

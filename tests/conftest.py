@@ -56,6 +56,8 @@ SLOW_FOR_THE_DEFAULT_BUDGET = [
     "test_implicit.py::test_unconverged_linear_solve_raises_or_returns_its_approximation[forward]",
     "test_inner_solve.py::test_problem_zoo_reference_solutions_are_minimisers[mlp]",
     "test_inner_solve.py::test_solution_matches_reference[gd-logistic]",
+    "test_inner_solve.py::test_optimistix_loss_and_gradient_are_*[NonlinearCG]",
+    "test_inner_solve.py::test_optimistix_loss_and_gradient_are_*[GradientDescent]",
     "test_lasso_ho.py::test_coming_from_jaxopt_programs_agree",
     "test_nested.py::test_trilevel_hessian_forward_over_forward[implicit-implicit]",
     "test_nested.py::test_trilevel_hypergradient[implicit-*]",

@@ -190,3 +190,41 @@ def test_python_numbers_in_hparams(solver):
     expected = data / 1.25  # the minimiser of |w - d|^2 + 0.25 |w|^2
     assert relerr(jax.jit(lambda: solve({"l2": 0.5}))(), expected) < 1e-8
     assert relerr(solve({"l2": jnp.asarray(0.5)}), expected) < 1e-8
+
+
+@pytest.mark.parametrize(
+    "minimiser",
+    [
+        optx.BFGS(1e-8, 1e-8),
+        optx.LBFGS(1e-8, 1e-8),
+        optx.NonlinearCG(1e-8, 1e-8),
+        optx.GradientDescent(0.05, 1e-8, 1e-8),
+    ],
+    ids=type,
+)
+def test_optimistix_loss_and_gradient_are_those_at_the_returned_point(minimiser):
+    # The stopping test reuses the loss and gradient an optimistix step evaluated (rather
+    # than evaluating them again): after every step they are those at the point it returned,
+    # accepted and rejected steps alike.
+    from bilevax._solver import as_inner_solver
+
+    loss = lambda w, a: (
+        jnp.sum(jnp.logaddexp(0.0, a @ w)) + 0.5 * jnp.sum(w**2) + jnp.sum(jnp.sin(w))
+    )
+    a = jax.random.normal(jax.random.key(0), (20, 5))
+    solver = as_inner_solver(minimiser, None)
+    w = jnp.ones(5)
+    state = solver.init(loss, w, a)
+    grad = jax.grad(loss)(w, a)
+
+    @eqx.filter_jit
+    def step(w, state, grad):
+        w, state = solver.step(loss, w, grad, state, a)
+        return w, state, solver.value_and_grad(loss, w, state, a)
+
+    for _ in range(12):
+        w, state, (value, grad) = step(w, state, grad)
+        want_value, want_grad = jax.jit(jax.value_and_grad(loss))(w, a)
+        # Equal up to how XLA fuses two programs (eagerly, they are bitwise equal).
+        assert float(value) == pytest.approx(float(want_value), rel=1e-13)
+        assert relerr(grad, want_grad) < 1e-12

@@ -38,6 +38,15 @@ class AbstractInnerSolver(eqx.Module, Generic[_State]):
     ) -> tuple[PyTree[Array], _State]:
         """One step from `params`, where `grad = ∇fn(params, args)`; returns `(params, state)`."""
 
+    def value_and_grad(
+        self, fn: Loss, params: PyTree[Array], state: _State, args: Any
+    ) -> tuple[Scalar, PyTree[Array]]:
+        """`(fn(params, args), ∇fn(params, args))` after a `step` returned `(params, state)`:
+        the driver's stopping test. The default evaluates them; a solver whose step already
+        did (a quasi-Newton method evaluates at the point it accepts) returns what it holds."""
+        del state
+        return jax.value_and_grad(fn)(params, args)
+
     # Whether `residual` is the gradient itself, so that the implicit adjoint may use the
     # symmetric Hessian; solvers of constrained or non-smooth problems set it to False.
     residual_is_gradient: ClassVar[bool] = True
@@ -131,6 +140,18 @@ class _OptimistixSolver(AbstractInnerSolver[Any]):
         del grad
         params, state, _ = self.minimiser.step(_with_aux(fn), params, args, {}, state, frozenset())
         return params, state
+
+    def value_and_grad(self, fn, params, state, args):
+        # optimistix's minimisers evaluate the loss and gradient at each point they accept and
+        # keep them in `state.f_info`, at the `params` their step returns (a rejected step
+        # returns the last accepted point and its `f_info`). Evaluating them again would double
+        # the cost of an iteration: XLA cannot merge the two evaluations, which are different
+        # graphs. Minimisers without a gradient there are evaluated as usual.
+        f_info = getattr(state, "f_info", None)
+        grad = getattr(f_info, "grad", None)
+        if grad is None or jax.tree.structure(grad) != jax.tree.structure(params):
+            return super().value_and_grad(fn, params, state, args)
+        return f_info.f, grad
 
 
 def _with_aux(fn: Loss):
