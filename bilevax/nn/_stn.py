@@ -22,7 +22,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._linearize import linearized_response
+from .._linearize import linearized_response, skip_zero_products
 from ._hyperparameters import HyperParameters
 from ._stn_layers import response_filter
 
@@ -85,8 +85,10 @@ def weight_grads(
     - `key`: draws the perturbations and the examples' keys.
     - `decouple`: Δ-STN only. `True`: the general weights get the gradient of the $\delta = 0$
         loss only and the response weights that of the linearised loss (two pullbacks of one
-        JVP). `False`: one pullback of their sum, so that the general weights also see the
-        linearised loss (cheaper; the extra term has zero mean in $\delta$ to first order).
+        JVP, costing one plain backward and one backward of the response weights). `False`:
+        one pullback of their sum, so that the general weights also see the linearised loss
+        (the extra term has zero mean in $\delta$ to first order); dearer than `True`, as the
+        general weights' gradient then also runs through the tangent.
 
     **Returns:**
 
@@ -113,32 +115,42 @@ def weight_grads(
         return eqx.filter_value_and_grad(full)(model)
 
     lam_now = jnp.broadcast_to(hparams.value(train=True), lam_pert.shape)
+    params, rest = eqx.partition(model, eqx.is_inexact_array)
 
-    def both(m):
-        def one(xi, di, lam_i, key_i):
-            fn = lambda h: apply(m, xi, h, lam_i, key_i, True)
-            return linearized_response(fn, jnp.zeros_like(di), di)
+    # At h = 0 the bottlenecks' outputs H h are zero, and with them the tangent's (H h) ⊙ V ẋ,
+    # the pullbacks' paths through H h and those of the zero cotangents that decouple them:
+    # about as many flops as the step needs (see `experiments/benchmarks/delta_stn_step.py`).
+    @skip_zero_products
+    def value_and_grads(params, delta, lam_pert, lam_now, keys):
+        def both(p):
+            m = eqx.combine(p, rest)
 
-        return jax.vmap(one)(x, delta, lam_pert, keys)
+            def one(xi, di, lam_i, key_i):
+                fn = lambda h: apply(m, xi, h, lam_i, key_i, True)
+                return linearized_response(fn, jnp.zeros_like(di), di)
 
-    (out, out_lin), pullback = eqx.filter_vjp(both, model)
-    value, cot_out = jax.value_and_grad(mean_loss)(out, lam_now)
-    cot_lin = jax.grad(mean_loss)(out_lin, lam_pert)
-    if not decouple:
-        (grads,) = pullback((cot_out, cot_lin))
+            return jax.vmap(one)(x, delta, lam_pert, keys)
+
+        (out, out_lin), pullback = jax.vjp(both, params)
+        value, cot_out = jax.value_and_grad(mean_loss)(out, lam_now)
+        cot_lin = jax.grad(mean_loss)(out_lin, lam_pert)
+        if not decouple:
+            (grads,) = pullback((cot_out, cot_lin))
+            return value, grads
+        zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
+        (grads_general,) = pullback((cot_out, zeros(cot_lin)))
+        (grads_response,) = pullback((zeros(cot_out), cot_lin))
+        is_response = response_filter(grads_general)
+        grads = jax.tree.map(
+            lambda r, g, s: s if r else g,
+            is_response,
+            grads_general,
+            grads_response,
+            is_leaf=lambda t: t is None,
+        )
         return value, grads
-    zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
-    (grads_general,) = pullback((cot_out, zeros(cot_lin)))
-    (grads_response,) = pullback((zeros(cot_out), cot_lin))
-    is_response = response_filter(grads_general)
-    grads = jax.tree.map(
-        lambda r, g, s: s if r else g,
-        is_response,
-        grads_general,
-        grads_response,
-        is_leaf=lambda t: t is None,
-    )
-    return value, grads
+
+    return value_and_grads(params, delta, lam_pert, lam_now, keys)
 
 
 def hyper_loss(
