@@ -191,3 +191,20 @@ def test_response_jacobian_check_against_finite_differences(variant):
     assert np.linalg.norm(result["learned"]) > 0
     expected = np.linalg.norm(learned_fd - exact_fd) / np.linalg.norm(exact_fd)
     assert float(result["relerr"]) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_all_runs_every_cpu_task_into_one_table(tmp_path):
+    from experiments.delta_stn.__main__ import CPU_TASKS
+
+    args = ["all", "--quick", "--epochs", "2", "--methods", "delta", "--out", str(tmp_path)]
+    results = main(args)
+    table = (tmp_path / "table.md").read_text()
+    for task in CPU_TASKS:
+        assert (tmp_path / task / "results.json").is_file()
+        assert f"| {task} | Δ-STN |" in table
+        assert np.isfinite(results[task]["delta"]["val_loss"])
+    # Resumed, every task's run is read back: no epoch is trained again.
+    again = main([*args, "--resume"])
+    for task in CPU_TASKS:
+        assert again[task]["run"]["progress"]["delta_0"] == {"from": 2, "to": 2}

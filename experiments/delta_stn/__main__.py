@@ -5,7 +5,8 @@
         [--methods delta centred stn random tpe]
 
 TASK is one of `ridge`, `dropout-regression` (diabetes; closed forms known), `digits-mlp`,
-`mnist-mlp`, `mnist-cnn`.
+`mnist-mlp`, `mnist-cnn`, or `all`: every task a CPU runs in minutes (`CPU_TASKS`), each in
+its own run directory under `--out`, and one table of them all (`table.md`).
 """
 
 import time
@@ -27,6 +28,8 @@ from ._tasks import (
 )
 
 
+# `all`: the tasks a CPU runs in minutes at `--quick` (mnist-cnn needs a GPU's hours).
+CPU_TASKS = ("ridge", "dropout-regression", "digits-mlp", "mnist-mlp")
 METHODS = {
     "delta": "Δ-STN",
     "centred": "centred STN",
@@ -79,13 +82,19 @@ def run_method(task, method: str, seed: int, run: _common.Run) -> dict:
     )
 
 
-def main(argv=None) -> dict:
+def build_parser():
     p = _common.parser("delta_stn", __doc__.splitlines()[0])
-    p.add_argument("task", choices=sorted(TASKS), nargs="?", default="digits-mlp")
+    p.add_argument("task", choices=[*sorted(TASKS), "all"], nargs="?", default="digits-mlp")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--num-seeds", type=int, default=1, help="seeds seed, seed+1, ...")
     p.add_argument("--epochs", type=int, default=None, help="override the task's epochs")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.task == "all":
+        return run_all(args)
     x64 = args.task in ("ridge", "dropout-regression")
     # Each method and seed is a run of its own: more seeds, or other methods, add runs.
     run = _common.start(args, x64=x64, may_grow=("num_seeds",), may_change=("methods",))
@@ -134,6 +143,54 @@ def main(argv=None) -> dict:
         _common.atomic_write(run.path("table.md"), markdown_table(results).encode())
     figure = lambda path: _plots.plot(results, path, METHODS)
     return run.finish(results, {f"delta_stn_{args.task}.png": figure})
+
+
+def run_all(args) -> dict:
+    """Every task of `CPU_TASKS` with the same options, each a run of its own in
+    `--out/<task>` (resumed, or overwritten, with the others), then one table of them all."""
+    run = _common.start(args, x64=False, may_grow=("num_seeds",), may_change=("methods",))
+    shared = ["--seed", str(args.seed), "--num-seeds", str(args.num_seeds), "--methods"]
+    shared += args.methods
+    shared += ["--quick"] * args.quick + ["--resume"] * args.resume
+    shared += ["--overwrite"] * args.overwrite
+    if args.epochs is not None:
+        shared += ["--epochs", str(args.epochs)]
+    if args.data_dir is not None:
+        shared += ["--data-dir", str(args.data_dir)]
+    results = {}
+    for task in CPU_TASKS:
+        _common.console.print(f"== {task} ==")
+        results[task] = main([task, "--out", str(run.out / task), *shared])
+    results["config"] = dict(tasks=list(CPU_TASKS), quick=args.quick, seeds=args.num_seeds)
+    table = all_tasks_table(results)
+    if _common.is_main_process():
+        _common.atomic_write(run.path("table.md"), table.encode())
+    print(table)
+    return run.finish(results)
+
+
+def all_tasks_table(results: dict) -> str:
+    """One Markdown table of every task's methods: validation and test loss (mean ± sd over
+    seeds), and the task's check against its closed form where it has one."""
+    lines = [
+        "| task | method | val loss | test loss | check |",
+        "|---|---|---|---|---|",
+    ]
+    for task in CPU_TASKS:
+        for m in METHODS:
+            if m not in results[task]:
+                continue
+            r = results[task][m]
+            check = ""
+            if task == "ridge":
+                check = "val gap " + ", ".join(f"{s['val_gap']:.2%}" for s in r["seeds"])
+            elif task == "dropout-regression":
+                check = "val / optimum " + ", ".join(f"{s['val_ratio']:.3f}" for s in r["seeds"])
+            lines.append(
+                f"| {task} | {METHODS[m]} | {r['val_loss']:.4f} ± {r['val_loss_sd']:.4f} "
+                f"| {r['test_loss']:.4f} ± {r['test_loss_sd']:.4f} | {check} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(results: dict) -> str:
