@@ -143,22 +143,24 @@ def _eval_skipping_zeros(jaxpr, consts, args) -> list:
 
 
 def skip_zero_products(fn: Callable) -> Callable:
-    r"""`fn` with every operation whose result is exactly zero because an operand is skipped.
+    r"""`fn`, skipping every operation whose result is zero because an operand is a known zero.
 
     Traces `fn` to a jaxpr and evaluates it, following the values that are zeros by
-    construction (`jnp.zeros` and what is linear in them: a product with a zero, a transpose of
-    a zero cotangent, a zero added to something) and computing no operation that produces one;
-    XLA then drops what only fed those. Neither JAX nor XLA can do this: a traced zero is an
-    array like any other, and XLA does not fold $0 \cdot x$ for floats, which is $\text{NaN}$
-    for an infinite $x$.
+    construction (`jnp.zeros`, and what is linear in them: a product with a zero, a transpose
+    of a zero cotangent, a zero added to something) and computing no operation that produces
+    one; XLA then drops what only fed those. Neither JAX nor XLA can do this: a traced zero is
+    an array like any other, and XLA does not fold $0 \cdot x$ for floats, which is
+    $\text{NaN}$ for an infinite $x$.
 
     This is what the Δ-STN weight step needs: differentiated at $h = 0$, an STN layer's
-    $(H h) \odot (V \dot x + c)$ term in the tangent, and in the pullbacks the paths through
-    $(H h)$ and the zero cotangents that seed the decoupled pullbacks, are zero, yet cost as
-    much as the products that are not.
+    $(H h) \odot V \dot x$ term in the tangent, the pullbacks' paths through $H h$, and those
+    of the zero cotangents that seed the decoupled pullbacks are all zero, yet cost as much as
+    the products that are not.
 
-    The numbers are those of `fn` wherever they are finite: only $0 \cdot x$ is taken to be $0$
-    without looking at $x$ (and $0 / x$, $x + 0$ to be $0$ and $x$).
+    The numbers are those of `fn` wherever they are finite: only $0 \cdot x$ and $0 / x$ are
+    taken to be $0$ without looking at $x$, and $x + 0$ to be $x$. `fn` is traced anew at every
+    call, so call the result inside a `jax.jit`; it works under `jax.vmap` and differentiation
+    as `fn` does.
 
     **Arguments:**
 
