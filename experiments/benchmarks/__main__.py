@@ -14,6 +14,7 @@ from ._timing import parser
 BENCHMARKS = [
     "accuracy",
     "implicit_vs_jaxopt",
+    "compile_time",
     "ho_loop",  # whole outer loops, jaxopt against bilevax: ~2 min with --quick on 2 cores
     "unrolled_memory",
     "forward_vs_reverse",
