@@ -149,7 +149,7 @@ class _OptimistixSolver(AbstractInnerSolver[Any]):
         # graphs. Minimisers without a gradient there are evaluated as usual.
         f_info = getattr(state, "f_info", None)
         grad = getattr(f_info, "grad", None)
-        if grad is None or jax.tree.structure(grad) != jax.tree.structure(params):
+        if f_info is None or grad is None or jax.tree.structure(grad) != jax.tree.structure(params):
             return super().value_and_grad(fn, params, state, args)
         return f_info.f, grad
 
