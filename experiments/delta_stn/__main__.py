@@ -171,7 +171,8 @@ def run_all(args) -> dict:
 
 def all_tasks_table(results: dict) -> str:
     """One Markdown table of every task's methods: validation and test loss (mean ± sd over
-    seeds), and the task's check against its closed form where it has one."""
+    seeds, the mean alone for one seed), and the task's check against its closed form where
+    it has one."""
     lines = [
         "| task | method | val loss | test loss | check |",
         "|---|---|---|---|---|",
@@ -186,9 +187,10 @@ def all_tasks_table(results: dict) -> str:
                 check = "val gap " + ", ".join(f"{s['val_gap']:.2%}" for s in r["seeds"])
             elif task == "dropout-regression":
                 check = "val / optimum " + ", ".join(f"{s['val_ratio']:.3f}" for s in r["seeds"])
+            spread = lambda key: f" ± {r[key + '_sd']:.4f}" if len(r["seeds"]) > 1 else ""
             lines.append(
-                f"| {task} | {METHODS[m]} | {r['val_loss']:.4f} ± {r['val_loss_sd']:.4f} "
-                f"| {r['test_loss']:.4f} ± {r['test_loss_sd']:.4f} | {check} |"
+                f"| {task} | {METHODS[m]} | {r['val_loss']:.4f}{spread('val_loss')} "
+                f"| {r['test_loss']:.4f}{spread('test_loss')} | {check} |"
             )
     return "\n".join(lines) + "\n"
 
