@@ -48,11 +48,12 @@ def _loss(out, y, lam):
 
 def _forward(weights, x, h, rates, key):
     """The STN MLP on one example, from its weights `[(W, b, V, c, H), ...]`, with dropout on
-    every layer's input: $z = W x + b + (H h) \\odot (V x + c)$."""
-    keys = jax.random.split(key, len(weights))
+    every layer's input (none when `key` is `None`): $z = W x + b + (H h) \\odot (V x + c)$."""
+    keys = jax.random.split(key, len(weights)) if key is not None else None
     for i, (W, b, V, c, H) in enumerate(weights):
-        keep = jax.random.uniform(keys[i], x.shape, x.dtype) >= rates[i]
-        x = jnp.where(keep, x / (1 - rates[i]), 0.0)
+        if keys is not None:
+            keep = jax.random.uniform(keys[i], x.shape, x.dtype) >= rates[i]
+            x = jnp.where(keep, x / (1 - rates[i]), 0.0)
         x = W @ x + b + (H @ h) * (V @ x + c)
         if i < len(weights) - 1:
             x = jax.nn.relu(x)
@@ -152,6 +153,32 @@ def test_weight_grads_match_a_plain_reference(results, variant, decouple):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
     # Every group of weights is trained, so no gradient was compared against a zero by accident.
     assert all(float(jnp.max(jnp.abs(a))) > 1e-6 for a in leaves)
+
+
+def test_delta_stn_hypergradient_matches_a_plain_reference():
+    model, hparams = jax.jit(_model)(), jax.jit(_hparams)()
+    x = jax.random.normal(jax.random.key(5), (BATCH, SIZES[0]), jnp.float64)
+    y = jax.random.randint(jax.random.key(6), (BATCH,), 0, SIZES[-1])
+    key = jax.random.key(7)
+    val_loss = optax.softmax_cross_entropy_with_integer_labels
+
+    def ours(hp):
+        return bnn.hyper_loss("delta", _apply, val_loss, model, hp, x, y, key)
+
+    def reference(hp):
+        # Eval mode, the prediction linearised in h = λ + δ − λ₀ around h = 0.
+        h = hp.values + hp.perturbation(key, BATCH) - jax.lax.stop_gradient(hp.values)
+        at = lambda xi: lambda hh: _forward(_weights(model), xi, hh, None, None)
+        linearised = lambda xi, hi: sum(jax.jvp(at(xi), (jnp.zeros_like(hi),), (hi,)))
+        out = jax.vmap(linearised)(x, h)
+        return jnp.mean(jax.vmap(val_loss)(out, y)) - 1e-3 * hp.entropy()
+
+    value, grads = eqx.filter_jit(eqx.filter_value_and_grad(ours))(hparams)
+    value_ref, grads_ref = eqx.filter_jit(eqx.filter_value_and_grad(reference))(hparams)
+    np.testing.assert_allclose(value, value_ref, rtol=1e-13)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+        assert float(jnp.max(jnp.abs(a))) > 1e-6
 
 
 def test_delta_stn_skips_the_products_that_are_zero():

@@ -197,12 +197,17 @@ def hyper_loss(
     h = u + delta if variant == "stn" else u + delta - centre
 
     if variant == "delta":
+        # As in `weight_grads`, the tangent's products with H h = 0 are skipped, and with them
+        # their transposes in the hypergradient.
+        @skip_zero_products
+        def linearised(h):
+            def one(xi, hi, lam_i):
+                fn = lambda hh: apply(model, xi, hh, lam_i, None, False)
+                return linearized_response(fn, jnp.zeros_like(hi), hi)[1]
 
-        def one(xi, hi, lam_i):
-            fn = lambda hh: apply(model, xi, hh, lam_i, None, False)
-            return linearized_response(fn, jnp.zeros_like(hi), hi)[1]
+            return jax.vmap(one)(x, h, lam)
 
-        out = jax.vmap(one)(x, h, lam)
+        out = linearised(h)
     else:
         out = jax.vmap(apply, in_axes=(None, 0, 0, 0, None, None))(model, x, h, lam, None, False)
     value = jnp.mean(jax.vmap(loss)(out, y))
