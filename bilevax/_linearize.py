@@ -84,7 +84,7 @@ _SUMS = frozenset({prims.add_p, prims.add_jaxvals_p})
 def _is_zero_literal(atom) -> bool:
     return (
         isinstance(atom, Literal)
-        and jnp.issubdtype(atom.aval.dtype, jnp.inexact)
+        and jnp.issubdtype(jnp.result_type(atom.val), jnp.inexact)
         and np.ndim(atom.val) == 0
         and atom.val == 0
     )
