@@ -76,7 +76,9 @@ def hand_written_episode_loss(model, support, support_labels, query, query_label
 
     W = jnp.zeros((fs.shape[1], N_WAY), fs.dtype)
     b = jnp.zeros(N_WAY, fs.dtype)
-    eta = model.step_size()
+    # The step relative to the support loss's curvature bound.
+    z = jnp.concatenate([fs, jnp.ones((fs.shape[0], 1), fs.dtype)], 1)
+    eta = model.step_size() / (0.5 * jnp.linalg.eigvalsh(z @ z.T / z.shape[0])[-1])
     for _ in range(T):
         gW, gb = jax.grad(ce, argnums=(0, 1))(W, b, fs, support_labels)
         W, b = W - eta * gW, b - eta * gb
@@ -158,7 +160,9 @@ def torch_contenders(model: HyperRepresentation, batch: Batch):
         fs, fq = features[: support.shape[0]], features[support.shape[0] :]
         W = fs.new_zeros((fs.shape[1], N_WAY))
         b = fs.new_zeros(N_WAY)
-        eta = max_step * torch.sigmoid(p["raw_step"])
+        z = torch.cat([fs, fs.new_ones((fs.shape[0], 1))], 1)
+        smoothness = 0.5 * torch.linalg.eigvalsh(z @ z.T / z.shape[0])[-1]
+        eta = max_step * torch.sigmoid(p["raw_step"]) / smoothness
         inner_grad = grad(ce, argnums=(0, 1))
         for _ in range(T):
             gW, gb = inner_grad(W, b, fs, support_labels)

@@ -79,8 +79,21 @@ def inner_loss(head: Head, hparams: dict, labels: Int[Array, " nk"]):
     return loss
 
 
+def head_smoothness(features: Float[Array, "m d"], l2=0.0) -> Float[Array, ""]:
+    r"""$L = \tfrac12\lambda_{\max}(\tilde Z\tilde Z^\top/m) + \mu$, with $\tilde Z = [Z, 1]$ the
+    features and a column of ones: a bound on the Hessian of the head's (L2-regularised)
+    support loss, since a softmax's Hessian is at most $\tfrac12$. Computed exactly from the
+    small $m \times m$ Gram matrix, and differentiable: the meta-gradient is that of the
+    meta-objective with this step rule in it."""
+    z = jnp.concatenate([features, jnp.ones((features.shape[0], 1), features.dtype)], axis=1)
+    return 0.5 * jnp.linalg.eigvalsh(z @ z.T / z.shape[0])[-1] + l2
+
+
 def _solver(hparams: dict) -> bx.GradientDescent:
-    return bx.GradientDescent(hparams["step_size"])
+    # The learned step size is relative to the curvature: in (0, 2), where gradient descent
+    # on an L-smooth convex loss is stable, whatever the scale of the features.
+    l2 = hparams.get("l2", 0.0)
+    return bx.GradientDescent(hparams["step_size"] / head_smoothness(hparams["features"], l2))
 
 
 def zero_head(features, n_way: int) -> Head:
@@ -90,7 +103,8 @@ def zero_head(features, n_way: int) -> Head:
 
 def train_head(features, labels, step_size, n_way: int, num_steps: int, l2=None) -> Head:
     """$T$ = `num_steps` gradient steps from zero on the support loss (L2-regularised if `l2`
-    is given), differentiable through the steps with respect to `features`, `step_size` and
+    is given), of size `step_size` / $L$ ($L$ from `head_smoothness`: `step_size` < 2 is
+    stable), differentiable through the steps with respect to `features`, `step_size` and
     `l2`."""
     hparams = {"features": features, "step_size": step_size}
     if l2 is not None:
@@ -113,14 +127,11 @@ def _accelerated_solver(hparams: dict):
     $L$-smooth problem: $1/L$ and $(1 - \sqrt{\mu/L})/(1 + \sqrt{\mu/L})$, so the steps
     needed grow as $\sqrt{L/\mu}$.
 
-    $L = \tfrac12\lambda_{\max}(\tilde Z\tilde Z^\top/n) + \mu$ with $\tilde Z = [Z, 1]$ the
-    support features and a column of ones bounds the Hessian (a softmax's Hessian is at most
-    $\tfrac12$); it is computed exactly from the small $n \times n$ Gram matrix. A method
+    $L$ is `head_smoothness`. A method
     with a line search (BFGS, L-BFGS) stalls in float32 before a gradient norm of $10^{-4}$:
     the loss decreases it tests are below float32's resolution there."""
-    features, mu = hparams["features"], hparams["l2"]
-    z = jnp.concatenate([features, jnp.ones((features.shape[0], 1), features.dtype)], axis=1)
-    smoothness = 0.5 * jnp.linalg.eigvalsh(z @ z.T / z.shape[0])[-1] + mu
+    mu = hparams["l2"]
+    smoothness = head_smoothness(hparams["features"], mu)
     q = jnp.sqrt(mu / smoothness)
     return optax.sgd(1 / smoothness, momentum=(1 - q) / (1 + q), nesterov=True)
 
