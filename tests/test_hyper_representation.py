@@ -484,10 +484,10 @@ def test_implicit_head_in_the_episode_loss():
 
 @needs_data
 @pytest.mark.slow
-@pytest.mark.parametrize("head, floor", [("prototypes", 89.0), ("implicit", 85.0)])
+@pytest.mark.parametrize("head, floor", [("prototypes", 89.0), ("implicit", 90.5)])
 def test_quick_run_of_another_head_reaches_its_floor(tmp_path, restore_x64, head, floor):
-    # The floors sit about 2 points (3 confidence half-widths) below what seed 0 measured:
-    # ProtoNet 91.25 ± 0.56, the implicit head IMPLICIT_MEASURED (docs/hyper-representation.md).
+    # The floors sit about 2 points (4 confidence half-widths) below what seed 0 measured:
+    # ProtoNet 91.25 ± 0.56, the implicit head 92.69 ± 0.51 (docs/hyper-representation.md).
     results = hr.main(["--quick", "--head", head, "--out", str(tmp_path)])
     r = results["5w1s"]
     assert r["test_acc"] >= floor, r["test_acc"]
