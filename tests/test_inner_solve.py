@@ -225,6 +225,8 @@ def test_optimistix_loss_and_gradient_are_those_at_the_returned_point(minimiser)
     for _ in range(12):
         w, state, (value, grad) = step(w, state, grad)
         want_value, want_grad = jax.jit(jax.value_and_grad(loss))(w, a)
-        # Equal up to how XLA fuses two programs (eagerly, they are bitwise equal).
+        # Equal up to how XLA fuses two programs (eagerly, they are bitwise equal): rounding
+        # of ~1e-16 on a gradient that falls to ~1e-5 near the minimiser; a gradient taken at
+        # another point would be off by O(1).
         assert float(value) == pytest.approx(float(want_value), rel=1e-13)
-        assert relerr(grad, want_grad) < 1e-12
+        assert relerr(grad, want_grad) < 1e-9
