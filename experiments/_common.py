@@ -686,6 +686,7 @@ class Run:
         description: str | None = None,
         every: int = 1,
         prepare: Callable[[dict], dict] | None = None,
+        until: Callable[[dict], bool] | None = None,
     ) -> dict:
         """Runs `state, info = step(k, state)` for `k` from the checkpoint's step (0 when
         there is none) to `total`, saving the state under `name` every `every` steps and after
@@ -701,6 +702,9 @@ class Run:
         - `description`: the progress bar's label (default `name`).
         - `every`: steps between checkpoints.
         - `prepare`: applied to the state before the first step (e.g. to put it on devices).
+        - `until`: stop before `total` once `until(state)` holds (tested before every step,
+            so a resumed loop that had stopped takes no step; e.g. a budget of wall-clock
+            seconds, `lambda s: s["seconds"] >= budget`).
 
         **Returns:**
 
@@ -720,14 +724,17 @@ class Run:
             state = prepare(state)
         with progress(description or name, total, begin) as advance:
             for k in range(begin, total):
+                if until is not None and until(state):
+                    break
                 tic = time.perf_counter()
                 state, info = step(k, state)
                 state["seconds"] += time.perf_counter() - tic
                 state["step"] = k + 1
-                if (k + 1) % every == 0 or k + 1 == total:
+                stopping = k + 1 == total or (until is not None and until(state))
+                if (k + 1) % every == 0 or stopping:
                     self.checkpoints.save(name, state)
                 advance(info)
-        self.progress[name] = {"from": begin, "to": total}
+        self.progress[name] = {"from": begin, "to": int(state["step"])}
         return state
 
     def stage(self, name: str, compute: Callable[[], Any], like: Any = None) -> Any:

@@ -5,6 +5,7 @@ values without re-running them, so that the sampler (seeded) is where an uninter
 would be, and the trials that follow are the ones it would have drawn.
 """
 
+import time
 from collections.abc import Callable, Mapping
 
 import optuna
@@ -33,6 +34,7 @@ def search(
     *,
     description: str | None = None,
     every: int = 1,
+    budget_seconds: float | None = None,
 ) -> dict:
     """`trials` trials of `sampler` over `distributions`, minimising, checkpointed under `name`.
 
@@ -40,16 +42,20 @@ def search(
 
     - `objective`: `(k, params) -> (value, record)`: the value told to the study for trial `k`
         at `params` (a dict keyed like `distributions`), and what to keep of the trial.
+    - `budget_seconds`: stop early, before the first trial that would start after this many
+        seconds of searching (summed over resumed invocations): as many trials as fit.
 
     **Returns:**
 
     The loop's final state (see `Run.loop`): `"trials"`, every trial in order (its `record`
-    with `params` and `value` added), and `"seconds"`.
+    with `params`, `value` and `elapsed` added: the search's seconds at the trial's end), and
+    `"seconds"`.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=sampler)
 
     def step(k, state):
+        tic = time.perf_counter()
         done = state["trials"]
         for i in range(len(study.trials), k):  # a resumed search: replay the finished trials
             trial = study.ask(dict(distributions))
@@ -62,8 +68,10 @@ def search(
         trial = study.ask(dict(distributions))
         value, record = objective(k, dict(trial.params))
         study.tell(trial, value)
-        done.append(dict(record, params=trial.params, value=value))
+        elapsed = state["seconds"] + time.perf_counter() - tic
+        done.append(dict(record, params=trial.params, value=value, elapsed=elapsed))
         return state, f"best {study.best_value:.5f}"
 
     fresh = lambda: dict(trials=[])
-    return run.loop(name, trials, fresh, step, description=description, every=every)
+    until = None if budget_seconds is None else lambda state: state["seconds"] >= budget_seconds
+    return run.loop(name, trials, fresh, step, description=description, every=every, until=until)

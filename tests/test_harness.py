@@ -285,6 +285,36 @@ def test_search_resumes_with_the_trials_it_would_have_drawn(tmp_path):
     assert [t["params"] for t in resumed] == [t["params"] for t in whole]
 
 
+def test_search_on_a_budget_of_seconds_stops_and_resumes_where_it_stopped(tmp_path, monkeypatch):
+    # A fake clock that only the objective advances, one second per trial: the count of trials
+    # is then exact, not a matter of the machine's speed.
+    clock = [0.0]
+    monkeypatch.setattr(_search.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(_common.time, "perf_counter", lambda: clock[0])
+    distributions = {"x": _search.optuna.distributions.FloatDistribution(-1.0, 1.0)}
+    calls = []
+
+    def search(*argv, budget):
+        def objective(k, params):
+            calls.append(k)
+            clock[0] += 1.0
+            return params["x"] ** 2, {}
+
+        run = _common.start(_args(tmp_path, *argv))
+        sampler = _search.sampler("random", 0)
+        return _search.search(
+            run, "rs", 1000, sampler, distributions, objective, budget_seconds=budget
+        )
+
+    state = search(budget=2.5)  # trials start at 0, 1 and 2 s: three fit
+    assert calls == [0, 1, 2] and state["seconds"] == 3.0
+    assert [t["elapsed"] for t in state["trials"]] == [1.0, 2.0, 3.0]
+    calls.clear()
+    assert len(search("--resume", budget=2.5)["trials"]) == 3 and calls == []
+    state = search("--resume", budget=4.5)  # a larger budget continues the same search
+    assert calls == [3, 4] and [t["elapsed"] for t in state["trials"]][-2:] == [4.0, 5.0]
+
+
 def test_optax_step_under_strict_promotion():
     # The test suite runs with strict dtype promotion, under which optax's Adam alone fails.
     optimizer = optax.adam(0.1)

@@ -2,6 +2,7 @@
 and TPE run for each trial, both over epochs of jitted `lax.scan`s, checkpointed per epoch."""
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 
 import equinox as eqx
@@ -84,8 +85,9 @@ def self_tuning(
 
     **Returns:**
 
-    A history dict; `val_loss` and `test_loss` are those at the end. The run is checkpointed
-    under `name` (default `"<variant>_<seed>"`).
+    A history dict; `val_loss` and `test_loss` are those at the epoch with the best validation
+    loss, `seconds` the wall-clock at the end of each epoch (compilation included, summed over
+    resumed invocations). The run is checkpointed under `name` (default `"<variant>_<seed>"`).
     """
     name = name or f"{variant}_{seed}"
     key = jax.random.key(seed)
@@ -105,7 +107,9 @@ def self_tuning(
         hparams=hparams,
         w_state=w_opt.init(eqx.filter(model, eqx.is_inexact_array)),
         h_state=(h_opt.init(hparams.values), s_opt.init(hparams.scales)),
-        history=dict(epoch=[], hparams=[], sigma=[], val_curve=[], test_curve=[], train_curve=[]),
+        history=dict(
+            epoch=[], hparams=[], sigma=[], val_curve=[], test_curve=[], train_curve=[], seconds=[]
+        ),
     )
     cycles = cycles_per_epoch(task)
 
@@ -170,6 +174,7 @@ def self_tuning(
     val_batch = task.batch_size if task.batch_size is not None else len(yval)
 
     def step(e, state):
+        tic = time.perf_counter()
         rng = np.random.default_rng([seed, e])
         train_idx = _batches(len(ytr), task.batch_size, cycles * task.t_train, rng)
         val_idx = _batches(len(yval), val_batch, cycles * task.t_valid, rng)
@@ -192,6 +197,7 @@ def self_tuning(
         history["val_curve"].append(float(val_loss))
         history["test_curve"].append(float(test_loss))
         history["train_curve"].append(float(train_loss))
+        history["seconds"].append(state["seconds"] + time.perf_counter() - tic)
         best = np.fmin.reduce(history["val_curve"])
         return state, f"val {float(val_loss):.4f}  best {best:.4f}"
 
@@ -224,6 +230,12 @@ def _plain_apply(task: Task):
 
 
 _PLAIN = {}  # compiled plain-training functions, per task object: one compilation per search
+
+
+def forget_compiled():
+    """Drops the compiled plain-training functions, so that the next search compiles its own
+    (a timed search then pays for its compilation, as a user's would)."""
+    _PLAIN.clear()
 
 
 def _plain_functions(task: Task):
