@@ -362,6 +362,8 @@ EXPERIMENTS = [
     "meta_ho",
     "delta_stn.__main__",
     "delta_stn.stability",
+    "delta_stn.time_budget",
+    "delta_stn.fair_budget",
     "hyper_representation._run",
     "hypergrad_diagnostics",
 ]
