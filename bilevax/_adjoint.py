@@ -31,10 +31,12 @@ class AbstractAdjoint(eqx.Module):
         max_steps: int,
         tol: Any,
         static_params: PyTree,
-    ) -> tuple[PyTree[Array], RESULTS, dict[str, Array]]:
+        solver_state: PyTree[Array] | None = None,
+    ) -> tuple[PyTree[Array], RESULTS, dict[str, Array], PyTree[Array]]:
         """Runs the solver from `init` (the floating-point part of the parameters; the rest is
-        `static_params`) and returns `(params, result, stats)`, differentiable as this
-        adjoint says."""
+        `static_params`), resuming `solver_state` if given, and returns
+        `(params, result, stats, state)`: `params` differentiable as this adjoint says, and
+        the array part of the final solver state, not differentiated."""
 
 
 class ImplicitAdjoint(AbstractAdjoint):
@@ -71,15 +73,27 @@ class ImplicitAdjoint(AbstractAdjoint):
             check_linear_solver(self.linear_solver)
         check_bool("throw", self.throw)
 
-    def solve(self, inner_loss, init, hparams, data, solver, max_steps, tol, static_params):
+    def solve(
+        self,
+        inner_loss,
+        init,
+        hparams,
+        data,
+        solver,
+        max_steps,
+        tol,
+        static_params,
+        solver_state=None,
+    ):
         loss = _flat_loss(stop_gradient(inner_loss), static_params)
-        params, result, stats = solve_to_tolerance(
+        params, result, stats, state = solve_to_tolerance(
             loss,
             stop_gradient(init),
             stop_gradient((hparams, data)),
             stop_gradient(solver),
             max_steps,
             tol,
+            stop_gradient(solver_state),
         )
         optimality, inputs, symmetric = optimality_for(
             solver, static_params, inner_loss, hparams, data
@@ -92,7 +106,7 @@ class ImplicitAdjoint(AbstractAdjoint):
         params = implicit_solution(
             params, optimality, inputs, linear_solver, symmetric=symmetric, throw=self.throw
         )
-        return params, result, stats
+        return params, result, stats, state
 
 
 class UnrolledAdjoint(AbstractAdjoint):
@@ -118,10 +132,22 @@ class UnrolledAdjoint(AbstractAdjoint):
         if self.truncate is not None:
             check_int("truncate", self.truncate, 1)
 
-    def solve(self, inner_loss, init, hparams, data, solver, max_steps, tol, static_params):
+    def solve(
+        self,
+        inner_loss,
+        init,
+        hparams,
+        data,
+        solver,
+        max_steps,
+        tol,
+        static_params,
+        solver_state=None,
+    ):
         loss = _flat_loss(inner_loss, static_params)
         args = (hparams, data)
-        params = unroll(
+        # A carried state is a warm start, not a function of these hyperparameters.
+        params, state = unroll(
             loss,
             init,
             args,
@@ -129,6 +155,7 @@ class UnrolledAdjoint(AbstractAdjoint):
             max_steps,
             checkpoints=self.checkpoints,
             truncate=self.truncate,
+            solver_state=stop_gradient(solver_state),
         )
         final_loss, grad = jax.value_and_grad(loss)(stop_gradient(params), stop_gradient(args))
         grad_norm = tree_norm(
@@ -136,8 +163,11 @@ class UnrolledAdjoint(AbstractAdjoint):
         )
         result = result_from(final_loss, grad, grad_norm, tol)
         # A diverged unroll is a failure, not an approximation: its parameters become NaN.
-        params = tree_where_nan(result == RESULTS.nonfinite, params)
-        return params, result, {"num_steps": jnp.asarray(max_steps), "grad_norm": grad_norm}
+        failed = result == RESULTS.nonfinite
+        params = tree_where_nan(failed, params)
+        state = tree_where_nan(failed, stop_gradient(state))
+        stats = {"num_steps": jnp.asarray(max_steps), "grad_norm": grad_norm}
+        return params, result, stats, state
 
 
 def _flat_loss(inner_loss, static_params):

@@ -1,4 +1,5 @@
 import equinox as eqx
+from jaxtyping import Array, PyTree
 
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._checks import (
@@ -26,6 +27,7 @@ def inner_solve(
     tol=1e-6,
     adjoint: AbstractAdjoint = ImplicitAdjoint(),
     throw: bool = False,
+    solver_state: PyTree[Array] | None = None,
 ) -> Solution:
     r"""Approximately solves the inner problem $\min_w L(w, \lambda)$.
 
@@ -52,13 +54,23 @@ def inner_solve(
         gradient mapping $(w - \operatorname{prox}_{\eta g}(w - \eta \nabla L))/\eta$.
     - `adjoint`: how to differentiate the solution.
     - `throw`: raise (through `eqx.error_if`) when the result is not successful.
+    - `solver_state`: the `state` of an earlier solution with the same solver and parameter
+        structure, to resume from: typically the previous outer step's, in a loop that
+        also starts `init` at its `params`. The solver keeps what stays valid when the
+        hyperparameters or data change ([`bilevax.AbstractInnerSolver.resume`][]): an
+        `optimistix` quasi-Newton minimiser (`optx.LBFGS`, `optx.BFGS`) its curvature
+        pairs or Hessian approximation, so that it does not rebuild them every outer step;
+        loss values and gradients are always recomputed. Other solvers start afresh. The
+        state is never differentiated. The first one in a loop is
+        `inner_solve(..., max_steps=0).state`, which takes no step.
 
     **Returns:**
 
-    A [`bilevax.Solution`][] with `params`, `result` ([`bilevax.RESULTS`][]) and `stats`
-    (`"num_steps"`, `"grad_norm"`). A solve that went non-finite returns NaN parameters
-    (`RESULTS.nonfinite`), never its last finite iterate; one cut short at `max_steps`
-    returns its last iterate, flagged `RESULTS.max_steps_reached`.
+    A [`bilevax.Solution`][] with `params`, `result` ([`bilevax.RESULTS`][]), `stats`
+    (`"num_steps"`, `"grad_norm"`) and the solver's final `state`. A solve that went
+    non-finite returns NaN parameters (`RESULTS.nonfinite`), never its last finite iterate,
+    and a NaN state; one cut short at `max_steps` returns its last iterate, flagged
+    `RESULTS.max_steps_reached`.
     """
     check_callable("inner_loss", inner_loss)
     check_int("max_steps", max_steps, 0)
@@ -76,9 +88,19 @@ def inner_solve(
     # Arrays that `inner_loss` closes over become explicit, so the implicit adjoint can
     # differentiate with respect to them too.
     inner_loss = eqx.filter_closure_convert(inner_loss, init, hparams, data)
-    params, result, stats = adjoint.solve(
-        inner_loss, float_init, hparams, data, inner_solver, max_steps, tol, static_init
+    params, result, stats, state = adjoint.solve(
+        inner_loss,
+        float_init,
+        hparams,
+        data,
+        inner_solver,
+        max_steps,
+        tol,
+        static_init,
+        solver_state=solver_state,
     )
     if throw:
         params = result.error_if(params, result != RESULTS.successful)
-    return Solution(params=eqx.combine(params, static_init), result=result, stats=stats)
+    return Solution(
+        params=eqx.combine(params, static_init), result=result, stats=stats, state=state
+    )

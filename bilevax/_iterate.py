@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree, Scalar
 
+from ._checks import check_same_structure
 from ._misc import stop_gradient, tree_isfinite, tree_norm, tree_where_nan
 from ._solution import RESULTS
 from ._solver import AbstractInnerSolver, Loss
@@ -17,17 +18,19 @@ def solve_to_tolerance(
     solver: AbstractInnerSolver,
     max_steps: int,
     tol,
-) -> tuple[PyTree[Array], RESULTS, dict[str, Array]]:
+    solver_state: PyTree[Array] | None = None,
+) -> tuple[PyTree[Array], RESULTS, dict[str, Array], PyTree[Array]]:
     """Steps `solver` until `‖residual‖ <= tol` (the gradient, unless the solver has its own
-    residual, as a proximal one does), a non-finite value, or `max_steps` steps.
+    residual, as a proximal one does), a non-finite value, or `max_steps` steps. Returns
+    `(params, result, stats, state)`, with `state` the array part of the final solver state
+    (see `start_state`).
 
     Not differentiable in reverse mode (it is a `while_loop`): callers attach derivatives
     with the implicit function theorem. Under `vmap` each batch element stops on its own
     test, because a batched `while_loop` freezes the elements whose condition is false.
     """
-    state = solver.init(fn, params, args)
+    dynamic_state, static_state = start_state(solver, fn, params, args, solver_state)
     loss, grad = jax.value_and_grad(fn)(params, args)
-    dynamic_state, static_state = eqx.partition(state, eqx.is_array)
 
     def finite(loss, grad):
         return jnp.isfinite(loss) & tree_isfinite(grad)
@@ -50,12 +53,45 @@ def solve_to_tolerance(
     # A step counter made from `loss` (not a fresh constant) takes the batch's sharding when
     # vmapped over tasks on an `Explicit` mesh; `jnp.asarray(0)` has no mesh and fails there.
     init_carry = (params, dynamic_state, loss, grad, jnp.zeros_like(loss, dtype=int))
-    params, _, loss, grad, num_steps = jax.lax.while_loop(cond, body, init_carry)
+    params, dynamic_state, loss, grad, num_steps = jax.lax.while_loop(cond, body, init_carry)
     grad_norm = residual_norm(params, grad)
     result = result_from(loss, grad, grad_norm, tol)
-    # The last finite iterate of a diverged solve would be a plausible wrong answer.
-    params = tree_where_nan(result == RESULTS.nonfinite, params)
-    return params, result, {"num_steps": num_steps, "grad_norm": grad_norm}
+    # The last finite iterate of a diverged solve would be a plausible wrong answer; so would
+    # a warm start carried from it.
+    failed = result == RESULTS.nonfinite
+    params = tree_where_nan(failed, params)
+    dynamic_state = tree_where_nan(failed, dynamic_state)
+    return params, result, {"num_steps": num_steps, "grad_norm": grad_norm}, dynamic_state
+
+
+def start_state(
+    solver: AbstractInnerSolver,
+    fn: Loss,
+    params: PyTree[Array],
+    args,
+    solver_state: PyTree[Array] | None,
+) -> tuple[PyTree[Array], PyTree]:
+    """The solver's state at `params`, split into its arrays and the rest.
+
+    The arrays are what a solve returns as its state and what a later solve accepts as
+    `solver_state`: a pytree of arrays that can be carried through `lax.scan` or `vmap`
+    (a whole state holds functions, such as L-BFGS's inverse-Hessian operator). With a
+    `solver_state` from an earlier solve, the solver keeps what is still valid of it
+    (`AbstractInnerSolver.resume`)."""
+    state = solver.init(fn, params, args)
+    dynamic_state, static_state = eqx.partition(state, eqx.is_array)
+    if solver_state is None:
+        return dynamic_state, static_state
+    check_same_structure(
+        "solver_state",
+        solver_state,
+        dynamic_state,
+        "the solver's state at `init` (`inner_solve(..., max_steps=0).state`)",
+    )
+    previous = eqx.combine(solver_state, static_state)
+    state = solver.resume(fn, params, args, previous)
+    dynamic_state, _ = eqx.partition(state, eqx.is_array)
+    return dynamic_state, static_state
 
 
 def result_from(loss: Scalar, grad: PyTree[Array], grad_norm: Scalar, tol) -> RESULTS:
@@ -73,8 +109,10 @@ def unroll(
     *,
     checkpoints: int | None = None,
     truncate: int | None = None,
-) -> PyTree[Array]:
-    """Exactly `num_steps` solver steps, written so JAX can differentiate through them.
+    solver_state: PyTree[Array] | None = None,
+) -> tuple[PyTree[Array], PyTree[Array]]:
+    """Exactly `num_steps` solver steps, written so JAX can differentiate through them;
+    returns the parameters and the array part of the final solver state (see `start_state`).
 
     - `checkpoints=k` stores the state at `k` segment boundaries and recomputes each segment
         during the backward pass (`jax.checkpoint`): one extra forward pass, and memory for `k`
@@ -82,8 +120,7 @@ def unroll(
     - `truncate=K` cuts the derivative before the last `K` steps (Shaban et al. 2019).
     """
     grad_fn = jax.grad(fn)
-    state = solver.init(fn, params, args)
-    dynamic_state, static_state = eqx.partition(state, eqx.is_array)
+    dynamic_state, static_state = start_state(solver, fn, params, args, solver_state)
 
     def step(carry):
         params, dynamic_state = carry
@@ -96,8 +133,7 @@ def unroll(
     if truncate is not None and truncate < num_steps:
         carry = stop_gradient(_repeat(step, carry, num_steps - truncate, checkpoints))
         num_steps = truncate
-    params, _ = _repeat(step, carry, num_steps, checkpoints)
-    return params
+    return _repeat(step, carry, num_steps, checkpoints)
 
 
 def _repeat(step, carry, num_steps: int, checkpoints: int | None):

@@ -1,5 +1,5 @@
 import equinox as eqx
-from jaxtyping import Array
+from jaxtyping import Array, PyTree
 
 from ._custom_types import Params
 
@@ -26,8 +26,12 @@ class Solution(eqx.Module):
     - `result`: a [`bilevax.RESULTS`][] saying whether the solve converged.
     - `stats`: a dict with `"num_steps"` (steps taken) and `"grad_norm"` (the final
         $\\|\\nabla_w L\\|_2$).
+    - `state`: the arrays of the solver's final state (a pytree that `lax.scan` can carry),
+        not differentiated: pass it as `inner_solve(..., solver_state=...)` to resume the
+        solver in the next outer step. `None` when the solution was built without one.
     """
 
     params: Params
     result: RESULTS
     stats: dict[str, Array]
+    state: PyTree[Array] | None = None

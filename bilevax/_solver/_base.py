@@ -1,4 +1,5 @@
 import abc
+import dataclasses
 import inspect
 import numbers
 from collections.abc import Callable
@@ -37,6 +38,15 @@ class AbstractInnerSolver(eqx.Module, Generic[_State]):
         self, fn: Loss, params: PyTree[Array], grad: PyTree[Array], state: _State, args: Any
     ) -> tuple[PyTree[Array], _State]:
         """One step from `params`, where `grad = ∇fn(params, args)`; returns `(params, state)`."""
+
+    def resume(self, fn: Loss, params: PyTree[Array], args: Any, state: _State) -> _State:
+        """The state to start from at `params`, given the final `state` of an earlier solve
+        of a related problem: the same loss at other hyperparameters or data (the previous
+        outer step). It keeps what stays valid there, curvature information, and drops what
+        does not: loss values and gradients, which belong to the old problem. The default
+        keeps nothing (`init`); quasi-Newton minimisers keep their curvature pairs."""
+        del state
+        return self.init(fn, params, args)
 
     def value_and_grad(
         self, fn: Loss, params: PyTree[Array], state: _State, args: Any
@@ -140,6 +150,26 @@ class _OptimistixSolver(AbstractInnerSolver[Any]):
         del grad
         params, state, _ = self.minimiser.step(_with_aux(fn), params, args, {}, state, frozenset())
         return params, state
+
+    def resume(self, fn, params, args, state):
+        # A quasi-Newton minimiser's (inverse) Hessian approximation is its curvature pairs
+        # (L-BFGS) or a dense matrix (BFGS): they describe the loss near the old solution,
+        # which is the best guess at the new one's. Everything else starts afresh: the loss
+        # and gradient in `f_info` are the old problem's, and `first_step` makes the first
+        # step accept the new starting point without comparing it with the old loss.
+        fresh = self.init(fn, params, args)
+        if not isinstance(self.minimiser, optx.AbstractQuasiNewton):
+            return fresh
+        old_info, info = state.f_info, fresh.f_info
+        if isinstance(info, optx.FunctionInfo.EvalGradHessianInv):
+            info = dataclasses.replace(info, hessian_inv=old_info.hessian_inv)
+        elif isinstance(info, optx.FunctionInfo.EvalGradHessian):
+            info = dataclasses.replace(info, hessian=old_info.hessian)
+        else:  # a quasi-Newton method of another kind: nothing known to carry
+            return fresh
+        return dataclasses.replace(
+            fresh, f_info=info, hessian_update_state=state.hessian_update_state
+        )
 
     def value_and_grad(self, fn, params, state, args):
         # optimistix's minimisers evaluate the loss and gradient at each point they accept and

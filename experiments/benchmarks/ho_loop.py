@@ -22,9 +22,11 @@ everywhere (history 10) and the inner problem is solved to `‖∇_w L‖₂ ≤
     `bx.inner_solve(..., solver=optx.LBFGS(...), tol=INNER_TOL)` from zero, everything else
     at its default (the implicit adjoint with `bx.CG` at the inner tolerance).
 - (c) `best`: bilevax's best loop, from its primitives: the inner solve starts at the
-    previous solution, `bx.implicit_hypergrad` with `bx.CG` starts at the previous adjoint
-    (`adjoint_init`, the `info.adjoint` of `has_aux=True`), and both tolerances follow HOAG's
-    schedule `ε_k = max(ε_0 ρ^k, INNER_TOL)` (`bx.contrib.HOAG.tolerance`).
+    previous solution with the previous solve's L-BFGS curvature pairs
+    (`inner_solve(..., solver_state=sol.state)`), `bx.implicit_hypergrad` with `bx.CG`
+    starts at the previous adjoint (`adjoint_init`, the `info.adjoint` of `has_aux=True`),
+    and both tolerances follow HOAG's schedule `ε_k = max(ε_0 ρ^k, INNER_TOL)`
+    (`bx.contrib.HOAG.tolerance`).
 - (d) `hoag`: `bx.contrib.HOAG.step` itself, the same schedule and warm starts, with the
     `lx.CG` it hard-codes.
 
@@ -255,17 +257,25 @@ def _hoag(counter: Counter | None = None):
 
 
 def best_loop(num_steps: int, counter: Counter | None = None):
-    """(c): warm starts of the solution and the adjoint, HOAG's tolerances, `bx.CG`."""
+    """(c): warm starts of the solution, of L-BFGS's curvature pairs (`solver_state`) and of
+    the adjoint, HOAG's tolerances, `bx.CG`."""
     optimizer = optax.adam(OUTER_LR)
     schedule = _hoag()
     loss = _counted_loss(counter)
 
     def loop(lam, train, val):
         def step(carry, k):
-            lam, opt_state, w, v = carry
+            lam, opt_state, w, v, solver_state = carry
             tol = schedule.tolerance(k.astype(lam.dtype))  # a float power, for strict promotion
             sol = bx.inner_solve(
-                loss, w, lam, train, solver=_lbfgs(), tol=tol, max_steps=INNER_MAX_STEPS
+                loss,
+                w,
+                lam,
+                train,
+                solver=_lbfgs(),
+                tol=tol,
+                max_steps=INNER_MAX_STEPS,
+                solver_state=solver_state,
             )
             linear_solver = _counted_solver(bx.CG(rtol=tol, atol=0.0), counter)
             value, hypergrad, info = bx.implicit_hypergrad(
@@ -283,10 +293,13 @@ def best_loop(num_steps: int, counter: Counter | None = None):
             if counter is not None:  # the info's residual ‖H v − ∇_w E‖: one more HVP
                 jax.debug.callback(counter.add_hvps, 1)
             lam, opt_state = _adam_step(optimizer, hypergrad, opt_state, lam)
-            return (lam, opt_state, sol.params, info.adjoint), (value, sol.stats["num_steps"])
+            carry = (lam, opt_state, sol.params, info.adjoint, sol.state)
+            return carry, (value, sol.stats["num_steps"])
 
         zeros = jnp.zeros(train[0].shape[1], lam.dtype)
-        carry = (lam, optimizer.init(lam), zeros, zeros)
+        # The solver's state before any step: the first carry of the loop.
+        state0 = bx.inner_solve(loss, zeros, lam, train, solver=_lbfgs(), max_steps=0).state
+        carry = (lam, optimizer.init(lam), zeros, zeros, state0)
         (lam, *_), (values, steps) = jax.lax.scan(step, carry, jnp.arange(num_steps))
         return lam, values, steps
 
