@@ -2,7 +2,7 @@
 
     python -m experiments.delta_stn TASK [--quick] [--out DIR] [--seed S]
         [--resume | --overwrite] [--num-seeds K] [--epochs E]
-        [--methods delta centred stn random tpe]
+        [--methods delta centred stn random tpe] [--scale SIGMA]
 
 TASK is one of `ridge`, `dropout-regression` (diabetes; closed forms known), `digits-mlp`,
 `mnist-mlp`, `mnist-cnn`, or `all`: every task a CPU runs in minutes (`CPU_TASKS`), each in
@@ -88,6 +88,9 @@ def build_parser():
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--num-seeds", type=int, default=1, help="seeds seed, seed+1, ...")
     p.add_argument("--epochs", type=int, default=None, help="override the task's epochs")
+    p.add_argument(
+        "--scale", type=float, default=None, help="the perturbation scale σ at the start"
+    )
     return p
 
 
@@ -103,7 +106,9 @@ def main(argv=None) -> dict:
     runs = {m: [] for m in args.methods}
     references = []
     for seed in seeds:
-        task = make_task(args.task, seed, args.quick, data_dir, epochs=args.epochs)
+        task = make_task(
+            args.task, seed, args.quick, data_dir, epochs=args.epochs, scale=args.scale
+        )
         if args.task == "ridge":
             references.append(ridge_closed_form(task))
         elif args.task == "dropout-regression":
@@ -127,7 +132,9 @@ def main(argv=None) -> dict:
     results = {m: _summarise(rs) for m, rs in runs.items()}
     if references:
         results["closed_form"] = _summarise(references)
-    task = make_task(args.task, args.seed, args.quick, data_dir, epochs=args.epochs)
+    task = make_task(
+        args.task, args.seed, args.quick, data_dir, epochs=args.epochs, scale=args.scale
+    )
     results["config"] = dict(
         task=args.task,
         quick=args.quick,
@@ -155,6 +162,8 @@ def run_all(args) -> dict:
     shared += ["--overwrite"] * args.overwrite
     if args.epochs is not None:
         shared += ["--epochs", str(args.epochs)]
+    if args.scale is not None:
+        shared += ["--scale", str(args.scale)]
     if args.data_dir is not None:
         shared += ["--data-dir", str(args.data_dir)]
     results = {}
