@@ -17,6 +17,7 @@ from ._linear_solver import (
     JacobiPreconditioner as JacobiPreconditioner,
     Neumann as Neumann,
     Preconditioned as Preconditioned,
+    QuasiNewtonPreconditioner as QuasiNewtonPreconditioner,
 )
 from ._linearize import linearized_response as linearized_response
 from ._solution import RESULTS as RESULTS, Solution as Solution

@@ -5,5 +5,6 @@ from ._preconditioner import (
     Damped as Damped,
     JacobiPreconditioner as JacobiPreconditioner,
     Preconditioned as Preconditioned,
+    QuasiNewtonPreconditioner as QuasiNewtonPreconditioner,
     default_linear_solver as default_linear_solver,
 )

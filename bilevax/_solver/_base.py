@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import lineax as lx
 import optax
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
@@ -47,6 +48,12 @@ class AbstractInnerSolver(eqx.Module, Generic[_State]):
         keeps nothing (`init`); quasi-Newton minimisers keep their curvature pairs."""
         del state
         return self.init(fn, params, args)
+
+    def inverse_hessian(self, state: _State) -> lx.AbstractLinearOperator | None:
+        """The solver's approximation of the inverse Hessian at its last point, a positive
+        definite operator, if it keeps one (quasi-Newton methods); `None` otherwise."""
+        del state
+        return None
 
     def value_and_grad(
         self, fn: Loss, params: PyTree[Array], state: _State, args: Any
@@ -170,6 +177,16 @@ class _OptimistixSolver(AbstractInnerSolver[Any]):
         return dataclasses.replace(
             fresh, f_info=info, hessian_update_state=state.hessian_update_state
         )
+
+    def inverse_hessian(self, state):
+        # Only a quasi-Newton minimiser that approximates the inverse (`use_inverse=True`, the
+        # default) has one to apply; one that approximates the Hessian would need a solve.
+        if not isinstance(self.minimiser, optx.AbstractQuasiNewton):
+            return None
+        info = state.f_info
+        if not isinstance(info, optx.FunctionInfo.EvalGradHessianInv):
+            return None
+        return info.hessian_inv
 
     def value_and_grad(self, fn, params, state, args):
         # optimistix's minimisers evaluate the loss and gradient at each point they accept and
