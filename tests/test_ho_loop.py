@@ -41,3 +41,9 @@ def test_the_three_loops_reach_the_same_hyperparameters():
     # Warm starts of the solution and of the adjoint save work.
     assert runs["best"][1]["hvps"] <= runs["obvious"][1]["hvps"]
     assert runs["best"][1]["inner_iters"] <= runs["obvious"][1]["inner_iters"]
+    # At d = 20, (c) resumes a dense BFGS across outer steps and preconditions the adjoint
+    # with it: far fewer inner iterations and HVPs than jaxopt's warm-started L-BFGS
+    # (measured 198 against 361, and 155 against 388).
+    assert ho_loop._best_solver(20).__class__.__name__ == "BFGS"
+    assert runs["best"][1]["inner_iters"] <= 0.75 * runs["jaxopt"][1]["inner_iters"]
+    assert runs["best"][1]["hvps"] <= 0.6 * runs["jaxopt"][1]["hvps"]
