@@ -21,7 +21,7 @@ def test_best_by_takes_only_what_ended_in_time():
 
 
 def _timeline(seconds, val):
-    return dict(seconds=seconds, val=val, test=[2 * v for v in val])
+    return dict(seconds=seconds, val=val, test=[2 * v for v in val], hparams=[0.1, 0.2])
 
 
 def test_summary_reads_each_fraction_of_each_seeds_budget():
@@ -51,6 +51,7 @@ def test_summary_reads_each_fraction_of_each_seeds_budget():
     np.testing.assert_allclose([paired["mean"], paired["sd"]], [0.0, 0.1 / np.sqrt(2)], atol=1e-12)
     assert paired["wins"] == 1  # 0.25 < 0.3 on the first seed, 0.45 > 0.4 on the second
     assert summary["random"]["evaluations"] == [2, 2]
+    assert summary["random"]["hparams"] == [0.1, 0.2]
 
 
 def test_paired_statistics_are_those_of_the_differences():

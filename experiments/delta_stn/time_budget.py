@@ -52,30 +52,37 @@ def best_by(seconds, val, test, t: float) -> tuple[float, float]:
     return float(val[i]), float(test[i])
 
 
+def _best_by(timeline: dict, t: float) -> tuple[float, float]:
+    return best_by(timeline["seconds"], timeline["val"], timeline["test"], t)
+
+
 def timeline(task, method: str, seed: int, run: _common.Run, budget: float | None, startup):
-    """`(seconds, val, test)` per epoch of a self-tuning run, or per trial of a search."""
+    """`seconds`, `val` and `test` per epoch of a self-tuning run, or per trial of a search,
+    and `hparams`: the self-tuning run's at its end, or the best trial's."""
     if method in SELF_TUNING:
         r = self_tuning(task, method, seed, run)
-        return r["seconds"], r["val_curve"], r["test_curve"]
+        return dict(
+            seconds=list(r["seconds"]),
+            val=list(r["val_curve"]),
+            test=list(r["test_curve"]),
+            hparams=np.asarray(r["final_hparams"]).tolist(),
+        )
     r = search(task, method, seed, run, budget_seconds=budget, startup=startup)
     trials = r["trials"]
-    return (
-        [t["elapsed"] for t in trials],
-        [t["val_loss"] for t in trials],
-        [t["test_loss"] for t in trials],
+    return dict(
+        seconds=[t["elapsed"] for t in trials],
+        val=[t["val_loss"] for t in trials],
+        test=[t["test_loss"] for t in trials],
+        hparams=np.asarray(r["hparams"]).tolist(),
     )
 
 
 def run_seed(task, seed: int, run: _common.Run, factor: float, startup: int) -> dict:
-    """Every method on one seed: `{method: {"seconds", "val", "test"}, "budget": seconds}`."""
-    out = {}
-    for method in SELF_TUNING:
-        seconds, val, test = timeline(task, method, seed, run, None, startup)
-        out[method] = dict(seconds=list(seconds), val=list(val), test=list(test))
+    """Every method on one seed: `{method: timeline, "budget": seconds}`."""
+    out = {m: timeline(task, m, seed, run, None, startup) for m in SELF_TUNING}
     budget = factor * max(out[m]["seconds"][-1] for m in SELF_TUNING)
     for method in ("random", "tpe"):
-        seconds, val, test = timeline(task, method, seed, run, budget, startup)
-        out[method] = dict(seconds=list(seconds), val=list(val), test=list(test))
+        out[method] = timeline(task, method, seed, run, budget, startup)
     out["budget"] = budget
     return out
 
@@ -87,7 +94,7 @@ def summarise(per_seed: list[dict], fractions=FRACTIONS) -> dict:
     for method in METHODS:
         by_fraction = {}
         for f in fractions:
-            pairs = [best_by(**s[method], t=f * s["budget"]) for s in per_seed]
+            pairs = [_best_by(s[method], f * s["budget"]) for s in per_seed]
             val = np.asarray([p[0] for p in pairs])
             test = np.asarray([p[1] for p in pairs])
             complete = bool(np.isfinite(val).all())
@@ -101,7 +108,10 @@ def summarise(per_seed: list[dict], fractions=FRACTIONS) -> dict:
         evaluations = [len(s[method]["seconds"]) for s in per_seed]
         # The first epoch or trial's end: mostly compilation at CPU sizes.
         first = [s[method]["seconds"][0] / s["budget"] for s in per_seed]
-        summary[method] = dict(by_fraction=by_fraction, evaluations=evaluations, first=first)
+        hparams = np.mean([s[method]["hparams"] for s in per_seed], axis=0).tolist()
+        summary[method] = dict(
+            by_fraction=by_fraction, evaluations=evaluations, first=first, hparams=hparams
+        )
     reference = summary["delta"]["by_fraction"]
     for method in METHODS:
         if method == "delta":
@@ -156,8 +166,8 @@ def markdown_table(summary: dict, budgets: list[float], paired_at=(1.0,)) -> str
         f"Budget per seed: {', '.join(f'{b:.0f}' for b in budgets)} s.",
         "",
         "| method | first result at | best val loss by 25 % | by 50 % "
-        "| by 100 % of the budget | test loss at it | epochs or trials |",
-        "|---|---|---|---|---|---|---|",
+        "| by 100 % of the budget | test loss at it | epochs or trials | hyperparameters |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method, label in METHODS.items():
         s = summary[method]
@@ -166,7 +176,8 @@ def markdown_table(summary: dict, budgets: list[float], paired_at=(1.0,)) -> str
         lines.append(
             f"| {label} | {np.mean(s['first']):.0%} | {_cell(s['by_fraction']['0.25'])} "
             f"| {_cell(s['by_fraction']['0.5'])} "
-            f"| {_cell(end)} | {test} | {', '.join(map(str, s['evaluations']))} |"
+            f"| {_cell(end)} | {test} | {', '.join(map(str, s['evaluations']))} "
+            f"| {', '.join(f'{h:.3g}' for h in s['hparams'])} |"
         )
     lines += [
         "",
@@ -197,7 +208,7 @@ def plot(per_seed: list[dict], path, title: str):
     grid = np.linspace(0, 1, 201)[1:]
     for method, label in METHODS.items():
         curves = np.asarray(
-            [[best_by(**s[method], t=f * s["budget"])[0] for f in grid] for s in per_seed]
+            [[_best_by(s[method], f * s["budget"])[0] for f in grid] for s in per_seed]
         )
         complete = np.isfinite(curves).all(axis=0)
         (line,) = ax.plot(grid[complete], curves.mean(0)[complete], label=label)
