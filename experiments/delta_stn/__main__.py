@@ -2,7 +2,7 @@
 
     python -m experiments.delta_stn TASK [--quick] [--out DIR] [--seed S]
         [--resume | --overwrite] [--num-seeds K] [--epochs E]
-        [--methods delta centred stn random tpe] [--scale SIGMA]
+        [--methods delta centred stn random tpe] [--scale SIGMA] [--scale-lr RATE]
 
 TASK is one of `ridge`, `dropout-regression` (diabetes; closed forms known), `digits-mlp`,
 `mnist-mlp`, `mnist-cnn`, or `all`: every task a CPU runs in minutes (`CPU_TASKS`), each in
@@ -91,6 +91,9 @@ def build_parser():
     p.add_argument(
         "--scale", type=float, default=None, help="the perturbation scale σ at the start"
     )
+    p.add_argument(
+        "--scale-lr", type=float, default=None, help="RMSprop's rate on σ (0 keeps σ fixed)"
+    )
     return p
 
 
@@ -103,12 +106,11 @@ def main(argv=None) -> dict:
     run = _common.start(args, x64=x64, may_grow=("num_seeds",), may_change=("methods",))
     data_dir = _common.data_dir(args, "mnist") if args.task.startswith("mnist") else None
     seeds = [args.seed + i for i in range(args.num_seeds)]
+    overrides = dict(epochs=args.epochs, scale=args.scale, scale_lr=args.scale_lr)
     runs = {m: [] for m in args.methods}
     references = []
     for seed in seeds:
-        task = make_task(
-            args.task, seed, args.quick, data_dir, epochs=args.epochs, scale=args.scale
-        )
+        task = make_task(args.task, seed, args.quick, data_dir, **overrides)
         if args.task == "ridge":
             references.append(ridge_closed_form(task))
         elif args.task == "dropout-regression":
@@ -132,9 +134,7 @@ def main(argv=None) -> dict:
     results = {m: _summarise(rs) for m, rs in runs.items()}
     if references:
         results["closed_form"] = _summarise(references)
-    task = make_task(
-        args.task, args.seed, args.quick, data_dir, epochs=args.epochs, scale=args.scale
-    )
+    task = make_task(args.task, args.seed, args.quick, data_dir, **overrides)
     results["config"] = dict(
         task=args.task,
         quick=args.quick,
@@ -164,6 +164,8 @@ def run_all(args) -> dict:
         shared += ["--epochs", str(args.epochs)]
     if args.scale is not None:
         shared += ["--scale", str(args.scale)]
+    if args.scale_lr is not None:
+        shared += ["--scale-lr", str(args.scale_lr)]
     if args.data_dir is not None:
         shared += ["--data-dir", str(args.data_dir)]
     results = {}
