@@ -13,7 +13,7 @@ pytest.importorskip("jaxopt")
 from experiments.benchmarks import ho_loop  # noqa: E402
 
 
-def test_the_three_loops_reach_the_same_hyperparameters():
+def test_the_loops_reach_the_same_hyperparameters():
     (X_train, y_train), (X_val, y_val) = ho_loop.synthetic(60, 40, 20)
     train = (jnp.asarray(X_train), jnp.asarray(y_train))
     val = (jnp.asarray(X_val), jnp.asarray(y_val))
@@ -21,12 +21,13 @@ def test_the_three_loops_reach_the_same_hyperparameters():
     num_steps = 20
     runs = {
         name: ho_loop.counted_run(name, num_steps, lam0, train, val)
-        for name in ("jaxopt", "obvious", "best")
+        for name in ("jaxopt", "obvious", "warm", "best")
     }
     lams = {name: lam for name, (lam, _) in runs.items()}
     # Raises unless the validation losses at the final λ agree to `LOSS_RTOL`.
     ho_loop.check_same_result("tiny", lams, train, val)
     assert relerr(lams["obvious"], lams["jaxopt"]) <= 1e-6
+    assert relerr(lams["warm"], lams["jaxopt"]) <= 1e-6
     # HOAG's looser early tolerances move the path a little.
     assert relerr(lams["best"], lams["jaxopt"]) <= 1e-4
     assert relerr(lams["best"], lam0) > 1e-2  # the loop moved λ at all
@@ -41,6 +42,9 @@ def test_the_three_loops_reach_the_same_hyperparameters():
     # Warm starts of the solution and of the adjoint save work.
     assert runs["best"][1]["hvps"] <= runs["obvious"][1]["hvps"]
     assert runs["best"][1]["inner_iters"] <= runs["obvious"][1]["inner_iters"]
+    # (b′) differs from (b) only in its start: fewer inner iterations (measured 405 against
+    # 513), the same linear solves (368 HVPs each).
+    assert runs["warm"][1]["inner_iters"] < runs["obvious"][1]["inner_iters"]
     # At d = 20, (c) resumes a dense BFGS across outer steps and preconditions the adjoint
     # with it: far fewer inner iterations and HVPs than jaxopt's warm-started L-BFGS
     # (measured 198 against 361, and 155 against 388).
