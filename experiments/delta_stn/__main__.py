@@ -18,6 +18,7 @@ from . import _plots
 from ._loop import self_tuning
 from ._search import search
 from ._tasks import (
+    METHODS,
     TASKS,
     dropout_closed_form,
     dropout_exact_val_loss,
@@ -30,13 +31,6 @@ from ._tasks import (
 
 # `all`: the tasks a CPU runs in minutes at `--quick` (mnist-cnn needs a GPU's hours).
 CPU_TASKS = ("ridge", "dropout-regression", "digits-mlp", "mnist-mlp")
-METHODS = {
-    "delta": "Δ-STN",
-    "centred": "centred STN",
-    "stn": "STN",
-    "random": "random search",
-    "tpe": "TPE",
-}
 
 
 def _summarise(runs: list[dict]) -> dict:

@@ -353,6 +353,14 @@ def mnist_cnn(seed: int, quick: bool, data_dir=None) -> Task:
     )
 
 
+# Every method the experiments compare, with its name in tables and figures.
+METHODS = {
+    "delta": "Δ-STN",
+    "centred": "centred STN",
+    "stn": "STN",
+    "random": "random search",
+    "tpe": "TPE",
+}
 TASKS = {
     "ridge": ridge,
     "dropout-regression": dropout_regression,

@@ -27,16 +27,9 @@ import scipy.stats
 from .. import _common
 from ._loop import self_tuning
 from ._search import search
-from ._tasks import TASKS, make_task
+from ._tasks import METHODS, TASKS, make_task
 
 
-METHODS = {
-    "delta": "Δ-STN",
-    "centred": "centred STN",
-    "stn": "STN",
-    "random": "random search",
-    "tpe": "TPE",
-}
 SELF_TUNING = ("delta", "centred", "stn")
 FRACTIONS = (0.25, 0.5, 1.0)  # of the budget
 
