@@ -75,6 +75,11 @@ def test_fair_budget_is_where_doubling_stops_paying():
     assert fair_budget.fair_budget(budgets, [1.0, 0.5, 0.4, 0.3], 0.02) is None
     # A loss that rises again (overfitting) has flattened too.
     assert fair_budget.fair_budget(budgets, [1.0, 1.1, 0.4, 0.3], 0.02) == 10
+    assert fair_budget.fair_budget(budgets, [1.0, np.nan, 0.4, 0.3], 0.02) is None
+    # A setting that diverged is no candidate for the tuned loss; all diverged gives NaN.
+    assert fair_budget.tuned_loss({"0": np.nan, "0.3": 0.2, "0.5": 0.25}) == (0.2, "0.3")
+    loss, label = fair_budget.tuned_loss({"0": np.nan})
+    assert np.isnan(loss) and label is None
     assert fair_budget.settings([0.0, 0.3], 3) == {
         "0": [0.0] * 3,
         "0.3": [0.3] * 3,

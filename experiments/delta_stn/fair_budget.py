@@ -34,11 +34,23 @@ def settings(rates, num_hparams: int) -> dict[str, list[float]]:
     return out
 
 
+def tuned_loss(losses: dict[str, float]) -> tuple[float, str | None]:
+    """The best validation loss among the settings, and its setting: a setting that diverged
+    (NaN) is no candidate; `(nan, None)` when every one did."""
+    finite = {label: loss for label, loss in losses.items() if np.isfinite(loss)}
+    if not finite:
+        return float("nan"), None
+    label = min(finite, key=finite.__getitem__)
+    return finite[label], label
+
+
 def fair_budget(budgets, tuned, tolerance: float) -> int | None:
     """The smallest budget of `budgets` (increasing) whose tuned loss the next budget's improves
     by less than `tolerance` relative, or `None` if every step still improves by more (the
-    last budget cannot be judged: it has no next)."""
+    last budget cannot be judged: it has no next) or a tuned loss on the way is NaN."""
     for e, now, after in zip(budgets, tuned, tuned[1:]):
+        if not (np.isfinite(now) and np.isfinite(after)):
+            return None  # a budget at which every setting diverged: nothing to judge by
         if after > (1 - tolerance) * now:
             return int(e)
     return None
@@ -83,11 +95,12 @@ def main(argv=None) -> dict:
         for e in args.epochs
         for label in labels
     }
-    tuned = [min(mean[e, label] for label in labels) for e in args.epochs]
-    best = [min(labels, key=lambda label: mean[e, label]) for e in args.epochs]
+    tuned, best = zip(
+        *(tuned_loss({label: mean[e, label] for label in labels}) for e in args.epochs)
+    )
     fair = fair_budget(args.epochs, tuned, args.tolerance)
     rows = [
-        (str(e), *(f"{mean[e, label]:.4f}" for label in labels), f"{t:.4f}", b)
+        (str(e), *(f"{mean[e, label]:.4f}" for label in labels), f"{t:.4f}", b or "all diverged")
         for e, t, b in zip(args.epochs, tuned, best)
     ]
     _common.print_table(
@@ -101,8 +114,8 @@ def main(argv=None) -> dict:
     )
     results = dict(
         cells=cells,
-        tuned=tuned,
-        best_setting=best,
+        tuned=list(tuned),
+        best_setting=list(best),
         fair_epochs=fair,
         config=dict(task=args.task, epochs=args.epochs, seeds=seeds, tolerance=args.tolerance),
     )
