@@ -1,6 +1,7 @@
 r"""HOAG (Pedregosa 2016): an outer loop whose inner and linear-solve tolerances tighten as it
 goes, with both solves warm-started from the previous outer step."""
 
+import dataclasses
 from typing import Any, cast
 
 import equinox as eqx
@@ -15,7 +16,8 @@ from .._checks import check_bool, check_instance, check_int
 from .._custom_types import Data, HParams, Params
 from .._implicit import adjoint_hypergrad
 from .._inner_solve import inner_solve
-from .._solver import GradientDescent, SolverLike
+from .._linear_solver import Preconditioned, QuasiNewtonPreconditioner, default_linear_solver
+from .._solver import AbstractInnerSolver, GradientDescent, SolverLike, as_inner_solver
 
 
 class HOAGState(eqx.Module):
@@ -29,6 +31,10 @@ class HOAGState(eqx.Module):
         point.
     - `opt_state`: the outer optimiser's state.
     - `step`: the number of outer steps taken.
+    - `solver_state`: the last inner solve's solver state ([`bilevax.Solution`][]'s `state`),
+        which the next inner solve resumes: a quasi-Newton minimiser's Hessian approximation.
+        `None` when there is nothing to resume (`resume_solver_state=False`, or a solver that
+        keeps nothing between solves, such as [`bilevax.GradientDescent`][] or optax's).
     """
 
     hparams: HParams
@@ -36,10 +42,12 @@ class HOAGState(eqx.Module):
     adjoint: PyTree[Array]
     opt_state: optax.OptState
     step: Int[Array, ""]
+    solver_state: PyTree[Array] | None = None
 
 
 class HOAG(eqx.Module):
-    r"""Hypergradient descent with an adaptive tolerance schedule (HOAG, Pedregosa 2016).
+    r"""Hypergradient descent with an adaptive tolerance schedule (HOAG, Pedregosa 2016):
+    bilevax's best outer loop in one class.
 
     Outer step $k$ solves the inner problem to $\|\nabla_w L\| \le \epsilon_k$ and the
     adjoint system to the same tolerance, with
@@ -49,18 +57,42 @@ class HOAG(eqx.Module):
     so early steps, far from the optimum, are cheap, and the hypergradient error (which is
     $O(\epsilon_k)$, see [`bilevax.diagnostics.HypergradInfo`][]) shrinks as the steps do; Pedregosa
     shows the iterates converge when $\sum_k \epsilon_k < \infty$. `decay=1` gives the usual
-    fixed-tolerance loop. Each step starts the inner solver at the previous inner solution
-    and CG at the previous adjoint, both carried in the [`bilevax.contrib.HOAGState`][].
+    fixed-tolerance loop. Each step starts the inner solver at the previous inner solution,
+    resuming its state (a quasi-Newton minimiser's Hessian approximation, see
+    [`bilevax.inner_solve`][]'s `solver_state`), and [`bilevax.CG`][] at the previous adjoint,
+    all carried in the [`bilevax.contrib.HOAGState`][]. With a dense `optx.BFGS` inner solver,
+    `precondition=True` also preconditions CG with BFGS's inverse-Hessian approximation
+    ([`bilevax.QuasiNewtonPreconditioner`][]).
+
+    ```python
+    hoag = bx.contrib.HOAG(optax.adam(0.05), optx.BFGS(rtol=1e-8, atol=1e-8), precondition=True)
+    state = hoag.init(init, hparams, inner_loss, inner_data)
+    state, stats = jax.lax.scan(
+        lambda state, _: hoag.step(outer_loss, inner_loss, state, init, inner_data, outer_data),
+        state,
+        length=100,
+    )
+    ```
 
     **Arguments:**
 
     - `optimizer`: the outer `optax.GradientTransformation` on the hyperparameters.
     - `solver`: the inner solver (anything [`bilevax.inner_solve`][] accepts).
-    - `initial_tol`, `decay`, `final_tol`: $\epsilon_0$, $\rho$ and $\epsilon_{\min}$.
+    - `initial_tol`, `decay`, `final_tol`: $\epsilon_0$, $\rho$ and $\epsilon_{\min}$. CG's
+        relative tolerance is $\epsilon_k$ too, never below what the parameters' dtype
+        resolves ($10^{-10}$ in float64, $10^{-5}$ in float32), as for
+        [`bilevax.ImplicitAdjoint`][].
     - `max_steps`: the inner solver's step limit per outer step.
     - `linear_max_steps`: CG's step limit (default: ten times the number of parameters).
     - `warm_start_params`, `warm_start_adjoint`: start the inner solve (the linear solve)
         where the previous one ended, instead of at `init` (at zero).
+    - `resume_solver_state`: resume the inner solver's state from the previous outer step
+        (`inner_solve(..., solver_state=...)`). It changes nothing for solvers that keep no
+        curvature (gradient descent, optax); a quasi-Newton one then needs `inner_loss` in
+        `init`.
+    - `precondition`: precondition CG with the inner solver's inverse-Hessian approximation
+        ([`bilevax.QuasiNewtonPreconditioner`][]); the solver must keep one (`optx.BFGS`,
+        `optx.LBFGS`). It pays with a dense BFGS, hardly with L-BFGS's few curvature pairs.
     - `throw`: whether a failed linear solve raises (the default), or makes the step's
         hypergradient, and so the hyperparameters, NaN (an approximation for a solve cut short
         at its `max_steps`), with `"solve_result"` saying why.
@@ -75,6 +107,8 @@ class HOAG(eqx.Module):
     linear_max_steps: int | None = eqx.field(static=True, default=None)
     warm_start_params: bool = eqx.field(static=True, default=True)
     warm_start_adjoint: bool = eqx.field(static=True, default=True)
+    resume_solver_state: bool = eqx.field(static=True, default=True)
+    precondition: bool = eqx.field(static=True, default=False)
     throw: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
@@ -85,6 +119,9 @@ class HOAG(eqx.Module):
             "an `optax.GradientTransformation`, e.g. `optax.adam(1e-2)`",
         )
         check_int("max_steps", self.max_steps, 1)
+        for name in ("warm_start_params", "warm_start_adjoint", "resume_solver_state"):
+            check_bool(name, getattr(self, name))
+        check_bool("precondition", self.precondition)
         check_bool("throw", self.throw)
         for name in ("initial_tol", "final_tol", "decay"):
             value = getattr(self, name)
@@ -95,16 +132,43 @@ class HOAG(eqx.Module):
         """$\\epsilon_k$ at outer step `step`."""
         return jnp.maximum(self.initial_tol * self.decay**step, self.final_tol)
 
-    def init(self, init: Params, hparams: HParams) -> HOAGState:
-        """The state before the first outer step, from the inner solver's starting point."""
+    def init(
+        self, init: Params, hparams: HParams, inner_loss=None, inner_data: Data = None
+    ) -> HOAGState:
+        """The state before the first outer step, from the inner solver's starting point.
+
+        **Arguments:**
+
+        - `init`: the inner solver's starting point.
+        - `hparams`: the initial hyperparameters.
+        - `inner_loss`, `inner_data`: the inner loss and its data, as `step` gets them: they
+            build the inner solver's first state (`inner_solve(..., max_steps=0).state`, no
+            step taken) when the solver has one to resume; needed then, and unused otherwise.
+
+        **Returns:**
+
+        A [`bilevax.contrib.HOAGState`][].
+        """
         float_init = eqx.filter(init, eqx.is_inexact_array)
         float_hparams = eqx.filter(hparams, eqx.is_inexact_array)
+        solver_state = None
+        if self.resume_solver_state and _resumes(as_inner_solver(self.solver, hparams)):
+            if inner_loss is None:
+                raise ValueError(
+                    "`HOAG.init` needs `inner_loss` (and `inner_data`) to build the state of "
+                    "the inner solver, which `resume_solver_state=True` carries from one outer "
+                    "step to the next; pass them, or set `resume_solver_state=False`."
+                )
+            solver_state = inner_solve(
+                inner_loss, init, hparams, inner_data, solver=self.solver, max_steps=0
+            ).state
         return HOAGState(
             hparams=hparams,
             params=init,
             adjoint=jax.tree.map(jnp.zeros_like, float_init),
             opt_state=self.optimizer.init(float_hparams),
             step=jnp.asarray(0),
+            solver_state=solver_state,
         )
 
     def step(
@@ -132,6 +196,9 @@ class HOAG(eqx.Module):
         and `"solve_steps"` taken, the inner `"grad_norm"`, and how the two solves ended
         (`"inner_result"`, a [`bilevax.RESULTS`][]; `"solve_result"`, an `lx.RESULTS`).
         """
+        inner_solver = as_inner_solver(self.solver, state.hparams)
+        if self.precondition:
+            _check_inverse_hessian(inner_solver, inner_loss, init, state.hparams, inner_data)
         # Traced tolerances are fine for both solvers; their annotations say float.
         tol = cast(Any, self.tolerance(state.step))
         start = state.params if self.warm_start_params else init
@@ -140,16 +207,23 @@ class HOAG(eqx.Module):
             start,
             state.hparams,
             inner_data,
-            solver=self.solver,
+            solver=inner_solver,
             max_steps=self.max_steps,
             tol=tol,
             adjoint=ImplicitAdjoint(),
+            solver_state=state.solver_state if self.resume_solver_state else None,
         )
         float_init = eqx.filter(init, eqx.is_inexact_array)
         adjoint_init = (
             state.adjoint if self.warm_start_adjoint else jax.tree.map(jnp.zeros_like, float_init)
         )
-        linear_solver = lx.CG(rtol=tol, atol=tol, max_steps=self.linear_max_steps)
+        cg = dataclasses.replace(
+            default_linear_solver(float_init, tol), max_steps=self.linear_max_steps
+        )
+        linear_solver: lx.AbstractLinearSolver = cg
+        if self.precondition:
+            preconditioner = QuasiNewtonPreconditioner(inner_solver, sol.state)
+            linear_solver = Preconditioned(cg, preconditioner)
         value, hypergrad, adjoint, solve_result, solve_stats = adjoint_hypergrad(
             outer_loss,
             inner_loss,
@@ -172,6 +246,8 @@ class HOAG(eqx.Module):
             adjoint=adjoint,
             opt_state=opt_state,
             step=state.step + 1,
+            # The carry keeps `init`'s structure: a state only where there was one.
+            solver_state=None if state.solver_state is None else sol.state,
         )
         stats = {
             "value": value,
@@ -184,3 +260,25 @@ class HOAG(eqx.Module):
             "solve_result": solve_result,
         }
         return new_state, stats
+
+
+def _resumes(solver: AbstractInnerSolver) -> bool:
+    """Whether `solver` keeps anything of an earlier solve's state: the default `resume`
+    starts afresh (gradient descent, optax)."""
+    return type(solver).resume is not AbstractInnerSolver.resume
+
+
+def _check_inverse_hessian(
+    solver: AbstractInnerSolver, inner_loss, init: Params, hparams: HParams, data: Data
+) -> None:
+    """Raises unless `solver`'s state holds an inverse-Hessian approximation (for
+    `precondition=True`); shapes only, nothing is computed."""
+    float_init, static_init = eqx.partition(init, eqx.is_inexact_array)
+    loss = lambda params, args: inner_loss(eqx.combine(params, static_init), *args)
+    state = eqx.filter_eval_shape(solver.init, loss, float_init, (hparams, data))
+    if solver.inverse_hessian(state) is None:
+        raise ValueError(
+            "`precondition=True` needs an inner solver that approximates the inverse Hessian, "
+            "an `optimistix` quasi-Newton minimiser such as `optx.BFGS` or `optx.LBFGS` (with "
+            f"`use_inverse=True`); got {solver!r}."
+        )
