@@ -51,3 +51,18 @@ def test_the_loops_reach_the_same_hyperparameters():
     assert ho_loop._best_solver(20).__class__.__name__ == "BFGS"
     assert runs["best"][1]["inner_iters"] <= 0.75 * runs["jaxopt"][1]["inner_iters"]
     assert runs["best"][1]["hvps"] <= 0.6 * runs["jaxopt"][1]["hvps"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--contenders", "best", "jaxopt"], "the first must be jaxopt"),
+        (["--outer-steps", "0"], "--outer-steps must be >= 1"),
+        (["--problems", "mnist"], "invalid choice"),
+    ],
+)
+def test_the_command_refuses_bad_options(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        ho_loop.main([*argv, "--out", str(tmp_path)])
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
