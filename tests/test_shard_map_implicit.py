@@ -69,4 +69,4 @@ def test_command_line_on_four_devices(tmp_path):
     np.testing.assert_allclose(
         sharded["history"]["meta_grad"], auto["history"]["meta_grad"], rtol=1e-12, atol=0
     )
-    np.testing.assert_allclose(sharded["lam"], auto["lam"], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(sharded["log_lam"], auto["log_lam"], rtol=1e-12, atol=1e-15)
