@@ -21,7 +21,7 @@ def test_the_loops_reach_the_same_hyperparameters():
     num_steps = 20
     runs = {
         name: ho_loop.counted_run(name, num_steps, lam0, train, val)
-        for name in ("jaxopt", "obvious", "warm", "best")
+        for name in ("jaxopt", "obvious", "warm", "best", "hoag")
     }
     lams = {name: lam for name, (lam, _) in runs.items()}
     # Raises unless the validation losses at the final λ agree to `LOSS_RTOL`.
@@ -31,6 +31,11 @@ def test_the_loops_reach_the_same_hyperparameters():
     # HOAG's looser early tolerances move the path a little.
     assert relerr(lams["best"], lams["jaxopt"]) <= 1e-4
     assert relerr(lams["best"], lam0) > 1e-2  # the loop moved λ at all
+    # (d) is (c) in one class, `bx.contrib.HOAG`: the same solves, step for step. It skips
+    # only (c)'s diagnostic residual, one HVP and the info's loss evaluations per outer step.
+    assert relerr(lams["hoag"], lams["best"]) <= 1e-12
+    assert runs["hoag"][1]["inner_iters"] == runs["best"][1]["inner_iters"]
+    assert runs["hoag"][1]["hvps"] == runs["best"][1]["hvps"] - num_steps
     for name, (_, counts) in runs.items():
         for key, count in counts.items():
             assert isinstance(count, int) and count > 0, (name, key)
