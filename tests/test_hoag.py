@@ -62,7 +62,7 @@ def test_adaptive_tolerance_reaches_the_same_hparams_with_fewer_inner_steps(prob
     assert float(jnp.max(jnp.abs(adaptive.hparams - fixed.hparams))) < lam_tol
     adaptive_steps = int(jnp.sum(adaptive_stats["inner_steps"]))
     fixed_steps = int(jnp.sum(fixed_stats["inner_steps"]))
-    # Measured: ridge 8258 against 12953, logistic 24374 against 49902.
+    # Measured: ridge 8258 against 12953, logistic 24896 against 49902.
     assert adaptive_steps < 0.8 * fixed_steps
     # Every inner and linear solve reached its tolerance.
     for stats in (adaptive_stats, fixed_stats):
@@ -86,7 +86,7 @@ def test_warm_starts_save_iterations_and_keep_the_hypergradients():
         warm_stats["hypergrad"], cold_stats["hypergrad"], rtol=1e-6, atol=1e-9
     )
     np.testing.assert_allclose(warm.hparams, cold.hparams, rtol=0, atol=1e-8)
-    # Measured: 1209 against 1415 CG iterations, 3287 against 4273 inner steps.
+    # Measured: 1202 against 1415 CG iterations, 3287 against 4273 inner steps.
     assert int(jnp.sum(warm_stats["solve_steps"])) < 0.9 * int(jnp.sum(cold_stats["solve_steps"]))
     assert int(jnp.sum(warm_stats["inner_steps"])) < 0.9 * int(jnp.sum(cold_stats["inner_steps"]))
     # The first step has nothing to warm-start from.
@@ -127,9 +127,10 @@ def test_a_resumed_quasi_newton_state_saves_inner_steps():
 def test_the_quasi_newton_preconditioner_saves_cg_steps():
     lam, inner_steps, solve_steps = _bfgs_run()
     precond_lam, precond_inner_steps, precond_solve_steps = _bfgs_run(precondition=True)
-    # The same hypergradients to CG's tolerance (measured 2.0e-7 apart).
-    assert abs(precond_lam - lam) <= 1e-6
-    # Measured: 242 against 437 CG steps; the inner solves barely change (298 both).
+    # The same hypergradients to CG's tolerance, absolute here (‖∇_w E‖ < 1) and 1e-5 at
+    # first: measured 1.0e-6 apart after 30 Adam steps of 0.1.
+    assert abs(precond_lam - lam) <= 3e-6
+    # Measured: 213 against 397 CG steps; the inner solves barely change (298 both).
     assert precond_solve_steps < 0.7 * solve_steps
     assert precond_inner_steps == pytest.approx(inner_steps, rel=0.1)
 

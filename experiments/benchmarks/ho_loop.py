@@ -310,7 +310,8 @@ def best_loop(num_steps: int, counter: Counter | None = None):
                 max_steps=INNER_MAX_STEPS,
                 solver_state=solver_state,
             )
-            linear_solver = _counted_solver(bx.CG(rtol=tol, atol=0.0), counter)
+            # HOAG's rule: ‖Hv − ∇_w E‖ ≤ tol·max(1, ‖∇_w E‖), as `bx.contrib.HOAG` stops.
+            linear_solver = _counted_solver(bx.CG(rtol=tol, atol=tol), counter)
             if dense:  # L-BFGS's ten pairs precondition nothing measurable (section 6)
                 preconditioner = bx.QuasiNewtonPreconditioner(solver, sol.state)
                 linear_solver = bx.Preconditioned(linear_solver, preconditioner)
