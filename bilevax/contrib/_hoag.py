@@ -16,7 +16,7 @@ from .._checks import check_bool, check_instance, check_int
 from .._custom_types import Data, HParams, Params
 from .._implicit import adjoint_hypergrad
 from .._inner_solve import inner_solve
-from .._linear_solver import Preconditioned, QuasiNewtonPreconditioner, default_linear_solver
+from .._linear_solver import CG, Preconditioned, QuasiNewtonPreconditioner, default_linear_solver
 from .._solver import AbstractInnerSolver, GradientDescent, SolverLike, as_inner_solver
 
 
@@ -222,7 +222,7 @@ class HOAG(eqx.Module):
         # ‖Hv − ∇_w E‖ ≤ ε_k max(1, ‖∇_w E‖), never below what the dtype resolves. (The
         # default's relative rule alone is stricter for ‖∇_w E‖ < 1, at no gain in accuracy: the
         # inner solution is only ε_k-accurate.)
-        cg = default_linear_solver(float_init, tol)
+        cg = cast(CG, default_linear_solver(float_init, tol))
         cg = dataclasses.replace(cg, atol=cg.rtol, max_steps=self.linear_max_steps)
         linear_solver: lx.AbstractLinearSolver = cg
         if self.precondition:
