@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import PyTree
 
+from ._misc import scalars_as_arrays
+
 
 def check_callable(name: str, fn) -> None:
     if not callable(fn):
@@ -50,10 +52,7 @@ def check_nonnegative(name: str, value) -> None:
 def check_hparams(hparams: PyTree) -> PyTree:
     """The hyperparameters with Python floats made arrays (differentiable); refuses a pytree
     with no floating-point array, whose hypergradient would be `None`."""
-    hparams = jax.tree.map(
-        lambda x: jnp.asarray(x) if isinstance(x, float) and not isinstance(x, bool) else x,
-        hparams,
-    )
+    hparams = scalars_as_arrays(hparams)
     if not any(eqx.is_inexact_array(x) for x in jax.tree.leaves(hparams)):
         raise TypeError(
             "`hparams` must hold at least one floating-point array to differentiate (an "

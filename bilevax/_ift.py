@@ -215,7 +215,7 @@ def _implicit_jvp(primals, tangents, *, optimality, linear_solver, symmetric, th
         # enter only the outer loss): w* does not move.
         return params_star, jax.tree.map(jnp.zeros_like, params_star)
     jacobian = jacobian_operator(optimality, params_star, inputs, symmetric=symmetric)
-    rhs = jax.tree.map(jnp.negative, mixed)
+    rhs = jax.tree.map(jnp.negative, _instantiate_linear_zeros(mixed, params_star))
     # `lax.custom_linear_solve` transposes to our own checked solve (with J itself when
     # symmetric), so reverse mode is the adjoint form under the same failure policy.
     solve = lambda _, b: linear_solve(jacobian, b, linear_solver, throw=throw)[0]
@@ -262,3 +262,21 @@ def hparams_vjp(optimality, params: PyTree[Array], inputs: tuple, v: PyTree[Arra
 
 def _is_none(x) -> bool:
     return x is None
+
+
+def _instantiate_linear_zeros(mixed, params: PyTree[Array]) -> PyTree[Array]:
+    """`mixed` with its `None` leaves (a leaf whose condition does not depend on the
+    differentiated inputs: an unpenalised bias) made zeros shaped like `params`. Such a
+    leaf's right-hand side is zero, but its tangent is not: it moves through the coupling in
+    J. The zeros are written as 0 times a sum of the other leaves, so that they are linear in
+    the tangent, as `lax.custom_linear_solve` needs to transpose (a constant zero fails its
+    transpose rule); a non-finite mixed term still poisons them, as it should."""
+    leaves = jax.tree.leaves(mixed)
+
+    def leaf(m, w):
+        if m is not None:
+            return m
+        linear_zero = 0 * sum(jnp.sum(x).astype(w.dtype) for x in leaves)
+        return jnp.broadcast_to(linear_zero, w.shape)
+
+    return jax.tree.map(leaf, mixed, params, is_leaf=_is_none)

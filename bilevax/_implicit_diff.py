@@ -11,7 +11,7 @@ from jaxtyping import PyTree
 from ._checks import check_bool, check_callable, check_linear_solver, check_same_structure
 from ._ift import general_solver, implicit_solution
 from ._linear_solver import default_linear_solver
-from ._misc import stop_gradient
+from ._misc import scalars_as_arrays, stop_gradient
 
 
 def implicit_diff(
@@ -101,9 +101,7 @@ def implicit_diff(
     @functools.wraps(solve_fn)
     def wrapped(init, *args, **kwargs):
         args = _positional(signature, init, args, kwargs)
-        # A Python float is differentiable (`jax.jacfwd(f)(1.0)` keeps it as the primal of a
-        # tracer), but the custom JVP would take it for static: copy scalars into arrays.
-        args = jax.tree.map(lambda x: jnp.array(x) if _is_inexact(x) else x, args)
+        args = scalars_as_arrays(args)
         out = solve_fn(stop_gradient(init), *stop_gradient(args))
         solution, aux = out if has_aux else (out, None)
         float_solution, static_solution = eqx.partition(solution, eqx.is_inexact_array)
@@ -160,10 +158,6 @@ def _positional(signature, init, args, kwargs) -> tuple:
             f"({', '.join(bound.kwargs)}); implicit_diff needs them positional-or-keyword."
         )
     return tuple(bound.args[1:])
-
-
-def _is_inexact(x) -> bool:
-    return isinstance(x, float | complex) or (eqx.is_inexact_array(x) and x.ndim == 0)
 
 
 class _FixedPointResidual(eqx.Module):

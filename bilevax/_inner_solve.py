@@ -12,6 +12,7 @@ from ._checks import (
     split_params,
 )
 from ._custom_types import Data, HParams, InnerLoss, Params
+from ._misc import scalars_as_arrays
 from ._solution import RESULTS, Solution
 from ._solver import GradientDescent, SolverLike, as_inner_solver
 
@@ -84,6 +85,7 @@ def inner_solve(
     check_bool("throw", throw)
     float_init, static_init = split_params(init, "init")
     check_scalar_loss("inner_loss", inner_loss, init, hparams, data, "init")
+    hparams, data = scalars_as_arrays((hparams, data))
     inner_solver = as_inner_solver(solver, hparams)
     # Arrays that `inner_loss` closes over become explicit, so the implicit adjoint can
     # differentiate with respect to them too.

@@ -5,9 +5,13 @@ from jaxtyping import Array, PyTree, Scalar
 
 
 def stop_gradient(tree: PyTree) -> PyTree:
-    """`lax.stop_gradient` on every array leaf of a pytree that may hold non-arrays."""
+    """`lax.stop_gradient` on every array leaf of a pytree that may hold non-arrays.
+
+    Arrays stay arrays: on a tracer of a Python float (`jax.grad(f)(0.3)`) newer JAX returns
+    a literal that Equinox's filters would take for a static leaf."""
     dynamic, static = eqx.partition(tree, eqx.is_array)
-    return eqx.combine(jax.lax.stop_gradient(dynamic), static)
+    dynamic = jax.tree.map(lambda x: jnp.asarray(jax.lax.stop_gradient(x)), dynamic)
+    return eqx.combine(dynamic, static)
 
 
 def tree_norm(tree: PyTree[Array]) -> Scalar:
@@ -41,3 +45,21 @@ def tree_where_nan(pred, tree: PyTree[Array]) -> PyTree[Array]:
 def tree_subtract(a: PyTree[Array], b: PyTree[Array]) -> PyTree[Array]:
     """`a - b` leaf by leaf (`None` leaves, as `eqx.filter_grad` leaves them, stay `None`)."""
     return jax.tree.map(jnp.subtract, a, b)
+
+
+def scalars_as_arrays(tree: PyTree) -> PyTree:
+    """`tree` with its Python floats and floating-point scalars copied into fresh arrays.
+
+    A Python float is differentiable (`jax.grad(f)(0.3)` makes it the primal of a tracer), but
+    newer JAX hands such a primal to a custom JVP, or out of `lax.stop_gradient`, as a
+    literal that Equinox's filters take for a static leaf: its derivative would be lost, or
+    a closure-converted loss refuse it. A copy (`jnp.array`) is a real array."""
+
+    def leaf(x):
+        if isinstance(x, bool):
+            return x
+        if isinstance(x, float | complex) or (eqx.is_inexact_array(x) and x.ndim == 0):
+            return jnp.array(x)
+        return x
+
+    return jax.tree.map(leaf, tree)

@@ -190,6 +190,61 @@ def ridge(n=60, d=5, seed=0) -> Problem:
     )
 
 
+def biased_ridge(n=60, d=4, seed=5) -> Problem:
+    """Per-feature L2 with an unpenalised intercept, the parameters a dict `{"w", "b"}`:
+    L = ½‖Xw + b − y‖²/n + ½ Σ exp(λ_i) w_i², E the validation half-MSE. The bias's
+    optimality condition does not depend on λ (every real network has such leaves), yet it
+    moves with λ through its coupling to w. Closed forms through the augmented system
+    A(λ) = ZᵀZ/n + diag(e^λ, 0) with Z = [X, 1]."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n + 40, d))
+    y = X @ rng.normal(size=d) + 1.5 + 0.3 * rng.normal(size=n + 40)
+    train = (jnp.asarray(X[:n]), jnp.asarray(y[:n]))
+    val = (jnp.asarray(X[n:]), jnp.asarray(y[n:]))
+    augment = lambda X: jnp.concatenate([X, jnp.ones((X.shape[0], 1))], axis=1)
+
+    def inner(params, lam, data):
+        X, y = data
+        residual = X @ params["w"] + params["b"] - y
+        return 0.5 * jnp.mean(residual**2) + 0.5 * jnp.sum(jnp.exp(lam) * params["w"] ** 2)
+
+    def outer(params, lam, data):
+        del lam
+        X, y = data
+        return 0.5 * jnp.mean((X @ params["w"] + params["b"] - y) ** 2)
+
+    def system(lam):
+        Z, yt = augment(train[0]), train[1]
+        penalty = jnp.concatenate([jnp.exp(lam), jnp.zeros(1)])
+        return Z.T @ Z / n + jnp.diag(penalty), Z.T @ yt / n
+
+    def exact_params(lam):
+        theta = jnp.linalg.solve(*system(lam))
+        return {"w": theta[:d], "b": theta[d]}
+
+    def exact_hypergrad(lam):
+        A, _ = system(lam)
+        params = exact_params(lam)
+        Zv, yv = augment(val[0]), val[1]
+        theta = jnp.concatenate([params["w"], params["b"][None]])
+        g = Zv.T @ (Zv @ theta - yv) / Zv.shape[0]
+        return -jnp.linalg.solve(A, g)[:d] * jnp.exp(lam) * params["w"]
+
+    lmax = float(np.linalg.eigvalsh(np.asarray(augment(train[0])).T @ augment(train[0]) / n)[-1])
+    return Problem(
+        "biased_ridge",
+        inner,
+        outer,
+        {"w": jnp.zeros(d), "b": jnp.zeros(())},
+        jnp.log(jnp.linspace(0.2, 1.0, d)),
+        train,
+        val,
+        1.0 / (lmax + 1.0),
+        exact_params,
+        exact_hypergrad,
+    )
+
+
 def logistic(n=80, d=6, seed=1) -> Problem:
     """L2-regularised binary logistic regression, λ = log of the L2 strength; the outer loss is
     the validation log-loss. No closed form: references come from `reference_solution`."""

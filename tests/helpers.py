@@ -13,6 +13,7 @@ import numpy as np
 
 from experiments.problems import (  # noqa: F401  (re-exported for the tests)
     ALL as ALL,
+    biased_ridge as biased_ridge,
     CONVEX as CONVEX,
     Problem as Problem,
     implicit as implicit,

@@ -18,6 +18,15 @@ def _dot(a: PyTree[Array], b: PyTree[Array]) -> Scalar:
     return functools.reduce(jnp.add, products)
 
 
+def _max_abs(tree: PyTree[Array]) -> Scalar:
+    """The largest magnitude over all leaves (no squares: it cannot underflow), real."""
+    leaves = [jnp.max(jnp.abs(x)) for x in jax.tree.leaves(tree) if x.size]
+    if not leaves:
+        return jnp.asarray(0.0)
+    dtype = jnp.result_type(*leaves)
+    return functools.reduce(jnp.maximum, [x.astype(dtype) for x in leaves])
+
+
 def _axpy(alpha, x: PyTree[Array], y: PyTree[Array]) -> PyTree[Array]:
     """`alpha * x + y`, leaf by leaf."""
     return jax.tree.map(lambda x, y: alpha * x + y, x, y)
@@ -109,6 +118,14 @@ class CG(lx.AbstractLinearSolver[_CGState]):
         size = sum(x.size for x in jax.tree.leaves(vector))
         max_steps = 10 * size if self.max_steps is None else self.max_steps
 
+        # CG runs on A (y/s) = b/s with s = max|b|, as LAPACK's `nrm2` scales its sum of
+        # squares: ‖b‖² of a tiny b (data scaled by 1e-100 in float64, 1e-10 in float32)
+        # would underflow to zero and CG return its zero start as a solution; of a huge one,
+        # overflow. The answer is scaled back at the end.
+        scale = _max_abs(vector)
+        scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, jnp.ones_like(scale))
+        unscale = lambda tree: jax.tree.map(lambda x: x / scale.astype(x.dtype), tree)
+        vector = unscale(vector)
         y0 = options.get("y0")
         if y0 is None:
             y = jax.tree.map(jnp.zeros_like, vector)
@@ -116,14 +133,14 @@ class CG(lx.AbstractLinearSolver[_CGState]):
         else:
             if jax.tree.structure(y0) != jax.tree.structure(vector):
                 raise ValueError("The `y0` option must have the structure of the vector.")
-            y = y0
-            r = jax.tree.map(jnp.subtract, vector, operator.mv(y0))
+            y = unscale(y0)
+            r = jax.tree.map(jnp.subtract, vector, operator.mv(y))
         z = apply_m(r)
         p = z
         gamma = _dot(r, z)
         rr = gamma if preconditioner is None else _dot(r, r)
         b_norm = jnp.sqrt(_dot(vector, vector))
-        threshold = jnp.maximum(self.atol, self.rtol * b_norm) ** 2
+        threshold = jnp.maximum(self.atol / scale, self.rtol * b_norm) ** 2
 
         def cond(carry):
             _, _, _, gamma, rr, step, curvature = carry
@@ -148,6 +165,7 @@ class CG(lx.AbstractLinearSolver[_CGState]):
         step0 = jnp.zeros_like(b_norm, dtype=jnp.int32)
         carry = (y, r, p, gamma, rr, step0, jnp.ones_like(b_norm))
         y, _, _, _, rr, num_steps, curvature = jax.lax.while_loop(cond, body, carry)
+        y = jax.tree.map(lambda x: x * scale.astype(x.dtype), y)
         if state.negate:
             y = jax.tree.map(jnp.negative, y)
         finite = jnp.isfinite(rr) & jnp.isfinite(curvature)

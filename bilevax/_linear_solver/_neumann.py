@@ -1,6 +1,7 @@
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, ArrayLike, PyTree
 
@@ -16,9 +17,11 @@ class Neumann(lx.AbstractLinearSolver):
     a cheap, biased approximation of $A^{-1}$ (Lorraine et al. 2020), whose error decays as
     $|1 - \alpha \mu|^{K+1}$ for each eigenvalue $\mu$ of $A$. It uses $K$ matrix-vector
     products. It is approximate by design, so a short series is not a failure; a series
-    that diverges (its last term larger than its first, $\|(I - \alpha A)^K b\| > \|b\|$,
-    which a convergent series never has for a symmetric $A$) is reported as
-    `lx.RESULTS.breakdown`, and non-finite values as a failure by the caller's policy.
+    that does not converge is reported as `lx.RESULTS.breakdown`: one whose last two terms
+    show a spectral radius $\rho(I - \alpha A) \ge 1$ (the ratio
+    $\|(I - \alpha A)^K b\| / \|(I - \alpha A)^{K-1} b\|$, the power method's lower bound on
+    $\rho$, is at least 1), or whose last term is larger than its first. Non-finite values
+    are a failure by the caller's policy.
 
     **Arguments:**
 
@@ -46,13 +49,26 @@ class Neumann(lx.AbstractLinearSolver):
         operator = state
 
         def term(carry, _):
-            power, total = carry
+            power, total, _ = carry
+            previous_norm = tree_norm(power)
             power = jax.tree.map(lambda p, ap: p - self.scale * ap, power, operator.mv(power))
-            return (power, jax.tree.map(lambda t, p: t + p, total, power)), None
+            total = jax.tree.map(lambda t, p: t + p, total, power)
+            return (power, total, previous_norm), None
 
-        (power, total), _ = jax.lax.scan(term, (vector, vector), length=self.steps)
+        norm = tree_norm(vector)
+        (power, total, previous_norm), _ = jax.lax.scan(
+            term, (vector, vector, norm), length=self.steps
+        )
         solution = jax.tree.map(lambda t: self.scale * t, total)
-        diverged = tree_norm(power) > tree_norm(vector)
+        # The series converges only if the spectral radius of M = I − αA is below 1. The ratio
+        # of the last two terms, ‖Mᵏb‖ / ‖Mᵏ⁻¹b‖, is a lower bound on it that grows with k
+        # (for a symmetric A; it is the power method): a ratio of 1 or more shows a series
+        # that does not converge however many terms it is given (α ≤ 0 among them), even
+        # while its last term is still below ‖b‖. An exactly zero term is an exact answer.
+        last_norm = tree_norm(power)
+        ratio = last_norm / jnp.where(previous_norm > 0, previous_norm, 1)
+        stalled = (ratio >= 1) & (last_norm > 0) & (self.steps > 0)
+        diverged = stalled | (last_norm > norm)
         result = lx.RESULTS.where(diverged, lx.RESULTS.breakdown, lx.RESULTS.successful)
         return solution, result, {"num_steps": self.steps}
 
