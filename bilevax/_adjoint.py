@@ -104,7 +104,13 @@ class ImplicitAdjoint(AbstractAdjoint):
         if not symmetric:
             linear_solver = general_solver(linear_solver)
         params = implicit_solution(
-            params, optimality, inputs, linear_solver, symmetric=symmetric, throw=self.throw
+            params,
+            optimality,
+            inputs,
+            linear_solver,
+            symmetric=symmetric,
+            throw=self.throw,
+            inner_failed=result != RESULTS.successful,
         )
         return params, result, stats, state
 

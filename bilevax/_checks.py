@@ -6,6 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
+import numpy as np
 from jaxtyping import PyTree
 
 from ._misc import scalars_as_arrays
@@ -26,27 +27,65 @@ def check_bool(name: str, value) -> None:
         raise TypeError(f"`{name}` must be a bool, got {value!r}.")
 
 
+def check_real(
+    name: str,
+    value,
+    *,
+    lower: float | None = None,
+    upper: float | None = None,
+    lower_open: bool = False,
+    upper_open: bool = False,
+    scalar: bool = True,
+) -> None:
+    """A real number in an interval: a Python number, or a NumPy or JAX array of a real dtype
+    (a scalar unless `scalar=False`). A concrete value is checked element by element (NaN is
+    in no interval); a traced one, whose value is unknown at trace time, for its type and
+    shape only. `None`, a bool, a string or a complex number is a `TypeError`; a value
+    outside the interval a `ValueError`. Both name the argument."""
+    interval = _interval(lower, upper, lower_open, upper_open)
+    kind = "a real number" if scalar else "a real number or array"
+    if isinstance(value, bool) or value is None or isinstance(value, str | bytes):
+        raise TypeError(f"`{name}` must be {kind}{interval}, got {value!r}.")
+    if isinstance(value, numbers.Real):
+        array = np.asarray(float(value))
+    else:
+        dtype = getattr(value, "dtype", None)
+        real = dtype is not None and (
+            jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+        )
+        if not real:
+            raise TypeError(f"`{name}` must be {kind}{interval}, got {value!r}.")
+        if scalar and jnp.shape(value) != ():
+            raise TypeError(
+                f"`{name}` must be a scalar{interval}, got an array of shape {jnp.shape(value)}."
+            )
+        try:
+            array = np.asarray(value, dtype=np.float64)
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            return  # traced: its value is unknown at trace time
+    inside = np.isfinite(array) | (np.isinf(array) & (upper is None) & (array > 0))
+    if lower is not None:
+        inside &= array > lower if lower_open else array >= lower
+    if upper is not None:
+        inside &= array < upper if upper_open else array <= upper
+    if not np.all(inside):
+        raise ValueError(f"`{name}` must be{interval or ' finite'}, got {value!r}.")
+
+
+def _interval(lower, upper, lower_open, upper_open) -> str:
+    if lower is not None and upper is not None:
+        left, right = "(" if lower_open else "[", ")" if upper_open else "]"
+        return f" in {left}{lower}, {upper}{right}"
+    if lower is not None:
+        return f" {'>' if lower_open else '>='} {lower}"
+    if upper is not None:
+        return f" {'<' if upper_open else '<='} {upper}"
+    return ""
+
+
 def check_nonnegative(name: str, value) -> None:
-    """A real scalar >= 0: a Python number, a NumPy or JAX scalar (checked when concrete),
-    or a traced scalar (checked for its type only)."""
-    if isinstance(value, bool) or value is None:
-        raise TypeError(f"`{name}` must be a real number >= 0, got {value!r}.")
-    if isinstance(value, int | float):
-        if not value >= 0:
-            raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
-        return
-    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
-    real = dtype is not None and (
-        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
-    )
-    if shape != () or not real:
-        raise TypeError(f"`{name}` must be a real scalar >= 0, got {value!r}.")
-    try:
-        negative = bool(value < 0)
-    except jax.errors.ConcretizationTypeError:  # traced: checked for its type only
-        return
-    if negative:
-        raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+    """A real scalar >= 0 (a tolerance): see `check_real`."""
+    check_real(name, value, lower=0)
 
 
 def check_hparams(hparams: PyTree) -> PyTree:

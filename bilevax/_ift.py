@@ -25,7 +25,7 @@ import lineax as lx
 from jaxtyping import Array, PyTree
 
 from ._linear_solver import CG
-from ._misc import stop_gradient, tree_isfinite, tree_where_nan
+from ._misc import stop_gradient, tree_isfinite, tree_norm, tree_where_nan
 from ._sharding import linear_operator, sharded_linear_solve
 
 
@@ -95,33 +95,93 @@ _FAILURE_REASONS = {
     ),
     "stagnation": "stagnated",
     "conlim": "met an operator whose condition number exceeds `conlim`",
-    "nonfinite_input": "met a non-finite (NaN or inf) value in its system or its answer",
 }
-
-
-def _message(name: str) -> str:
-    if name == "successful":
-        return ""
-    if name == "nonfinite_input":
-        return (
-            "The linear solve of the implicit function theorem met a non-finite (NaN or inf) "
-            "value: the data, the hyperparameters or the inner solution (a diverged inner "
-            "solve returns NaN parameters) are not finite, so no derivative exists. Pass "
-            "`throw=False` to get NaN instead of this error."
-        )
-    return (
-        f"The linear solve of the implicit function theorem {_FAILURE_REASONS.get(name, name)}."
-        " Raise the linear solver's `max_steps`, precondition it (`bx.Preconditioned`), damp "
-        "it (`bx.Damped`), solve the inner problem further, or pass `throw=False` to get NaN "
-        "(or, for a solve cut short, its approximate answer) instead of this error."
-    )
-
-
-# Indexed like `lx.RESULTS`, for `eqx.branched_error_if`.
-_MESSAGES = tuple(
-    _message(name)
-    for name, _ in sorted(lx.RESULTS._name_to_item.items(), key=lambda kv: kv[1]._value)
+# What `lx.RESULTS.nonfinite_input` can mean, told apart by `_diagnosis`.
+_NONFINITE_REASONS = (
+    "met a non-finite (NaN or inf) right-hand side: the data, the hyperparameters or the inner "
+    "solution (a diverged inner solve returns NaN parameters) are not finite, so no "
+    "derivative exists",
+    "was given a non-finite initial guess (`adjoint_init`)",
+    "produced a non-finite answer from a finite system: the operator is singular (`lx.LU`, "
+    "`lx.QR` on a singular Hessian), not positive definite where the solver needs it "
+    "(`lx.Cholesky` at a saddle), or the solve overflowed",
 )
+_NOT_SYMMETRIC = (
+    "failed on an operator declared symmetric that is not (⟨Au, Au⟩ ≠ ⟨u, A²u⟩): CG and "
+    "`lx.Cholesky` need a symmetric operator; use `lx.GMRES`, `lx.BiCGStab` or "
+    "`lx.Normal(bx.CG(...))`, or `implicit_diff(..., symmetric=False)`"
+)
+_FIXES = (
+    " Raise the linear solver's `max_steps`, precondition it (`bx.Preconditioned`), damp it "
+    "(`bx.Damped`), solve an indefinite system with `lx.GMRES`, `lx.BiCGStab` or "
+    "`lx.Normal(bx.CG(...))` (the normal equations), solve the inner problem further, or pass "
+    "`throw=False` to get NaN (or, for a solve cut short, its approximate answer) instead of "
+    "this error."
+)
+_INNER_FAILED = (
+    "The inner solve did not succeed (its `result` is not `successful`: it stopped at "
+    "`max_steps` away from a stationary point, or went non-finite), and the theorem needs a "
+    "solution: solve the inner problem further first (more `max_steps`, a larger step, "
+    "a better solver). Then: "
+)
+
+
+def _messages() -> tuple[str, ...]:
+    """The messages of `linear_solve`, indexed by `_diagnosis`: `lx.RESULTS`' own (its
+    `nonfinite_input` split three ways), then the non-symmetric operator; the whole table
+    again behind the inner solve's failure."""
+    names = sorted(lx.RESULTS._name_to_item.items(), key=lambda kv: kv[1]._value)
+    lead = "The linear solve of the implicit function theorem "
+    table = []
+    for name, _ in names:
+        if name == "successful":
+            table.append("")
+        elif name == "nonfinite_input":
+            table.append(lead + _NONFINITE_REASONS[0] + ". Pass `throw=False` to get NaN.")
+        else:
+            table.append(lead + (_FAILURE_REASONS.get(name) or name) + "." + _FIXES)
+    table += [lead + reason + "." + _FIXES for reason in _NONFINITE_REASONS[1:]]
+    table.append(lead + _NOT_SYMMETRIC + "." + _FIXES)
+    return (*table, *(_INNER_FAILED + m if m else m for m in table))
+
+
+_MESSAGES = _messages()
+_NUM_RESULTS = len(lx.RESULTS._name_to_item)
+_NONFINITE_Y0, _NONFINITE_ANSWER, _NOT_SYMMETRIC_CODE = range(_NUM_RESULTS, _NUM_RESULTS + 3)
+_TABLE_SIZE = _NUM_RESULTS + 3
+
+
+def _diagnosis(operator, vector, value, result, y0, inner_failed):
+    """An index into `_MESSAGES` saying why a solve failed, as precisely as is known."""
+    code = result._value
+    nonfinite = result == lx.RESULTS.nonfinite_input
+    if y0 is not None:
+        bad_start = tree_isfinite(vector) & ~tree_isfinite(y0)
+        code = jnp.where(nonfinite & bad_start, _NONFINITE_Y0, code)
+    answer_only = tree_isfinite(vector) & ~tree_isfinite(value)
+    if y0 is not None:
+        answer_only = answer_only & tree_isfinite(y0)
+    code = jnp.where(nonfinite & answer_only, _NONFINITE_ANSWER, code)
+    if lx.is_symmetric(operator):
+        # Only a failed solve pays the two products of the check.
+        failed = (result != lx.RESULTS.successful) & ~nonfinite
+        asymmetric = jax.lax.cond(
+            failed, lambda: _is_not_symmetric(operator, vector), lambda: jnp.asarray(False)
+        )
+        code = jnp.where(asymmetric, _NOT_SYMMETRIC_CODE, code)
+    if inner_failed is not None:
+        code = jnp.where(inner_failed & (code != 0), code + _TABLE_SIZE, code)
+    return code
+
+
+def _is_not_symmetric(operator, u) -> Array:
+    """Whether ⟨Au, Au⟩ and ⟨u, A²u⟩ differ beyond rounding: equal for a symmetric A."""
+    au = operator.mv(u)
+    a2u = operator.mv(au)
+    dot = lambda a, b: sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    left, right = dot(au, au), dot(u, a2u)
+    eps = jnp.finfo(jnp.result_type(left)).eps
+    return jnp.abs(left - right) > 1e3 * eps * jnp.maximum(jnp.abs(left), jnp.abs(right))
 
 
 def linear_solve(
@@ -131,20 +191,26 @@ def linear_solve(
     *,
     throw: bool,
     options: dict[str, Any] | None = None,
+    inner_failed: Array | None = None,
 ) -> tuple[PyTree[Array], lx.RESULTS, dict[str, Any]]:
     """`lx.linear_solve` under the failure policy.
 
     A non-finite right-hand side or answer is a failure (`lx.CG` returns its zero start on a
-    NaN system and calls it a success). A failure raises with `throw=True`; with
-    `throw=False` the answer is NaN, except for a solve cut short at its `max_steps`, whose
-    approximate answer is kept (approximate is not failed) and flagged by the result.
+    NaN system and calls it a success). A failure raises with `throw=True`, with a message
+    that says which of the causes it can tell apart (a non-finite system, initial guess or
+    answer; an operator declared symmetric that is not; an inner solve that had failed,
+    `inner_failed`, named first); with `throw=False` the answer is NaN, except for a solve
+    cut short at its `max_steps`, whose approximate answer is kept (approximate is not
+    failed) and flagged by the result.
     """
     value, result, stats = sharded_linear_solve(operator, vector, linear_solver, options)
     finite = tree_isfinite(vector) & tree_isfinite(value)
     result = lx.RESULTS.where(finite, result, lx.RESULTS.nonfinite_input)
     failed = result != lx.RESULTS.successful
     if throw:
-        value = eqx.branched_error_if(value, failed, result._value, _MESSAGES)
+        y0 = None if options is None else options.get("y0")
+        code = _diagnosis(operator, vector, value, result, y0, inner_failed)
+        value = eqx.branched_error_if(value, failed, code, _MESSAGES)
     else:
         meaningless = failed & (result != lx.RESULTS.max_steps_reached)
         value = tree_where_nan(meaningless, value)
@@ -159,6 +225,8 @@ def implicit_solution(
     *,
     symmetric: bool,
     throw: bool,
+    root_tol: float | None = None,
+    inner_failed: Array | None = None,
 ) -> PyTree[Array]:
     r"""Returns `params_star` unchanged, with the derivative of the theorem attached: a
     `jax.custom_jvp` whose rule is the tangent form, so forward mode (`jax.jvp`,
@@ -176,6 +244,12 @@ def implicit_solution(
     - `symmetric`: whether $J$ is symmetric positive semidefinite (the Hessian of a loss);
         otherwise `linear_solver` should accept a general operator (see `general_solver`).
     - `throw`: the failure policy of `linear_solve`.
+    - `root_tol`: if given, the derivative is only taken where $\|F(w^*)\|_2 \le$
+        `root_tol`: at a point that is not a root the theorem says nothing, so the
+        derivative raises (`throw=True`) or is NaN. `None` (the inner solves, whose own
+        result says how far from stationary they stopped) checks nothing.
+    - `inner_failed`: whether the inner solve that gave `params_star` failed; a failed
+        linear solve then names that first, as its likely cause.
     """
     return _implicit(
         stop_gradient(params_star),
@@ -184,17 +258,23 @@ def implicit_solution(
         linear_solver=linear_solver,
         symmetric=symmetric,
         throw=throw,
+        root_tol=root_tol,
+        inner_failed=inner_failed,
     )
 
 
 @eqx.filter_custom_jvp
-def _implicit(params_star, inputs, *, optimality, linear_solver, symmetric, throw):
-    del inputs, optimality, linear_solver, symmetric, throw
+def _implicit(
+    params_star, inputs, *, optimality, linear_solver, symmetric, throw, root_tol, inner_failed
+):
+    del inputs, optimality, linear_solver, symmetric, throw, root_tol, inner_failed
     return params_star
 
 
 @_implicit.def_jvp
-def _implicit_jvp(primals, tangents, *, optimality, linear_solver, symmetric, throw):
+def _implicit_jvp(
+    primals, tangents, *, optimality, linear_solver, symmetric, throw, root_tol, inner_failed
+):
     params_star, inputs = primals
     _, inputs_tangent = tangents
     # Re-attach the implicit derivative to the primal point, so that differentiating this
@@ -206,6 +286,8 @@ def _implicit_jvp(primals, tangents, *, optimality, linear_solver, symmetric, th
         linear_solver=linear_solver,
         symmetric=symmetric,
         throw=throw,
+        root_tol=root_tol,
+        inner_failed=inner_failed,
     )
     _, mixed = eqx.filter_jvp(
         lambda inputs: optimality(params_star, inputs), (inputs,), (inputs_tangent,)
@@ -218,14 +300,43 @@ def _implicit_jvp(primals, tangents, *, optimality, linear_solver, symmetric, th
     rhs = jax.tree.map(jnp.negative, _instantiate_linear_zeros(mixed, params_star))
     # `lax.custom_linear_solve` transposes to our own checked solve (with J itself when
     # symmetric), so reverse mode is the adjoint form under the same failure policy.
-    solve = lambda _, b: linear_solve(jacobian, b, linear_solver, throw=throw)[0]
+    solve = lambda _, b: linear_solve(
+        jacobian, b, linear_solver, throw=throw, inner_failed=inner_failed
+    )[0]
     if symmetric:
         params_tangent = jax.lax.custom_linear_solve(jacobian.mv, rhs, solve, symmetric=True)
     else:
         transposed = jacobian.transpose()
-        transpose_solve = lambda _, b: linear_solve(transposed, b, linear_solver, throw=throw)[0]
+        transpose_solve = lambda _, b: linear_solve(
+            transposed, b, linear_solver, throw=throw, inner_failed=inner_failed
+        )[0]
         params_tangent = jax.lax.custom_linear_solve(jacobian.mv, rhs, solve, transpose_solve)
+    if root_tol is not None:
+        params_tangent = _at_a_root(
+            optimality, params_star, inputs, params_tangent, root_tol, throw
+        )
     return params_star, params_tangent
+
+
+def _at_a_root(optimality, params_star, inputs, params_tangent, root_tol, throw: bool):
+    """`params_tangent`, refused (`throw`) or NaN where `params_star` is not a root of the
+    optimality condition to `root_tol`: there the theorem gives no derivative."""
+    residual = tree_norm(optimality(stop_gradient(params_star), stop_gradient(inputs)))
+    # A NaN residual is left to the linear solve, whose message says "non-finite".
+    not_root = residual > root_tol
+    if throw:
+        return eqx.error_if(
+            params_tangent,
+            not_root,
+            "implicit_diff: the solution `solve_fn` returned is not a root of the optimality "
+            "condition (‖F(w*)‖ > `tol`), so the implicit function theorem gives no derivative "
+            "there. Solve further, pass the `tol` the solution is accurate to, or "
+            "`throw=False` to get NaN derivatives instead of this error.",
+        )
+    # A factor, not an added NaN: the tangent is linear, and reverse mode transposes it, which
+    # keeps a factor and drops a constant term.
+    factor = lambda x: jnp.where(not_root, jnp.asarray(jnp.nan, x.dtype), jnp.ones((), x.dtype))
+    return jax.tree.map(lambda x: x * factor(x), params_tangent)
 
 
 def adjoint(

@@ -8,7 +8,13 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import PyTree
 
-from ._checks import check_bool, check_callable, check_linear_solver, check_same_structure
+from ._checks import (
+    check_bool,
+    check_callable,
+    check_linear_solver,
+    check_real,
+    check_same_structure,
+)
 from ._ift import general_solver, implicit_solution
 from ._linear_solver import default_linear_solver
 from ._misc import scalars_as_arrays, stop_gradient
@@ -23,6 +29,7 @@ def implicit_diff(
     symmetric: bool = False,
     has_aux: bool = False,
     throw: bool = True,
+    tol=None,
 ) -> Callable:
     r"""Attaches implicit differentiation to any solver: the bilevax form of jaxopt's
     `custom_root` and `custom_fixed_point`.
@@ -60,7 +67,14 @@ def implicit_diff(
         differentiated.
     - `throw`: whether a failed linear solve raises (the default), or gives NaN
         derivatives (an approximate one for a solve cut short at its `max_steps`): the
-        failure policy of the docs' "Failures" page.
+        failure policy of the docs' "Failures" page. It also covers a solution that is not
+        a root: see `tol`.
+    - `tol`: the derivative is taken only where $\|F(w^*, \text{args})\|_2 \le$ `tol` (one
+        more evaluation of $F$ per derivative): at a point that is not a root the theorem
+        gives no derivative, so it raises (`throw=True`) or is NaN, never the derivative of
+        a root that is not there. The default is $10^{-6}$ in float64 (the stopping test of
+        [`bilevax.inner_solve`][]) and $10^{-3}$ in lower precision; pass the accuracy of an
+        approximate solver, or `jnp.inf` to check nothing.
 
     **Returns:**
 
@@ -96,6 +110,8 @@ def implicit_diff(
     check_bool("symmetric", symmetric)
     check_bool("has_aux", has_aux)
     check_bool("throw", throw)
+    if tol is not None:
+        check_real("tol", tol, lower=0)
     signature = _signature(solve_fn)
 
     @functools.wraps(solve_fn)
@@ -120,11 +136,17 @@ def implicit_diff(
             solver if symmetric else general_solver(solver),
             symmetric=symmetric,
             throw=throw,
+            root_tol=_default_root_tol(float_solution) if tol is None else tol,
         )
         solution = eqx.combine(float_solution, static_solution)
         return (solution, aux) if has_aux else solution
 
     return wrapped
+
+
+def _default_root_tol(solution: PyTree) -> float:
+    lowest = min(jnp.finfo(x.dtype).bits for x in jax.tree.leaves(solution))
+    return 1e-6 if lowest >= 64 else 1e-3
 
 
 def _signature(fn) -> inspect.Signature | None:

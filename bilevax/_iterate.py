@@ -79,6 +79,7 @@ def start_state(
     `solver_state` from an earlier solve, the solver keeps what is still valid of it
     (`AbstractInnerSolver.resume`)."""
     state = solver.init(fn, params, args)
+    _check_step_keeps_types(solver, fn, params, state, args)
     dynamic_state, static_state = eqx.partition(state, eqx.is_array)
     if solver_state is None:
         return dynamic_state, static_state
@@ -92,6 +93,26 @@ def start_state(
     state = solver.resume(fn, params, args, previous)
     dynamic_state, _ = eqx.partition(state, eqx.is_array)
     return dynamic_state, static_state
+
+
+def _check_step_keeps_types(solver, fn, params, state, args) -> None:
+    """Traces one step (no FLOPs) and refuses one that changes a parameter's dtype or shape,
+    naming the leaf: the loops need a step that maps the parameters to their own type, and
+    would otherwise fail with JAX's message about a loop carry. A float32 `init` stepped by a
+    float64 step size computed from the data under x64 is the usual cause."""
+    grad = jax.tree.map(jnp.zeros_like, params)
+    stepped, _ = eqx.filter_eval_shape(solver.step, fn, params, grad, state, args)
+    before = jax.tree_util.tree_flatten_with_path(params)[0]
+    after = jax.tree.leaves(stepped)
+    for (path, old), new in zip(before, after):
+        if (old.dtype, old.shape) != (new.dtype, new.shape):
+            where = jax.tree_util.keystr(path) or "the parameters"
+            raise TypeError(
+                f"the inner solver's step changed {where} from {old.dtype}{list(old.shape)} to "
+                f"{new.dtype}{list(new.shape)}; a step must keep each parameter's dtype and "
+                "shape. Give `init` the dtype of the step (or a step size of `init`'s dtype: "
+                "under x64 a step size computed from float64 data is float64)."
+            )
 
 
 def result_from(loss: Scalar, grad: PyTree[Array], grad_norm: Scalar, tol) -> RESULTS:

@@ -7,23 +7,44 @@ checkpointed as it goes) and `Run.stage` (a result computed once and kept), hype
 updates through `optax_step`, and its results and figures through `Run.finish`. A run
 directory holds:
 
-- `run.json`: the experiment, its configuration (every option that shapes the results, with
-    the defaults resolved), the versions, git commit and devices; written when the run starts.
-- `checkpoints/<name>.npz`: the state of each loop and stage (see `save_tree`).
-- `results.json` and the figures, when the run ends. `results.json` repeats the configuration
-    and environment under `"run"`, with `"progress"`: for each loop, the step this invocation
-    started from and the step it ended at.
+- `run.json`: the experiment, its run id (made at its first start), its configuration (every
+    option that shapes the results, with the defaults resolved), the data files it read (each
+    path in the data directory with its SHA-256), the versions, git commit and devices;
+    written when the run starts, and as it reads data.
+- `run.lock`: the file a live run holds a lock on (see `experiments/_claim.py`).
+- `checkpoints/<name>.npz`: the state of each loop and stage (see `save_tree`), with the run id.
+- `results.json` and the figures, when the run ends. `results.json` repeats the run id,
+    configuration, data files and environment under `"run"`, with `"progress"`: for each
+    loop, the step this invocation started from and the step it ended at.
 
 The rules:
 
 - Without `--out`, each run gets a new directory, `runs/<name>-<date>-<time>`, so running the
     same command twice never collides (`--resume` without `--out` picks the latest of them).
+- One live run per directory: a run claims its directory before it looks at it, by an
+    exclusive `flock` on `run.lock` held until its process ends. Of two runs started into one
+    directory at the same instant, exactly one proceeds; the other gets a `RunError` saying
+    that another run holds it, with `--resume` and `--overwrite` too. The operating system
+    releases the lock when the process ends, crash or `kill -9` included, so a `--resume` of a
+    run that died is never blocked. (With `--distributed`, process 0 claims it for all.)
 - A directory that already holds a run (`run.json`, `results.json` or `checkpoints/`) is
     refused unless `--resume` (continue it) or `--overwrite` (delete its outputs first).
 - `--resume` compares the configuration with the saved one and refuses any difference, naming
     each option and both values, except for the experiment's allow-list (`may_grow`: numbers
     that may only increase, such as more steps; `may_change`: options that do not change what
     has been computed, such as how often to checkpoint).
+- A run is computed from one set of data: each data file that `experiments.data` hands out
+    from the run's data directory is recorded with its SHA-256 (`record_data`, no code in the
+    experiment), and a file whose SHA-256 differs from the one the run read before (a
+    `--resume` with another `--data-dir`) is refused with a `RunError` naming the file and
+    both digests. The same files in another directory are the same data. Data that is not
+    read through `experiments.data` (scikit-learn's bundled sets) is not recorded.
+- A checkpoint belongs to its run: each carries the run id of `run.json`, and one with
+    another run's id (copied from another run's directory, such as another seed's) is refused
+    with a `CheckpointError` naming it. The id is made at the first start and kept by
+    `--resume`, allowed changes included, so a run continued for more steps keeps loading its
+    own checkpoints. (A run from before run ids gets one on its next `--resume`, and its
+    earlier checkpoints, which carry none, are still loaded.)
 - Checkpoints hold data only: arrays in a `.npz` and the structure as JSON, never pickles, so
     opening a run directory someone shared runs no code. Every file is written atomically.
 
@@ -42,6 +63,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -52,7 +74,7 @@ import optax
 import rich.console
 import rich.progress
 
-from . import _distributed
+from . import _claim, _distributed
 from ._distributed import is_main_process as is_main_process
 
 
@@ -85,13 +107,14 @@ FILE_MODE = 0o666 & ~_umask
 
 
 class RunError(RuntimeError):
-    """A run that cannot start as asked: an output directory that holds another run, or a
-    `--resume` whose options differ from the saved run's. The message says what to do."""
+    """A run that cannot start or go on as asked: an output directory that holds another run
+    (finished, or live in another process), or a `--resume` whose options or data differ from
+    the saved run's. The message says what to do."""
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read back: truncated, corrupt, not in the data-only format,
-    or not the state this run expects. The message names the file."""
+    not the state this run expects, or another run's. The message names the file."""
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -398,27 +421,42 @@ def _decode(node, arrays, like, where: str, path: pathlib.Path):
     fail("is not in the checkpoint format.")
 
 
-def save_tree(path: pathlib.Path, tree: Any) -> None:
+def save_tree(path: pathlib.Path, tree: Any, *, run_id: str | None = None) -> None:
     """Writes `tree` atomically as data only: a `.npz` of its arrays, with its structure as
     JSON inside. Dicts (string keys), lists, tuples, arrays, `None`, booleans, numbers and
     strings are stored as such; any other pytree node (an Equinox module, an optax state) by
-    its leaves, and rebuilt by `load_tree` from a fresh state of the same shape."""
+    its leaves, and rebuilt by `load_tree` from a fresh state of the same shape.
+
+    `run_id` (the run's id from `run.json`) is stored beside the structure, so that a
+    checkpoint copied into another run's directory is recognised there (see `load_tree`)."""
     arrays: dict[str, np.ndarray] = {}
     structure = {"format": _FORMAT, "version": _VERSION, "tree": _encode(tree, arrays, "")}
+    if run_id is not None:
+        structure["run_id"] = run_id
     text = json.dumps(structure, allow_nan=True).encode()
     buffer = io.BytesIO()
     np.savez(buffer, **{_STRUCTURE: np.frombuffer(text, np.uint8)}, **arrays)
     atomic_write(path, buffer.getvalue())
 
 
-def load_tree(path: pathlib.Path, like: Any = None) -> Any:
+def load_tree(
+    path: pathlib.Path, like: Any = None, *, run_id: str | None = None, unmarked: bool = True
+) -> Any:
     """Reads what `save_tree` wrote. Pytree nodes other than dicts, lists and tuples are rebuilt
     from `like` (the fresh state) at the same place, whose array shapes and dtypes must match.
+
+    **Arguments:**
+
+    - `path`: the file.
+    - `like`: the fresh state.
+    - `run_id`: the id of the run reading it; a checkpoint that another run wrote is refused
+        (`None`: not checked).
+    - `unmarked`: whether a checkpoint without a run id (written before run ids) is accepted.
 
     **Raises:**
 
     `CheckpointError`, naming the file, if it is truncated, corrupt, not in this format (a
-    pickle is never loaded), or does not fit `like`.
+    pickle is never loaded), another run's, or does not fit `like`.
     """
     path = pathlib.Path(path)
     try:
@@ -434,7 +472,23 @@ def load_tree(path: pathlib.Path, like: Any = None) -> Any:
         raise CheckpointError(f"{path}: not a checkpoint of this format.")
     if structure.get("version") != _VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {structure.get('version')}.")
+    if run_id is not None:
+        _check_owner(path, structure.get("run_id"), run_id, unmarked)
     return _decode(structure["tree"], arrays, like, "", path)
+
+
+def _check_owner(path: pathlib.Path, owner: Any, run_id: str, unmarked: bool) -> None:
+    """Refuses a checkpoint of another run: copied from a run of the same experiment with
+    other options (another seed), its arrays have the right shapes, so nothing else would
+    notice that the resumed run continues someone else's state."""
+    if owner == run_id or (owner is None and unmarked):
+        return
+    whose = "carries no run id" if owner is None else f"was written by run {owner}"
+    raise CheckpointError(
+        f"{path} belongs to another run: it {whose}, and this run's id (in {RUN_FILE}) is "
+        f"{run_id}. It was copied from another run's directory: delete it (its state is then "
+        "computed afresh), or resume the run it came from."
+    )
 
 
 class Checkpoints:
@@ -444,8 +498,13 @@ class Checkpoints:
     back into jitted code unchanged (same dtypes, same values, hence the same trajectory).
     """
 
-    def __init__(self, out: pathlib.Path):
+    def __init__(self, out: pathlib.Path, run_id: str | None = None, *, unmarked: bool = True):
+        """`run_id`: the run's id, stored in every checkpoint saved and required of every
+        checkpoint loaded (`None`: neither). `unmarked`: whether checkpoints without a run id
+        (a run started before run ids) are loaded."""
         self.directory = pathlib.Path(out) / CHECKPOINTS
+        self.run_id = run_id
+        self.unmarked = unmarked
 
     def path(self, name: str) -> pathlib.Path:
         return self.directory / f"{name}.npz"
@@ -455,7 +514,7 @@ class Checkpoints:
         replicated, and every process loads process 0's copy on `--resume`)."""
         state = _distributed.to_host(state)
         if is_main_process():
-            save_tree(self.path(name), state)
+            save_tree(self.path(name), state, run_id=self.run_id)
 
     def load(self, name: str, like: Any = None) -> Any:
         """The state saved under `name`, or `None` if there is none. `like` is a fresh state,
@@ -463,12 +522,12 @@ class Checkpoints:
 
         **Raises:**
 
-        `CheckpointError` for an unreadable file, and for a pickle left by an older version
-        (pickles can run code, so they are never opened).
+        `CheckpointError` for an unreadable file, for another run's (copied here), and for a
+        pickle left by an older version (pickles can run code, so they are never opened).
         """
         path = self.path(name)
         if path.exists():
-            return load_tree(path, like)
+            return load_tree(path, like, run_id=self.run_id, unmarked=self.unmarked)
         legacy = path.with_suffix(".pkl")
         if legacy.exists():
             raise CheckpointError(
@@ -488,6 +547,32 @@ def _normalise(config: Mapping) -> dict:
 
 def _holds_run(out: pathlib.Path) -> list[str]:
     return [n for n in (RUN_FILE, RESULTS_FILE, CHECKPOINTS) if (out / n).exists()]
+
+
+def _claim_directory(out: pathlib.Path) -> None:
+    """Claims `out` for this process until it ends (see `experiments/_claim.py`). Called before
+    anything in `out` is looked at: of two runs started into one directory at the same instant,
+    the second to claim it is refused, so that `run.json` and `results.json` describe one run.
+    A run that died holds nothing, so `--resume` after a crash is never blocked."""
+    try:
+        _claim.claim(out)
+    except _claim.DirectoryHeld as error:
+        raise RunError(str(error)) from None
+
+
+def _read_manifest(out: pathlib.Path) -> dict:
+    """`run.json`, or `{}` if it is missing or unreadable."""
+    try:
+        manifest = json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _update_manifest(out: pathlib.Path, **fields) -> None:
+    """Sets `fields` in `run.json` (process 0 only), keeping the rest."""
+    if is_main_process():
+        write_json(out / RUN_FILE, {**_read_manifest(out), **fields})
 
 
 def _default_out(name: str, resume: bool) -> pathlib.Path:
@@ -528,16 +613,18 @@ def _differences(saved: dict, now: dict, may_grow: Iterable[str], may_change: It
 
 
 def claim_outputs(args: argparse.Namespace, files: Iterable[str]) -> pathlib.Path:
-    """For a run without checkpoints (a benchmark): the output directory, refusing to replace
-    any of `files` in it unless `--overwrite`.
+    """For a run without checkpoints (a benchmark): the output directory, claimed for this
+    process (see `start`), refusing to replace any of `files` in it unless `--overwrite`.
 
     **Raises:**
 
-    `RunError` naming the files that exist.
+    `RunError` naming the files that exist, or saying that another live run holds the
+    directory.
     """
     if args.out is None:
         args.out = _default_out(args.name, resume=False)
     out = pathlib.Path(args.out)
+    _claim_directory(out)
     existing = [f for f in files if (out / f).exists()]
     if existing and not args.overwrite:
         raise RunError(
@@ -555,13 +642,17 @@ def start(
     may_change: Iterable[str] = (),
     x64: bool = True,
 ) -> "Run":
-    """Starts (or resumes) a run; call it once, before building arrays, with the experiment's
-    defaults resolved into `args` (e.g. `args.steps = args.steps or 100`).
+    """Starts (or resumes) a run; call it once, before building arrays and before reading data,
+    with the experiment's defaults resolved into `args` (e.g. `args.steps = args.steps or 100`).
 
     The configuration is every option in `args` but the harness's own (`--out`, `--resume`,
-    `--overwrite`, `--data-dir` and the distributed ones). With `--distributed` it first joins
-    the other processes (`jax.distributed.initialize`) and silences the console on every
-    process but process 0, which alone writes files. It sets JAX's precision to `x64`.
+    `--overwrite`, `--data-dir` and the distributed ones). The output directory is claimed
+    for this process first (another live run there is refused, `--resume` and `--overwrite`
+    included). With `--distributed` it joins the other processes (`jax.distributed.initialize`)
+    and silences the console on every process but process 0, which alone claims the directory
+    and writes files. It sets JAX's precision to `x64`. The data files read from here on (by
+    `experiments.data`) are recorded in `run.json` and checked on `--resume` (see
+    `Run.record_data`).
 
     **Arguments:**
 
@@ -573,16 +664,20 @@ def start(
 
     **Raises:**
 
-    `RunError` if `--out` holds a run and neither `--resume` nor `--overwrite` is given, or if
-    `--resume` finds options that differ from the saved run's.
+    `RunError` if another live run holds `--out`, if `--out` holds a run and neither `--resume`
+    nor `--overwrite` is given, or if `--resume` finds options that differ from the saved
+    run's.
     """
     resume = bool(getattr(args, "resume", False))
+    distributed = bool(getattr(args, "distributed", False))
     if args.out is None:
-        if getattr(args, "distributed", False):
+        if distributed:
             raise RunError("--distributed needs --out: every process must write to one place.")
         args.out = _default_out(args.name, resume)
     out = pathlib.Path(args.out)
     config = _normalise({k: v for k, v in vars(args).items() if k not in HARNESS_OPTIONS})
+    if not distributed:
+        _claim_directory(out)
     found = _holds_run(out)
     if found and not (resume or args.overwrite):
         raise RunError(
@@ -590,51 +685,132 @@ def start(
             "--overwrite to replace it, or another --out."
         )
     resumed = bool(found) and resume
-    manifest: dict = {}
-    if resumed:
-        try:
-            manifest = json.loads((out / RUN_FILE).read_text())
-            saved = manifest["config"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise RunError(
-                f"{out / RUN_FILE} is missing or unreadable ({error}), so the run's options "
-                "cannot be checked: start afresh with --overwrite, or use another --out."
-            ) from error
-        differ = _differences(saved, config, may_grow, may_change)
-        if differ:
-            raise RunError(
-                f"Cannot resume {out}: these options differ from the saved run's:\n"
-                + "\n".join(differ)
-                + "\nResume with the saved options, or start a new run (another --out, or "
-                "--overwrite)."
-            )
+    manifest = _resumable_manifest(out, config, may_grow, may_change) if resumed else {}
     # Every process has checked the directory before any of them writes to it.
     if _distributed.initialize_from_args(args) and not is_main_process():
         console.quiet = True
+    if distributed and is_main_process():
+        _claim_directory(out)
+        if _holds_run(out) != found:
+            raise RunError(f"{out} changed while this run started: another run started there.")
     # Hypergradients are compared with closed forms to ~1e-8, which float32 cannot resolve.
     jax.config.update("jax_enable_x64", x64)
-    run = Run(args.name, out, config, resumed=resumed)
+    run = _new_run(args, out, config, manifest, resumed=resumed)
     if is_main_process():
         if found and args.overwrite:
             run.clear()
         out.mkdir(parents=True, exist_ok=True)
-        if not resumed:
-            manifest = dict(
-                experiment=args.name, started=_now(), config=config, environment=environment()
-            )
-            write_json(out / RUN_FILE, manifest)
-        elif manifest["config"] != config:
-            # An allowed change: the run is now the one with these options, and later resumes
-            # compare with them (more steps, then fewer, is refused).
-            change = dict(at=_now(), config=manifest["config"])
-            manifest.setdefault("earlier_configs", []).append(change)
-            manifest["config"] = config
-            write_json(out / RUN_FILE, manifest)
+        _save_manifest(run, manifest)
     if resume and not found:
         console.print(f"Nothing to resume in {out}: starting afresh.")
     elif resumed:
         console.print(f"Resuming {out}.")
+    global _current_run
+    _current_run = run
     return run
+
+
+def _resumable_manifest(
+    out: pathlib.Path, config: dict, may_grow: Iterable[str], may_change: Iterable[str]
+) -> dict:
+    """The saved `run.json` of the run that `--resume` continues, once its configuration is
+    found to be `config` up to the allowed changes.
+
+    **Raises:**
+
+    `RunError` if `run.json` cannot be read, or naming each option that differs."""
+    try:
+        manifest = json.loads((out / RUN_FILE).read_text())
+        saved = manifest["config"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise RunError(
+            f"{out / RUN_FILE} is missing or unreadable ({error}), so the run's options "
+            "cannot be checked: start afresh with --overwrite, or use another --out."
+        ) from error
+    differ = _differences(saved, config, may_grow, may_change)
+    if differ:
+        raise RunError(
+            f"Cannot resume {out}: these options differ from the saved run's:\n"
+            + "\n".join(differ)
+            + "\nResume with the saved options, or start a new run (another --out, or "
+            "--overwrite)."
+        )
+    return manifest
+
+
+def _new_run(
+    args: argparse.Namespace, out: pathlib.Path, config: dict, manifest: dict, *, resumed: bool
+) -> "Run":
+    """The `Run`, with its identity: the id that its first start wrote in `run.json` (a new one
+    for a new run, or for a run from before run ids, whose checkpoints carry none) and the data
+    it has read, from its data directory. Not the configuration's hash: an allowed change on
+    `--resume` (more steps) keeps the run, and its checkpoints, its own."""
+    from .data._files import data_root
+
+    run_id = manifest.get("run_id")
+    unmarked = resumed and (run_id is None or bool(manifest.get("unmarked_checkpoints")))
+    if run_id is None and is_main_process():
+        run_id = uuid.uuid4().hex
+    # Other processes of a new distributed run do not know process 0's new id: they check
+    # nothing (they only read what process 0 wrote, which process 0 has checked).
+    data = manifest.get("data") if isinstance(manifest.get("data"), dict) else {}
+    root = data_root(getattr(args, "data_dir", None))[0].resolve()
+    return Run(
+        args.name,
+        out,
+        config,
+        resumed=resumed,
+        run_id=run_id,
+        unmarked=unmarked,
+        data=data,
+        data_root=root,
+    )
+
+
+def _save_manifest(run: "Run", manifest: dict) -> None:
+    """Writes `run.json`: afresh for a new run; for a resumed one, only what changed (an
+    allowed change of options, or a run id for a run from before run ids)."""
+    if not run.resumed:
+        manifest = dict(
+            experiment=run.name,
+            run_id=run.run_id,
+            started=_now(),
+            config=run.config,
+            data={},
+            environment=environment(),
+        )
+        write_json(run.out / RUN_FILE, manifest)
+        return
+    changed = False
+    if manifest["config"] != run.config:
+        # An allowed change: the run is now the one with these options, and later resumes
+        # compare with them (more steps, then fewer, is refused).
+        change = dict(at=_now(), config=manifest["config"])
+        manifest.setdefault("earlier_configs", []).append(change)
+        manifest["config"] = run.config
+        changed = True
+    if manifest.get("run_id") != run.run_id:  # started before run ids: its checkpoints have none
+        manifest.update(run_id=run.run_id, unmarked_checkpoints=True)
+        changed = True
+    if changed:
+        write_json(run.out / RUN_FILE, manifest)
+
+
+# The run that the data files read in this process belong to: the latest started, until it
+# writes its results.
+_current_run: "Run | None" = None
+
+
+def record_data(root: pathlib.Path, name: str, digest: str) -> None:
+    """Called by `experiments.data` for each data file it hands out (after its checksum check):
+    the data directory, the file's path in it and its SHA-256. The current run records it (see
+    `Run.record_data`) if `root` is the run's data directory, so every experiment that reads
+    data gets its data's identity saved and checked on `--resume` without code of its own.
+    Files read outside a run, or from another directory (a test's, or a notebook's, in a
+    process where a run was started and not finished), are recorded nowhere."""
+    run = _current_run
+    if run is not None and run.data_root == pathlib.Path(root).resolve():
+        run.record_data(name, digest)
 
 
 def _now() -> str:
@@ -649,20 +825,63 @@ class Run:
     - `out`: the output directory.
     - `config`: the configuration, as saved in `run.json`.
     - `resumed`: whether it continues an earlier run.
-    - `checkpoints`: its `Checkpoints`.
+    - `run_id`: the id its first start wrote in `run.json`, stored in each of its checkpoints
+        (`None` where unknown: other processes than 0 of a new distributed run).
+    - `data`: the data files it has read, each path in the data directory with its SHA-256.
+    - `data_root`: its data directory, resolved (`--data-dir`, else `$BILEVAX_DATA`, else
+        `../shared/data`): only files read from there are its data.
+    - `checkpoints`: its `Checkpoints`, which refuse another run's.
     - `progress`: for each loop and stage, where this invocation started it and where it
         ended (`{"from": k0, "to": k1}`, in steps; a stage has one): `to - from` is the work
         this invocation did, 0 for everything a resumed finished run reads back.
     """
 
-    def __init__(self, name: str, out: pathlib.Path, config: dict, *, resumed: bool = False):
+    def __init__(
+        self,
+        name: str,
+        out: pathlib.Path,
+        config: dict,
+        *,
+        resumed: bool = False,
+        run_id: str | None = None,
+        unmarked: bool = True,
+        data: Mapping[str, str] | None = None,
+        data_root: pathlib.Path | None = None,
+    ):
         self.name = name
         self.out = pathlib.Path(out)
         self.config = config
         self.resumed = resumed
-        self.checkpoints = Checkpoints(self.out)
+        self.run_id = run_id
+        self.data = dict(data or {})
+        self.data_root = data_root
+        self.checkpoints = Checkpoints(self.out, run_id, unmarked=unmarked)
         self.progress: dict[str, dict[str, int]] = {}
         self.outputs: list[str] = []
+
+    def record_data(self, name: str, digest: str) -> None:
+        """Records that the run read data file `name` (its path in the data directory) with
+        SHA-256 `digest`, in `run.json` and later `results.json`.
+
+        **Raises:**
+
+        `RunError`, naming the file and both digests, if the run read it with another digest
+        before: a `--resume` with another data directory (valid checksums, other data) would
+        otherwise continue checkpoints computed from the old data on the new, giving results
+        of neither."""
+        known = self.data.get(name)
+        if known == digest:
+            return
+        if known is not None:
+            raise RunError(
+                f"Cannot continue {self.out} on other data: the data file {name} has SHA-256 "
+                f"{digest} now, but the run was computed with SHA-256 {known} (recorded in "
+                f"{self.out / RUN_FILE}). Resume with the run's data directory (--data-dir or "
+                "$BILEVAX_DATA as when it started), or start a new run (another --out, or "
+                "--overwrite)."
+            )
+        self.data[name] = digest
+        _update_manifest(self.out, data=self.data)
 
     def clear(self) -> None:
         """Deletes what a run left in `out`: checkpoints, `run.json`, `results.json` and the
@@ -768,24 +987,24 @@ class Run:
 
     def write_results(self, results: dict) -> pathlib.Path:
         """Adds to `results` a `"run"` entry that makes it self-describing (the experiment, its
-        configuration, when it started and finished, whether it was resumed, `progress`, and
-        the versions and devices), and writes it to `<out>/results.json` (process 0 only).
+        run id, configuration and data files, when it started and finished, whether it was
+        resumed, `progress`, and the versions and devices), and writes it to
+        `<out>/results.json` (process 0 only).
 
         **Returns:**
 
         The path written.
         """
-        try:
-            manifest = json.loads((self.out / RUN_FILE).read_text())
-        except (OSError, ValueError):
-            manifest = {}
+        manifest = _read_manifest(self.out)
         manifest.update(
             outputs=list(dict.fromkeys([*manifest.get("outputs", []), *self.outputs])),
             finished=_now(),
         )
         results["run"] = dict(
             experiment=self.name,
+            run_id=self.run_id,
             config=self.config,
+            data=self.data,
             started=manifest.get("started"),
             finished=manifest["finished"],
             resumed=self.resumed,
@@ -793,6 +1012,9 @@ class Run:
             environment=environment(),
         )
         write_json(self.out / RUN_FILE, manifest)
+        global _current_run
+        if _current_run is self:  # the run is over: data read from here on is not its
+            _current_run = None
         return write_json(self.out / RESULTS_FILE, results)
 
 

@@ -13,9 +13,9 @@ import numpy as np
 
 from experiments.problems import (  # noqa: F401  (re-exported for the tests)
     ALL as ALL,
-    biased_ridge as biased_ridge,
     CONVEX as CONVEX,
     Problem as Problem,
+    biased_ridge as biased_ridge,
     implicit as implicit,
     logistic as logistic,
     mlp as mlp,

@@ -4,11 +4,15 @@ pickles and of corrupt or mismatched files, atomic writes), the output directory
 check on `--resume` (every experiment refuses a mismatch), resumable loops that count the steps
 they run, results that describe themselves, and the data directory."""
 
+import hashlib
 import importlib
 import json
 import os
 import pathlib
+import shutil
 import stat
+import subprocess
+import sys
 
 import equinox as eqx
 import jax
@@ -402,3 +406,121 @@ def test_write_json_converts_arrays(tmp_path):
         tmp_path / "r.json", {"a": jnp.asarray(1.5), "b": np.float32(2.0), "c": np.arange(3)}
     )
     assert json.loads(path.read_text()) == {"a": 1.5, "b": 2.0, "c": [0, 1, 2]}
+
+
+# -- one run per directory, on one data set, with its own checkpoints ---------------------------
+
+# A process that claims a directory the moment the test says go, says whether it got it, and
+# holds it until it is killed. It imports only `experiments._claim`: no JAX, so both start fast.
+_CLAIMANT = """
+import pathlib, sys, time
+from experiments import _claim
+out, go = sys.argv[1:]
+while not pathlib.Path(go).exists():
+    time.sleep(0.001)
+try:
+    _claim.claim(out)
+except _claim.DirectoryHeld as error:
+    print("refused", error, flush=True)
+else:
+    print("claimed", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_two_runs_started_at_once_into_one_directory(tmp_path):
+    out, go = tmp_path / "out", tmp_path / "go"
+    root = pathlib.Path(__file__).resolve().parents[1]
+    claimants = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CLAIMANT, str(out), str(go)],
+            cwd=root,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        go.touch()
+        said = sorted(c.stdout.readline() for c in claimants)
+        assert said[0] == "claimed\n" and said[1].startswith(f"refused Another run holds {out}")
+        # The live run's claim holds against every way of starting, and against a benchmark.
+        for argv in [(), ("--resume",), ("--overwrite",)]:
+            with pytest.raises(_common.RunError, match="Another run holds .*process"):
+                _toy(out, *argv)
+        with pytest.raises(_common.RunError, match="Another run holds"):
+            _common.claim_outputs(_args(out), ["toy.json"])
+        assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
+    finally:
+        for c in claimants:
+            c.kill()  # a crash: the operating system releases the lock
+            c.wait()
+            c.stdout.close()
+    run, x, executed = _toy(out, "--resume")  # nothing to resume, and no stale claim in the way
+    assert executed == [0, 1, 2]
+
+
+def _data(directory: pathlib.Path, content: bytes) -> str:
+    """A data directory holding `toy/a.bin` with `content`, listed in its `SHA256SUMS`."""
+    (directory / "toy").mkdir(parents=True)
+    (directory / "toy" / "a.bin").write_bytes(content)
+    digest = hashlib.sha256(content).hexdigest()
+    (directory / "SHA256SUMS").write_text(f"{digest}  toy/a.bin\n")
+    return digest
+
+
+def test_resume_on_other_data_is_refused_naming_the_file(tmp_path, monkeypatch):
+    from experiments.data import find
+
+    monkeypatch.setenv("BILEVAX_CACHE", str(tmp_path / "cache"))
+    old, new = _data(tmp_path / "old", b"old"), _data(tmp_path / "new", b"new")
+    _data(tmp_path / "copy", b"old")
+
+    def run_on(data, *argv):
+        args = _args(tmp_path / "run", "--data-dir", str(tmp_path / data), *argv)
+        run = _common.start(args)
+        find("toy/a.bin", _common.data_dir(args), download="nowhere")  # what a loader does
+        run.write_results({})
+        return run
+
+    run_on("old")
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["data"] == {"toy/a.bin": old}
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["run"]["data"] == {"toy/a.bin": old}
+    assert run_on("copy", "--resume").data == {"toy/a.bin": old}  # the same data elsewhere
+    with pytest.raises(_common.RunError) as error:
+        run_on("new", "--resume")
+    message = str(error.value)
+    assert "other data: the data file toy/a.bin" in message
+    assert f"{new} now" in message and f"computed with SHA-256 {old}" in message
+
+
+def test_checkpoint_copied_from_another_run_is_refused(tmp_path):
+    _toy(tmp_path / "seed0")
+    with pytest.raises(KeyboardInterrupt):
+        _toy(tmp_path / "seed1", "--seed", "1", fail_at=2)
+    ids = [
+        json.loads((tmp_path / s / "run.json").read_text())["run_id"] for s in ("seed0", "seed1")
+    ]
+    assert ids[0] != ids[1]
+    copied = tmp_path / "seed1" / "checkpoints" / "x.npz"
+    shutil.copy(tmp_path / "seed0" / "checkpoints" / "x.npz", copied)
+    with pytest.raises(_common.CheckpointError, match=f"{copied} belongs to another run"):
+        _toy(tmp_path / "seed1", "--seed", "1", "--resume")
+    # A run from before run ids (none in run.json, nor in its checkpoints) still resumes, and
+    # goes on accepting its old checkpoints once it has an id ...
+    legacy = tmp_path / "legacy"
+    _common.save_tree(legacy / "checkpoints" / "s.npz", dict(value=1))
+    config = {"quick": False, "seed": 0, "steps": 3, "lr": 0.5}
+    (legacy / "run.json").write_text(json.dumps({"config": config}))
+    for _ in range(2):
+        run = _common.start(_args(legacy, "--resume"))
+        assert run.stage("s", lambda: dict(value=2)) == dict(value=1)
+    assert run.run_id == json.loads((legacy / "run.json").read_text())["run_id"]
+    # ... while a run that had its id from the start refuses a checkpoint without one.
+    copied = tmp_path / "seed0" / "checkpoints" / "s.npz"
+    shutil.copy(legacy / "checkpoints" / "s.npz", copied)
+    run = _common.start(_args(tmp_path / "seed0", "--resume"))
+    with pytest.raises(_common.CheckpointError, match=f"{copied} belongs to another run: it ca"):
+        run.stage("s", lambda: dict(value=2))

@@ -7,10 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import biased_ridge, relerr
 
 import bilevax as bx
-
-from helpers import biased_ridge, relerr
 
 
 PROBLEM = biased_ridge()

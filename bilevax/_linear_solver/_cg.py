@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, PyTree, Scalar
 
+from .._checks import check_real
+
 
 class _CGState(eqx.Module):
     operator: lx.AbstractLinearOperator
@@ -71,10 +73,8 @@ class CG(lx.AbstractLinearSolver[_CGState]):
     max_steps: int | None = None
 
     def __check_init__(self):
-        for name in ("rtol", "atol"):
-            value = getattr(self, name)
-            if isinstance(value, int | float) and not value >= 0:
-                raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+        check_real("rtol", self.rtol, lower=0)
+        check_real("atol", self.atol, lower=0)
         if self.max_steps is not None and (
             isinstance(self.max_steps, bool)
             or not isinstance(self.max_steps, int)
@@ -118,12 +118,14 @@ class CG(lx.AbstractLinearSolver[_CGState]):
         size = sum(x.size for x in jax.tree.leaves(vector))
         max_steps = 10 * size if self.max_steps is None else self.max_steps
 
-        # CG runs on A (y/s) = b/s with s = max|b|, as LAPACK's `nrm2` scales its sum of
+        # CG runs on A (y/s) = b/s with s ≈ max|b|, as LAPACK's `nrm2` scales its sum of
         # squares: ‖b‖² of a tiny b (data scaled by 1e-100 in float64, 1e-10 in float32)
         # would underflow to zero and CG return its zero start as a solution; of a huge one,
-        # overflow. The answer is scaled back at the end.
+        # overflow. s is a power of two, so the scaling is exact and the iterates are those
+        # of the unscaled system wherever that one does not under- or overflow.
         scale = _max_abs(vector)
-        scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, jnp.ones_like(scale))
+        usable = (scale > 0) & jnp.isfinite(scale)
+        scale = jnp.exp2(jnp.round(jnp.log2(jnp.where(usable, scale, jnp.ones_like(scale)))))
         unscale = lambda tree: jax.tree.map(lambda x: x / scale.astype(x.dtype), tree)
         vector = unscale(vector)
         y0 = options.get("y0")

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, ArrayLike, PyTree
 
+from .._checks import check_int, check_real
 from .._misc import tree_norm
 
 
@@ -33,8 +34,9 @@ class Neumann(lx.AbstractLinearSolver):
     scale: ArrayLike = 1.0
 
     def __check_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"`steps` must be a non-negative int, got {self.steps!r}.")
+        check_int("steps", self.steps, 0)
+        # α ≤ 0 never converges (the series' terms do not shrink).
+        check_real("scale", self.scale, lower=0, lower_open=True)
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
         del options

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import lineax as lx
 from jaxtyping import Array, ArrayLike, PyTree
 
+from .._checks import check_int, check_real
+
 
 class AbstractPreconditioner(eqx.Module):
     """Builds a preconditioner for the Hessian solve of [`bilevax.implicit_hypergrad`][]:
@@ -39,8 +41,7 @@ class JacobiPreconditioner(AbstractPreconditioner):
     floor: float = eqx.field(static=True, default=1e-6)
 
     def __check_init__(self):
-        if not isinstance(self.num_samples, int) or self.num_samples < 1:
-            raise ValueError(f"`num_samples` must be a positive int, got {self.num_samples!r}.")
+        check_int("num_samples", self.num_samples, 1)
 
     def build(self, hessian, key):
         structure = hessian.in_structure()
@@ -155,8 +156,7 @@ class Damped(lx.AbstractLinearSolver):
     def __check_init__(self):
         if not isinstance(self.solver, lx.AbstractLinearSolver):
             raise TypeError(f"`solver` must be a `lineax` solver, got {self.solver!r}.")
-        if isinstance(self.damping, int | float) and not self.damping >= 0:
-            raise ValueError(f"`damping` must be >= 0, got {self.damping!r}.")
+        check_real("damping", self.damping, lower=0)
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
         identity = lx.IdentityLinearOperator(operator.in_structure())

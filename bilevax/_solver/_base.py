@@ -1,7 +1,6 @@
 import abc
 import dataclasses
 import inspect
-import numbers
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -13,6 +12,7 @@ import optax
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
+from .._checks import check_real
 from .._custom_types import HParams
 
 
@@ -97,19 +97,23 @@ class GradientDescent(AbstractInnerSolver[PyTree[Array]]):
     momentum: ArrayLike = 0.0
 
     def __check_init__(self):
-        for name in ("learning_rate", "momentum"):
-            value = getattr(self, name)
-            dtype = getattr(value, "dtype", None)
-            real = isinstance(value, numbers.Real) or (
-                dtype is not None and jnp.issubdtype(dtype, jnp.floating)
-            )
-            if isinstance(value, bool) or not real:
-                raise TypeError(f"`{name}` must be a real number or array, got {value!r}.")
-        if isinstance(self.momentum, int | float) and not 0 <= self.momentum < 1:
-            raise ValueError(f"`momentum` must be in [0, 1), got {self.momentum!r}.")
+        check_real("learning_rate", self.learning_rate, lower=0, lower_open=True, scalar=False)
+        check_real("momentum", self.momentum, lower=0, upper=1, upper_open=True, scalar=False)
 
     def init(self, fn, params, args):
         del fn, args
+        for name in ("learning_rate", "momentum"):
+            shape = jnp.shape(getattr(self, name))
+            for leaf in jax.tree.leaves(params):
+                try:
+                    fits = jnp.broadcast_shapes(shape, leaf.shape) == leaf.shape
+                except ValueError:
+                    fits = False
+                if not fits:
+                    raise ValueError(
+                        f"`{name}` must be a scalar or broadcast to every parameter's shape; "
+                        f"got shape {shape} for a parameter of shape {leaf.shape}."
+                    )
         return jax.tree.map(jnp.zeros_like, params)
 
     def step(self, fn, params, grad, state, args):

@@ -6,16 +6,33 @@ Projections (non-negativity, box, simplex, L1 and L2 balls) are not written agai
 `optax.projections` keeps them; see [`bilevax.ProjectedGradient`][].
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PyTree
 
+from .._checks import check_real
 
-def _leafwise(fn, x, hyperparams):
-    """Applies `fn(leaf, h)` with `h` a scalar shared by all leaves or a matching pytree."""
+
+def _leafwise(fn, x, hyperparams, name: str):
+    """Applies `fn(leaf, h)` with `h` a scalar shared by all leaves or a matching pytree of
+    strengths, each >= 0: a negative strength would expand where the operator shrinks. A
+    concrete one is refused; a traced one (a hyperparameter being learned) makes its leaf NaN."""
     if jax.tree.structure(hyperparams) == jax.tree.structure(x):
-        return jax.tree.map(fn, x, hyperparams)
-    return jax.tree.map(lambda leaf: fn(leaf, hyperparams), x)
+        return jax.tree.map(lambda leaf, h: _checked(fn, leaf, h, name), x, hyperparams)
+    if isinstance(hyperparams, int | float) or eqx.is_array(hyperparams):
+        return jax.tree.map(lambda leaf: _checked(fn, leaf, hyperparams, name), x)
+    raise ValueError(
+        f"`{name}` must be a scalar or a pytree with the structure of `x`: got "
+        f"{jax.tree.structure(hyperparams)}, expected {jax.tree.structure(x)}."
+    )
+
+
+def _checked(fn, leaf, strength, name: str):
+    check_real(name, strength, lower=0, scalar=False)
+    out = fn(leaf, strength)
+    invalid = ~jnp.all(jnp.asarray(strength) >= 0)
+    return out + jnp.where(invalid, jnp.asarray(jnp.nan, out.dtype), jnp.zeros((), out.dtype))
 
 
 def _soft_threshold(x: Array, threshold) -> Array:
@@ -38,7 +55,8 @@ def prox_lasso(
 
     A pytree like `x`.
     """
-    return _leafwise(lambda leaf, lam: _soft_threshold(leaf, lam * scaling), x, l1reg)
+    check_real("scaling", scaling, lower=0, scalar=False)
+    return _leafwise(lambda leaf, lam: _soft_threshold(leaf, lam * scaling), x, l1reg, "l1reg")
 
 
 def prox_elastic_net(
@@ -62,7 +80,7 @@ def prox_elastic_net(
         raise TypeError(f"`hyperparams` must be a pair `(l1reg, l2reg)`, got {hyperparams!r}.")
     l1reg, l2reg = hyperparams
     shrunk = prox_lasso(x, l1reg, scaling)
-    return _leafwise(lambda leaf, lam: leaf / (1 + lam * scaling), shrunk, l2reg)
+    return _leafwise(lambda leaf, lam: leaf / (1 + lam * scaling), shrunk, l2reg, "l2reg")
 
 
 def prox_group_lasso(
@@ -90,4 +108,5 @@ def prox_group_lasso(
         factor = jnp.maximum(1 - lam * scaling / jnp.sqrt(safe), 0)
         return jnp.where(sqnorm > 0, factor, 0) * leaf
 
-    return _leafwise(block, x, l2reg)
+    check_real("scaling", scaling, lower=0, scalar=False)
+    return _leafwise(block, x, l2reg, "l2reg")

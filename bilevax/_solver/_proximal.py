@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PyTree
 
-from .._checks import check_callable
+from .._checks import check_callable, check_real
 from ._base import AbstractInnerSolver
 
 
@@ -93,6 +93,7 @@ class ProximalGradient(_AbstractProximalSolver):
     acceleration: bool = eqx.field(default=True, static=True)
 
     def __check_init__(self):
+        check_real("learning_rate", self.learning_rate, lower=0, lower_open=True)
         check_callable("prox", self.prox)
 
     def _prox(self, x, hparams):
@@ -122,6 +123,7 @@ class ProjectedGradient(_AbstractProximalSolver):
     acceleration: bool = eqx.field(default=True, static=True)
 
     def __check_init__(self):
+        check_real("learning_rate", self.learning_rate, lower=0, lower_open=True)
         check_callable("projection", self.projection)
 
     def _prox(self, x, hparams):

@@ -12,7 +12,7 @@ import optax
 from jaxtyping import Array, Int, PyTree, Scalar
 
 from .._adjoint import ImplicitAdjoint
-from .._checks import check_bool, check_instance, check_int
+from .._checks import check_bool, check_hparams, check_instance, check_int, check_real
 from .._custom_types import Data, HParams, Params
 from .._implicit import adjoint_hypergrad
 from .._inner_solve import inner_solve
@@ -124,10 +124,12 @@ class HOAG(eqx.Module):
             check_bool(name, getattr(self, name))
         check_bool("precondition", self.precondition)
         check_bool("throw", self.throw)
-        for name in ("initial_tol", "final_tol", "decay"):
-            value = getattr(self, name)
-            if isinstance(value, int | float) and not value > 0:
-                raise ValueError(f"`{name}` must be > 0, got {value!r}.")
+        check_real("initial_tol", self.initial_tol, lower=0, lower_open=True)
+        check_real("final_tol", self.final_tol, lower=0, lower_open=True)
+        # ρ > 1 would loosen the tolerances as the loop goes.
+        check_real("decay", self.decay, lower=0, upper=1, lower_open=True)
+        if self.linear_max_steps is not None:
+            check_int("linear_max_steps", self.linear_max_steps, 1)
 
     def tolerance(self, step: Int[Array, ""]) -> Scalar:
         """$\\epsilon_k$ at outer step `step`."""
@@ -150,6 +152,7 @@ class HOAG(eqx.Module):
 
         A [`bilevax.contrib.HOAGState`][].
         """
+        hparams = check_hparams(hparams)
         float_init = eqx.filter(init, eqx.is_inexact_array)
         float_hparams = eqx.filter(hparams, eqx.is_inexact_array)
         solver_state = None

@@ -27,6 +27,7 @@ from .._checks import (
     check_callable,
     check_instance,
     check_int,
+    check_real,
     check_same_structure,
     check_scalar_loss,
 )
@@ -202,7 +203,10 @@ class AbstractStochasticBilevel(eqx.Module):
             outer_loss, inner_loss, params, v, hparams, inner_data, outer_data, key
         )
         num_steps = jnp.zeros((), jnp.int32)
-        return _checked_state(params, v, hparams, num_steps, memory, jnp.asarray(False))
+        # The data are checked once, here: a mini-batch that has not yet drawn a NaN sample
+        # would otherwise give finite iterates from data that have none.
+        data_failed = ~tree_isfinite((inner_data, outer_data))
+        return _checked_state(params, v, hparams, num_steps, memory, data_failed)
 
     def _init_memory(self, outer_loss, inner_loss, params, v, hparams, inner_data, outer_data, key):
         del outer_loss, inner_loss, params, v, hparams, inner_data, outer_data, key
@@ -296,6 +300,8 @@ class SOBA(AbstractStochasticBilevel):
     outer_batch_size: int | None = eqx.field(static=True, default=64)
 
     def __check_init__(self):
+        _check_step_size("inner_lr", self.inner_lr)
+        _check_step_size("outer_lr", self.outer_lr)
         _check_batch_size("batch_size", self.batch_size)
         _check_batch_size("outer_batch_size", self.outer_batch_size)
 
@@ -344,6 +350,8 @@ class SABA(AbstractStochasticBilevel):
     init_chunk: int = eqx.field(static=True, default=1024)
 
     def __check_init__(self):
+        _check_step_size("inner_lr", self.inner_lr)
+        _check_step_size("outer_lr", self.outer_lr)
         _check_batch_size("batch_size", self.batch_size)
         _check_batch_size("outer_batch_size", self.outer_batch_size)
         check_int("init_chunk", self.init_chunk, 1)
@@ -532,6 +540,12 @@ def _take(data, idx):
 
 def _step_size(lr: StepSize, step):
     return lr(step) if callable(lr) else lr
+
+
+def _check_step_size(name, value):
+    """A positive step size, or a schedule `step -> step size` (called at each step)."""
+    if not callable(value):
+        check_real(name, value, lower=0, lower_open=True)
 
 
 def _check_batch_size(name, value):

@@ -28,7 +28,13 @@ import lineax as lx
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Int, PyTree, Scalar
 
-from .._checks import check_bool, check_int, check_nonnegative, check_same_structure
+from .._checks import (
+    check_bool,
+    check_hparams,
+    check_int,
+    check_nonnegative,
+    check_same_structure,
+)
 from .._custom_types import Data, HParams, Params
 from .._ift import GradientOptimality, jacobian_operator, linear_solve
 from .._linear_solver import CG
@@ -157,6 +163,9 @@ def hypergrad_info(
     check_int("lanczos_steps", lanczos_steps, 0)
     check_bool("estimate_error", estimate_error)
     check_nonnegative("tol", tol)
+    # A Python float is a hyperparameter too: left as it is it would be static, with no
+    # mixed derivative, and the error estimate would come out 0.
+    hparams = check_hparams(hparams)
     float_params, static_params = eqx.partition(params_star, eqx.is_inexact_array)
     float_hparams, static_hparams = eqx.partition(hparams, eqx.is_inexact_array)
     check_same_structure(

@@ -8,16 +8,23 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._checks import check_real
+from .._misc import tree_where_nan
 from ._stn_layers import StnConv2d, StnLinear
 
 
 def dropout(x: Array, rate, key: PRNGKeyArray | None, *, train: bool) -> Array:
     """Inverted dropout of one example at `rate` (a scalar, possibly traced); the identity
-    when `train` is `False` or `key` is `None`."""
+    when `train` is `False` or `key` is `None`. A rate outside $[0, 1)$ (or NaN) is refused
+    when concrete, and makes the output NaN when traced: it has no meaning as a dropout
+    rate, and $1/(1 - p)$ is unbounded at 1."""
+    check_real("rate", rate, lower=0, upper=1, upper_open=True)
     if not train or key is None:
         return x
     keep = jax.random.uniform(key, x.shape, x.dtype) >= rate
-    return jnp.where(keep, x / (1 - rate), jnp.zeros((), x.dtype))
+    out = jnp.where(keep, x / (1 - rate), jnp.zeros((), x.dtype))
+    rate = jnp.asarray(rate)
+    return tree_where_nan(~((rate >= 0) & (rate < 1)), out)
 
 
 def cutout(
@@ -25,7 +32,10 @@ def cutout(
 ) -> Float[Array, "c height width"]:
     """Zeroes `holes` squares (at most `max_holes`) of side `length` pixels at random centres
     of one image (DeVries & Taylor 2017). `length` and `holes` may be traced (the training
-    side floors them)."""
+    side floors them); a negative or NaN one is refused when concrete, and makes the image
+    NaN when traced."""
+    check_real("length", length, lower=0)
+    check_real("holes", holes, lower=0)
     _, height, width = image.shape
     centres = jax.random.randint(key, (max_holes, 2), 0, jnp.array([height, width]))
     rows = jnp.arange(height)[None, :, None] - centres[:, 0, None, None]
@@ -34,7 +44,9 @@ def cutout(
     inside = (jnp.abs(rows).astype(image.dtype) < half) & (jnp.abs(cols).astype(image.dtype) < half)
     active = (jnp.arange(max_holes, dtype=image.dtype) < holes)[:, None, None]
     mask = jnp.any(inside & active, axis=0)
-    return jnp.where(mask[None], jnp.zeros((), image.dtype), image)
+    out = jnp.where(mask[None], jnp.zeros((), image.dtype), image)
+    valid = (jnp.asarray(length) >= 0) & (jnp.asarray(holes) >= 0)
+    return tree_where_nan(~valid, out)
 
 
 class StnMLP(eqx.Module):
@@ -63,6 +75,7 @@ class StnMLP(eqx.Module):
         )
 
     def __call__(self, x, h, rates, key: PRNGKeyArray | None, *, train: bool):
+        _check_rates(rates, len(self.layers))
         keys = [None] * len(self.layers) if key is None else jax.random.split(key, len(self.layers))
         for i, layer in enumerate(self.layers):
             x = layer(dropout(x, rates[i], keys[i], train=train), h)
@@ -111,6 +124,7 @@ class StnCNN(eqx.Module):
         self.fc2 = StnLinear(hidden, num_classes, num_hparams, key=k4, dtype=dtype)
 
     def __call__(self, x, h, rates, key: PRNGKeyArray | None, *, train: bool):
+        _check_rates(rates, 4)
         keys = [None] * 4 if key is None else list(jax.random.split(key, 4))
         pool = eqx.nn.MaxPool2d(2, 2)
         x = pool(jax.nn.relu(self.conv1(x, h)))
@@ -119,3 +133,12 @@ class StnCNN(eqx.Module):
         x = dropout(x, rates[1], keys[1], train=train).reshape(-1)
         x = jax.nn.relu(self.fc1(dropout(x, rates[2], keys[2], train=train), h))
         return self.fc2(dropout(x, rates[3], keys[3], train=train), h)
+
+
+def _check_rates(rates, expected: int) -> None:
+    """One dropout rate per layer: indexing a shorter array would clamp, reusing the last."""
+    if jnp.shape(rates) != (expected,):
+        raise ValueError(
+            f"`rates` must hold one dropout rate per layer, shape ({expected},); got shape "
+            f"{jnp.shape(rates)}."
+        )

@@ -9,6 +9,11 @@ A file listed in `SHA256SUMS` is hashed and compared before it is read; a file t
 checked (no `SHA256SUMS`, or not listed) is read with an `UncheckedDataWarning`. Digests are
 remembered in the cache directory by the file's path, size, mtime, ctime and inode, so only the
 first run pays for hashing. A file that fails to parse raises `DataError` naming it.
+
+Every file handed out is reported, with its SHA-256 (hashed even when it cannot be checked), to
+the experiment run in progress (`experiments._common.record_data`): if that is the run's data
+directory, the run records it in its `run.json` and refuses to continue on a file whose digest
+differs from the one it read before.
 """
 
 import contextlib
@@ -25,7 +30,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from .._common import DEFAULT_DATA, atomic_write
+from .._common import DEFAULT_DATA, atomic_write, record_data
 
 
 PathLike = str | os.PathLike[str]
@@ -154,12 +159,14 @@ def find(relpath: str, data_dir: PathLike | None = None, *, download: str) -> pa
     **Returns:**
 
     The file's path. When the data directory has a `SHA256SUMS` that lists `relpath`, the file's
-    SHA-256 matches it; otherwise an `UncheckedDataWarning` says that it was not checked.
+    SHA-256 matches it; otherwise an `UncheckedDataWarning` says that it was not checked. Either
+    way the run in progress records `relpath` and its SHA-256 (see `record_data`).
 
     **Raises:**
 
     `FileNotFoundError` naming the place looked at, why only that one, and the download address;
-    `ChecksumError` naming the file, both digests and the download address.
+    `ChecksumError` naming the file, both digests and the download address; `RunError` (from
+    the run in progress) if the run read this file before with another SHA-256.
     """
     root, origin = data_root(data_dir)
     path = root / relpath
@@ -195,6 +202,7 @@ def find(relpath: str, data_dir: PathLike | None = None, *, download: str) -> pa
         )
     else:
         _unchecked.discard(str(path))
+    record_data(root, relpath, expected or sha256(path))
     return path
 
 

@@ -1,0 +1,176 @@
+"""A property-based sweep of the public constructors and functions that take numbers: any
+invalid value of each numeric argument (wrong type, wrong sign, NaN, wrong shape, a JAX array
+as well as a Python number) raises a `TypeError` or `ValueError` that names the argument,
+never a raw JAX error and never a plausible wrong number; every valid value is accepted."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import bilevax as bx
+
+
+X = jnp.linspace(-1.0, 1.0, 4)
+
+# (name of the case, argument, its interval (lower, upper, lower_open, upper_open), scalar
+# only, and a call taking the value).
+CASES = [
+    ("CG", "rtol", (0, None, False, False), True, lambda v: bx.CG(rtol=v, atol=1e-12)),
+    ("CG", "atol", (0, None, False, False), True, lambda v: bx.CG(rtol=1e-6, atol=v)),
+    ("Neumann", "scale", (0, None, True, False), True, lambda v: bx.Neumann(5, v)),
+    ("Damped", "damping", (0, None, False, False), True, lambda v: bx.Damped(bx.CG(1e-6, 0), v)),
+    ("GradientDescent", "learning_rate", (0, None, True, False), False, bx.GradientDescent),
+    (
+        "GradientDescent",
+        "momentum",
+        (0, 1, False, True),
+        False,
+        lambda v: bx.GradientDescent(0.1, v),
+    ),
+    (
+        "ProximalGradient",
+        "learning_rate",
+        (0, None, True, False),
+        True,
+        lambda v: bx.ProximalGradient(v, bx.prox_lasso),
+    ),
+    (
+        "ProjectedGradient",
+        "learning_rate",
+        (0, None, True, False),
+        True,
+        lambda v: bx.ProjectedGradient(v, lambda x, h: x),
+    ),
+    ("prox_lasso", "l1reg", (0, None, False, False), False, lambda v: bx.prox_lasso(X, v)),
+    ("prox_lasso", "scaling", (0, None, False, False), False, lambda v: bx.prox_lasso(X, 1.0, v)),
+    (
+        "prox_elastic_net",
+        "l2reg",
+        (0, None, False, False),
+        False,
+        lambda v: bx.prox_elastic_net(X, (1.0, v)),
+    ),
+    (
+        "prox_group_lasso",
+        "l2reg",
+        (0, None, False, False),
+        False,
+        lambda v: bx.prox_group_lasso(X, v),
+    ),
+    (
+        "HOAG",
+        "decay",
+        (0, 1, True, False),
+        True,
+        lambda v: bx.contrib.HOAG(optax.sgd(0.1), decay=v),
+    ),
+    (
+        "HOAG",
+        "initial_tol",
+        (0, None, True, False),
+        True,
+        lambda v: bx.contrib.HOAG(optax.sgd(0.1), initial_tol=v),
+    ),
+    (
+        "HOAG",
+        "final_tol",
+        (0, None, True, False),
+        True,
+        lambda v: bx.contrib.HOAG(optax.sgd(0.1), final_tol=v),
+    ),
+    ("SOBA", "inner_lr", (0, None, True, False), True, lambda v: bx.contrib.SOBA(v, 0.1)),
+    ("SOBA", "outer_lr", (0, None, True, False), True, lambda v: bx.contrib.SOBA(0.1, v)),
+    ("SABA", "inner_lr", (0, None, True, False), True, lambda v: bx.contrib.SABA(v, 0.1)),
+    (
+        "dropout",
+        "rate",
+        (0, 1, False, True),
+        True,
+        lambda v: bx.nn.dropout(X, v, None, train=False),
+    ),
+    (
+        "inner_solve",
+        "tol",
+        (0, None, False, False),
+        True,
+        lambda v: bx.inner_solve(
+            lambda w, h, d: jnp.sum((w - h) ** 2), jnp.zeros(2), jnp.ones(2), tol=v, max_steps=0
+        ),
+    ),
+]
+
+# Values of every type a user may pass by mistake, each with the reason it is invalid
+# (`None` where only the interval decides).
+NOT_NUMBERS = [None, "0.1", True, 1 + 2j, [0.1], {"a": 0.1}]
+
+
+def _inside(value: float, interval) -> bool:
+    lower, upper, lower_open, upper_open = interval
+    if math.isnan(value):
+        return False
+    ok = True
+    if lower is not None:
+        ok &= value > lower if lower_open else value >= lower
+    if upper is not None:
+        ok &= value < upper if upper_open else value <= upper
+    if upper is None and math.isinf(value):
+        ok &= value > 0
+    return bool(ok)
+
+
+def _raises_naming(call, value, name):
+    with pytest.raises((TypeError, ValueError)) as error:
+        call(value)
+    assert f"`{name}`" in str(error.value), str(error.value)
+
+
+numbers = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=64),
+    st.sampled_from([0.0, -0.0, 1.0, 1.0 - 1e-12, 1e-300, -1e-300]),
+    st.integers(-3, 3),
+)
+as_given = st.sampled_from(["python", "jax", "numpy"])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=numbers, form=as_given)
+def test_numbers_inside_are_accepted_outside_are_named(case, value, form):
+    _, name, interval, _, call = case
+    given_value = {
+        "python": value,
+        "jax": jnp.asarray(float(value), jnp.float64),
+        "numpy": np.float64(value),
+    }[form]
+    if _inside(float(value), interval):
+        call(given_value)
+    else:
+        _raises_naming(call, given_value, name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+@pytest.mark.parametrize("value", NOT_NUMBERS, ids=repr)
+def test_non_numbers_are_named(case, value):
+    _, name, _, _, call = case
+    _raises_naming(call, value, name)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[3]], ids=lambda c: f"{c[0]}-{c[1]}")
+def test_arrays_where_a_scalar_is_due_are_named(case):
+    _, name, interval, _, call = case
+    valid = 0.5 if interval[1] is not None else 1.0
+    _raises_naming(call, jnp.full(3, valid), name)
+
+
+@pytest.mark.parametrize("make", [bx.Neumann, bx.JacobiPreconditioner, lambda v: bx.CG(0, 0, v)])
+@pytest.mark.parametrize("value", [True, -1, 2.5, "3", None])
+def test_counts_are_named(make, value):
+    if make is not bx.Neumann and value is None:
+        pytest.skip("`max_steps=None` and `num_samples`' default are valid")
+    with pytest.raises((TypeError, ValueError)) as error:
+        make(value)
+    assert any(n in str(error.value) for n in ("`steps`", "`num_samples`", "`max_steps`"))
