@@ -174,3 +174,72 @@ def test_counts_are_named(make, value):
     with pytest.raises((TypeError, ValueError)) as error:
         make(value)
     assert any(n in str(error.value) for n in ("`steps`", "`num_samples`", "`max_steps`"))
+
+
+def _ridge_soba():
+    import jax
+
+    from helpers import ridge
+
+    problem = ridge(d=3)
+    soba = bx.contrib.SOBA(0.01, 0.01, batch_size=4, outer_batch_size=4)
+    saba = bx.contrib.SABA(0.01, 0.01, batch_size=4, outer_batch_size=4)
+    data = (problem.inner_data, problem.outer_data)
+    state = soba.init(problem.outer, problem.inner, problem.init, problem.hparams, *data)
+    return problem, soba, saba, data, state, jax.random.key(0)
+
+
+def _stn_layer():
+    import jax
+
+    hparams = bx.nn.HyperParameters([bx.nn.Hyperparameter("p", 0.2)])
+    layer = bx.nn.StnLinear(3, 2, 1, key=jax.random.key(0))
+    apply = lambda m, x, h, lam, key, train: m(x, h)
+    loss = lambda out, y, lam: jnp.sum((out - y) ** 2)
+    return hparams, layer, apply, loss, jax.random.key(0)
+
+
+def _weight_grads_1d():
+    hparams, layer, apply, loss, key = _stn_layer()
+    bx.nn.weight_grads("delta", apply, loss, layer, hparams, jnp.ones(5), jnp.ones((5, 2)), key)
+
+
+def _saba_on_a_soba_state():
+    problem, _, saba, data, state, key = _ridge_soba()
+    saba.step(problem.outer, problem.inner, state, *data, key)
+
+
+def _directions_with_a_misshapen_v():
+    problem, *_ = _ridge_soba()
+    bx.contrib.stochastic_directions(
+        problem.outer,
+        problem.inner,
+        problem.init,
+        jnp.zeros(4),
+        problem.hparams,
+        problem.inner_data,
+        problem.outer_data,
+    )
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: bx.nn.Hyperparameter("p", None), "init"),
+        (lambda: bx.nn.Hyperparameter("p", 0.5, lower=float("nan")), "lower"),
+        (lambda: bx.nn.Hyperparameter(3, 0.5), "name"),
+        (lambda: bx.nn.HyperParameters([bx.nn.Hyperparameter("p", 0.5)], scale=None), "scale"),
+        (
+            lambda: bx.nn.HyperParameters([bx.nn.Hyperparameter("p", 0.5)], scale=jnp.nan),
+            "scale",
+        ),
+        (_weight_grads_1d, "x"),
+        (_saba_on_a_soba_state, "state"),
+        (_directions_with_a_misshapen_v, "v"),
+    ],
+    ids=["init-None", "lower-nan", "name-int", "scale-None", "scale-nan", "1d-x", "state", "v"],
+)
+def test_structured_arguments_are_named(call, name):
+    with pytest.raises((TypeError, ValueError)) as error:
+        call()
+    assert f"`{name}`" in str(error.value), str(error.value)

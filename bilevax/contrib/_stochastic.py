@@ -16,6 +16,7 @@ and $v^*$ is its adjoint. (Dagréou et al. write the adjoint with the opposite s
 
 import abc
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -112,6 +113,7 @@ def stochastic_directions(
     """
     check_callable("outer_loss", outer_loss)
     check_callable("inner_loss", inner_loss)
+    check_same_structure("v", v, params, "params")
     grad, hvp, cross = _inner_oracles(inner_loss, params, v, hparams, inner_batch)
     outer_grad_w, outer_grad_lam = _outer_oracles(outer_loss, params, hparams, outer_batch)
     return _combine(grad, hvp, cross, outer_grad_w, outer_grad_lam)
@@ -208,6 +210,9 @@ class AbstractStochasticBilevel(eqx.Module):
         data_failed = ~tree_isfinite((inner_data, outer_data))
         return _checked_state(params, v, hparams, num_steps, memory, data_failed)
 
+    # Whether the solver keeps per-sample memory in its state (SABA).
+    has_memory: ClassVar[bool] = False
+
     def _init_memory(self, outer_loss, inner_loss, params, v, hparams, inner_data, outer_data, key):
         del outer_loss, inner_loss, params, v, hparams, inner_data, outer_data, key
         return None
@@ -244,6 +249,14 @@ class AbstractStochasticBilevel(eqx.Module):
         The next [`bilevax.contrib.StochasticState`][]; its `result` is `RESULTS.nonfinite`,
         and its iterates NaN, once any iterate has been non-finite.
         """
+        check_instance(
+            "state", state, StochasticState, f"the state from `{type(self).__name__}.init`"
+        )
+        if (state.memory is not None) != self.has_memory:
+            raise ValueError(
+                f"`state` must come from `{type(self).__name__}.init`: its memory (SABA's table "
+                "of per-sample oracles) does not match this solver's."
+            )
         directions, memory = self._directions(
             outer_loss, inner_loss, state, inner_data, outer_data, key
         )
@@ -348,6 +361,8 @@ class SABA(AbstractStochasticBilevel):
     batch_size: int | None = eqx.field(static=True, default=64)
     outer_batch_size: int | None = eqx.field(static=True, default=64)
     init_chunk: int = eqx.field(static=True, default=1024)
+
+    has_memory: ClassVar[bool] = True
 
     def __check_init__(self):
         _check_step_size("inner_lr", self.inner_lr)

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._checks import check_real
+
 
 _TRANSFORMS = ("sigmoid", "softplus", "identity")
 
@@ -43,6 +45,12 @@ class Hyperparameter(eqx.Module):
     integer: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
+        if not isinstance(self.name, str):
+            raise TypeError(f"`name` must be a str, got {self.name!r}.")
+        for field in ("init", "lower", "upper"):
+            check_real(field, getattr(self, field))
+        if not isinstance(self.integer, bool):
+            raise TypeError(f"`integer` must be a bool, got {self.integer!r}.")
         if self.transform not in _TRANSFORMS:
             raise ValueError(
                 f"`transform` must be one of {_TRANSFORMS}, got {self.transform!r} "
@@ -99,8 +107,7 @@ class HyperParameters(eqx.Module):
         specs = tuple(specs)
         if not specs or not all(isinstance(s, Hyperparameter) for s in specs):
             raise TypeError("`specs` must be a non-empty sequence of `bilevax.nn.Hyperparameter`.")
-        if not scale > 0:
-            raise ValueError(f"`scale` must be > 0, got {scale!r}.")
+        check_real("scale", scale, lower=0, lower_open=True)
         dtype = jnp.zeros(()).dtype if dtype is None else dtype
         self.specs = specs
         self.values = jnp.asarray([s.unconstrain() for s in specs], dtype)

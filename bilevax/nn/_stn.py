@@ -42,6 +42,23 @@ def _batch_size(x) -> int:
     return leaves[0].shape[0]
 
 
+def _check_apply(apply: Callable, model, hparams: HyperParameters, x) -> None:
+    """Traces `apply` on the first example of `x` (no FLOPs), re-raising a failure with the
+    arguments named: a batch of the wrong rank (a 1-D `x` for a model of vectors) otherwise
+    fails deep inside the model with JAX's message."""
+    example = jax.tree.map(lambda a: a[0], x)
+    h, lam = jnp.zeros_like(hparams.values), hparams.value(train=True)
+    try:
+        eqx.filter_eval_shape(apply, model, example, h, lam, None, False)
+    except Exception as error:
+        shapes = jax.tree.map(jnp.shape, x)
+        raise ValueError(
+            f"calling `apply(model, x[i], h, lam, key, train)` on one example of `x` (a batch "
+            f"of shape {shapes}) failed: `x` must hold a leading batch axis of the examples "
+            f"`apply` takes. The error was: {error}"
+        ) from error
+
+
 def eval_input(variant: str, hparams: HyperParameters) -> jax.Array:
     """The hypernetwork input at the current hyperparameters (no perturbation): $\\lambda$ for
     the STN, zero for the centred variants."""
@@ -54,6 +71,8 @@ def eval_input(variant: str, hparams: HyperParameters) -> jax.Array:
 def predict(variant: str, apply: Callable, model, hparams: HyperParameters, x):
     """Eval-mode predictions (no dropout, no augmentation, no perturbation) on a batch `x`,
     with the general weights for the centred variants."""
+    _batch_size(x)
+    _check_apply(apply, model, hparams, x)
     h = eval_input(variant, hparams)
     lam = hparams.value(train=True)
     return jax.vmap(lambda xi: apply(model, xi, h, lam, None, False))(x)
@@ -97,6 +116,7 @@ def weight_grads(
     """
     _check_variant(variant)
     batch = _batch_size(x)
+    _check_apply(apply, model, hparams, x)
     hparams = jax.lax.stop_gradient(hparams)
     key_delta, key_examples = jax.random.split(key)
     delta = hparams.perturbation(key_delta, batch)
@@ -189,6 +209,7 @@ def hyper_loss(
     """
     _check_variant(variant)
     batch = _batch_size(x)
+    _check_apply(apply, model, hparams, x)
     model = jax.lax.stop_gradient(model)
     delta = hparams.perturbation(key, batch)
     u = hparams.values
