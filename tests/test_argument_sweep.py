@@ -5,10 +5,12 @@ never a raw JAX error and never a plausible wrong number; every valid value is a
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import ridge
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import bilevax as bx
@@ -177,10 +179,6 @@ def test_counts_are_named(make, value):
 
 
 def _ridge_soba():
-    import jax
-
-    from helpers import ridge
-
     problem = ridge(d=3)
     soba = bx.contrib.SOBA(0.01, 0.01, batch_size=4, outer_batch_size=4)
     saba = bx.contrib.SABA(0.01, 0.01, batch_size=4, outer_batch_size=4)
@@ -190,8 +188,6 @@ def _ridge_soba():
 
 
 def _stn_layer():
-    import jax
-
     hparams = bx.nn.HyperParameters([bx.nn.Hyperparameter("p", 0.2)])
     layer = bx.nn.StnLinear(3, 2, 1, key=jax.random.key(0))
     apply = lambda m, x, h, lam, key, train: m(x, h)
