@@ -266,7 +266,7 @@ def test_delta_stn_weight_gradients_are_decoupled():
     ):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
     # Coupled: the general weights also see the perturbed loss, so their gradient differs.
-    _, coupled = bnn.weight_grads("delta", apply, loss, layer, hp, x, y, key, decouple=False)
+    _, coupled = bnn.weight_grads("delta", apply, loss, layer, hp, x, y, key, general="coupled")
     assert not np.allclose(coupled.general.weight, grads.general.weight)
 
 

@@ -7,10 +7,15 @@ the example's randomness (or `None` in eval mode). The variants differ in `h` an
 weights are trained:
 
 - `"stn"`: $h = \lambda + \delta$; all weights trained on the perturbed loss.
-- `"centred"`: $h = \lambda + \delta - \lambda_0$; all weights trained on the perturbed loss.
-- `"delta"`: $h = \lambda + \delta - \lambda_0$; the general weights trained on the
-  $\delta = 0$ prediction, the response weights on the prediction linearised in $\delta$,
-  both from one JVP.
+- `"centred"`: $h = \lambda + \delta - \lambda_0$; the general weights trained on the loss at
+  $\lambda_0$ itself (no perturbation), the response weights on the perturbed loss: Δ-STN's
+  step without the linearisation, the authors' ablation.
+- `"delta"`: $h = \lambda + \delta - \lambda_0$; the general weights trained on the loss at
+  $\lambda_0$ itself, the response weights on the prediction at $\lambda_0 + \delta$
+  linearised in $\delta$ (one JVP): Algorithm 1 of Bae & Grosse (2020).
+
+`weight_grads(..., general=...)` switches the general weights' step to bilevax's earlier
+choices (see there); `hyper_loss(..., linearize=True)` linearises Δ-STN's hyper step too.
 
 (hyperparameters in their unconstrained coordinates; $\lambda_0$ is the current value with
 its gradient stopped).
@@ -22,6 +27,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .._checks import check_bool
 from .._linearize import linearized_response, skip_zero_products
 from ._hyperparameters import HyperParameters
 from ._stn_layers import response_filter
@@ -78,6 +84,9 @@ def predict(variant: str, apply: Callable, model, hparams: HyperParameters, x):
     return jax.vmap(lambda xi: apply(model, xi, h, lam, None, False))(x)
 
 
+GENERAL_STEPS = ("centre", "perturbed", "coupled")
+
+
 def weight_grads(
     variant: str,
     apply: Callable,
@@ -88,7 +97,7 @@ def weight_grads(
     y,
     key,
     *,
-    decouple: bool = True,
+    general: str = "centre",
 ):
     r"""The loss and gradient of one weight step on a batch, perturbation per example.
 
@@ -101,20 +110,41 @@ def weight_grads(
     - `model`: the network (STN layers inside).
     - `hparams`: a [`bilevax.nn.HyperParameters`][]; not differentiated here.
     - `x`, `y`: a batch (leading axis).
-    - `key`: draws the perturbations and the examples' keys.
-    - `decouple`: Δ-STN only. `True`: the general weights get the gradient of the $\delta = 0$
-        loss only and the response weights that of the linearised loss (two pullbacks of one
-        JVP, costing one plain backward and one backward of the response weights). `False`:
-        one pullback of their sum, so that the general weights also see the linearised loss
-        (the extra term has zero mean in $\delta$ to first order); dearer than `True`, as the
-        general weights' gradient then also runs through the tangent.
+    - `key`: draws the perturbations and the examples' keys (see below).
+    - `general`: how the centred variants train the general weights $w_0$ (the STN ignores
+        it).
+        - `"centre"` (the default), as Algorithm 1 of Bae & Grosse (2020) states it and the
+          authors' code runs it: $w_0$ takes the gradient of the training loss at
+          $\lambda_0$ itself, $h = 0$ and the training side (dropout masks, augmentation) at
+          $\lambda_0$, with no perturbation anywhere in its pass; the response weights take
+          that of the loss at $\lambda_0 + \delta$, linearised in $\delta$ for Δ-STN (one
+          JVP), in full for the centred STN (the reference's ablation: Δ-STN's step without
+          the linearisation). Two passes, each with its own dropout masks, as in the
+          reference.
+        - `"perturbed"`: one pass at $\lambda_0 + \delta$ for Δ-STN: $w_0$ from its $\delta = 0$
+          prediction with the training side at the perturbed $\lambda_0 + \delta$ (so $w_0$
+          trains at the mean applied rate, not at $\lambda_0$'s), the response weights from
+          the linearised one, two pullbacks of one JVP. For the centred STN every weight
+          trains on the perturbed loss. bilevax's choice before it followed Algorithm 1.
+        - `"coupled"`: as `"perturbed"`, with one pullback of the sum of the two losses, so
+          that for Δ-STN $w_0$ also sees the linearised loss.
+
+    The randomness: `key_delta, key_examples = jax.random.split(key)`; the perturbations are
+    `hparams.perturbation(key_delta, batch)`, the examples' keys
+    `jax.random.split(key_examples, batch)` (those of $w_0$'s pass with `general="centre"`),
+    and the response pass's, with `general="centre"`,
+    `jax.random.split(jax.random.fold_in(key_examples, 1), batch)`.
 
     **Returns:**
 
-    `(loss_value, grads)`, `grads` with the structure of `model`. For Δ-STN `loss_value` is
-    the $\delta = 0$ training loss.
+    `(loss_value, grads)`, `grads` with the structure of `model`. For the centred variants
+    `loss_value` is the training loss of $w_0$'s prediction (at $\lambda_0$ with
+    `general="centre"`, at $\delta = 0$ with the perturbed training side otherwise, for
+    Δ-STN; the perturbed loss for the centred STN with `general="perturbed"`).
     """
     _check_variant(variant)
+    if general not in GENERAL_STEPS:
+        raise ValueError(f"`general` must be one of {GENERAL_STEPS}, got {general!r}.")
     batch = _batch_size(x)
     _check_apply(apply, model, hparams, x)
     hparams = jax.lax.stop_gradient(hparams)
@@ -124,18 +154,81 @@ def weight_grads(
     lam_pert = hparams.constrain(u + delta, train=True)
     keys = jax.random.split(key_examples, batch)
     mean_loss = lambda out, lam: jnp.mean(jax.vmap(loss)(out, y, lam))
+    forward = jax.vmap(apply, in_axes=(None, 0, 0, 0, 0, None))
 
-    if variant in ("stn", "centred"):
+    if variant == "stn" or (variant == "centred" and general != "centre"):
         h = u + delta if variant == "stn" else delta
 
         def full(m):
-            out = jax.vmap(apply, in_axes=(None, 0, 0, 0, 0, None))(m, x, h, lam_pert, keys, True)
-            return mean_loss(out, lam_pert)
+            return mean_loss(forward(m, x, h, lam_pert, keys, True), lam_pert)
 
         return eqx.filter_value_and_grad(full)(model)
 
     lam_now = jnp.broadcast_to(hparams.value(train=True), lam_pert.shape)
     params, rest = eqx.partition(model, eqx.is_inexact_array)
+    if general == "centre":
+        keys_response = jax.random.split(jax.random.fold_in(key_examples, 1), batch)
+        return _centre_step(
+            variant,
+            apply,
+            mean_loss,
+            params,
+            rest,
+            x,
+            delta,
+            lam_now,
+            lam_pert,
+            keys,
+            keys_response,
+        )
+    return _perturbed_step(
+        apply, mean_loss, params, rest, x, delta, lam_now, lam_pert, keys, general == "coupled"
+    )
+
+
+def _centre_step(
+    variant, apply, mean_loss, params, rest, x, delta, lam_now, lam_pert, keys, keys_response
+):
+    """Algorithm 1's weight step: w₀ on the training loss at λ₀ (h = 0, no perturbation), the
+    response weights on the loss at λ₀ + δ (linearised for Δ-STN, in full for the centred
+    STN), each pass differentiated only with respect to the weights it trains."""
+    response, general = eqx.partition(params, response_filter(params))
+    forward = jax.vmap(apply, in_axes=(None, 0, 0, 0, 0, None))
+
+    # At h = 0 the bottlenecks' outputs H h are zero, and with them every path through the
+    # response weights: skipped, this pass costs what the plain network's step costs. (The
+    # zeros are made inside, where `skip_zero_products` sees them; an argument is opaque.)
+    @skip_zero_products
+    def general_value_and_grads(general, response, lam_now, keys):
+        def plain(g):
+            m = eqx.combine(g, response, rest)
+            zero_h = jnp.zeros(delta.shape, delta.dtype)
+            return mean_loss(forward(m, x, zero_h, lam_now, keys, True), lam_now)
+
+        return jax.value_and_grad(plain)(general)
+
+    @skip_zero_products
+    def response_grads(response, general, delta, lam_pert, keys):
+        def perturbed(r):
+            m = eqx.combine(general, r, rest)
+            if variant == "centred":
+                return mean_loss(forward(m, x, delta, lam_pert, keys, True), lam_pert)
+
+            def one(xi, di, lam_i, key_i):
+                fn = lambda h: apply(m, xi, h, lam_i, key_i, True)
+                return linearized_response(fn, jnp.zeros_like(di), di)[1]
+
+            return mean_loss(jax.vmap(one)(x, delta, lam_pert, keys), lam_pert)
+
+        return jax.grad(perturbed)(response)
+
+    value, grads_general = general_value_and_grads(general, response, lam_now, keys)
+    grads_response = response_grads(response, general, delta, lam_pert, keys_response)
+    return value, eqx.combine(grads_general, grads_response)
+
+
+def _perturbed_step(apply, mean_loss, params, rest, x, delta, lam_now, lam_pert, keys, coupled):
+    """Δ-STN's step from one JVP at λ₀ + δ (`general="perturbed"` or `"coupled"`)."""
 
     # At h = 0 the bottlenecks' outputs H h are zero, and with them the tangent's (H h) ⊙ V ẋ,
     # the pullbacks' paths through H h and those of the zero cotangents that decouple them:
@@ -154,7 +247,7 @@ def weight_grads(
         (out, out_lin), pullback = jax.vjp(both, params)
         value, cot_out = jax.value_and_grad(mean_loss)(out, lam_now)
         cot_lin = jax.grad(mean_loss)(out_lin, lam_pert)
-        if not decouple:
+        if coupled:
             (grads,) = pullback((cot_out, cot_lin))
             return value, grads
         zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
@@ -185,6 +278,8 @@ def hyper_loss(
     *,
     entropy_weight: float = 1e-3,
     centre=None,
+    linearize: bool = False,
+    noise=None,
 ):
     r"""The hyper step's objective on a validation batch: the eval-mode validation loss of
     the best-response approximation at per-example perturbed hyperparameters, minus
@@ -193,7 +288,10 @@ def hyper_loss(
 
     The hyperparameters reach the loss only through the hypernetwork input $h$: the training
     side's `lam` (dropout rates, augmentation) is passed with its gradient stopped, as eval
-    mode does not use it. For Δ-STN the prediction is linearised in $h$ around $h = 0$.
+    mode does not use it. The prediction is the full forward pass at
+    $h = \lambda + \delta - \lambda_0$, as the authors' code runs Δ-STN's hyper step; with
+    `linearize=True` (Δ-STN only) it is linearised in $h$ around $h = 0$, which gives the same
+    $\lambda$-gradient to first order in $\sigma$ but not the same $\sigma$-gradient.
 
     **Arguments:**
 
@@ -201,6 +299,11 @@ def hyper_loss(
     - `centre`: the centre $\lambda_0$ of the centred variants (unconstrained); by default
         the current values with their gradient stopped, so that the hypergradient flows
         through $\lambda - \lambda_0$ only.
+    - `linearize`: Δ-STN only: linearise the prediction in the perturbation (bilevax's
+        choice before it followed the reference; cheaper, one JVP at $h = 0$).
+    - `noise`: the standard-normal draws $\epsilon$, shape `(batch, h)`, of the perturbations
+        $\delta = \sigma \odot \epsilon$; drawn from `key` by default (antithetic draws,
+        say, make a test exact).
     - the others as [`bilevax.nn.weight_grads`][].
 
     **Returns:**
@@ -208,16 +311,27 @@ def hyper_loss(
     A scalar.
     """
     _check_variant(variant)
+    check_bool("linearize", linearize)
+    if linearize and variant != "delta":
+        raise ValueError(f"`linearize=True` is for Δ-STN only (variant 'delta'), got {variant!r}.")
     batch = _batch_size(x)
     _check_apply(apply, model, hparams, x)
     model = jax.lax.stop_gradient(model)
-    delta = hparams.perturbation(key, batch)
+    if noise is None:
+        delta = hparams.perturbation(key, batch)
+    else:
+        if jnp.shape(noise) != (batch, len(hparams)):
+            raise ValueError(
+                f"`noise` must have shape (batch, h) = {(batch, len(hparams))}, got "
+                f"{jnp.shape(noise)}."
+            )
+        delta = hparams.sigma * noise
     u = hparams.values
     lam = jax.lax.stop_gradient(hparams.constrain(u + delta, train=True))
     centre = jax.lax.stop_gradient(u) if centre is None else centre
     h = u + delta if variant == "stn" else u + delta - centre
 
-    if variant == "delta":
+    if linearize:
         # As in `weight_grads`, the tangent's products with H h = 0 are skipped, and with them
         # their transposes in the hypergradient.
         @skip_zero_products
