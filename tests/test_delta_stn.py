@@ -13,6 +13,7 @@ import bilevax.nn as bnn
 from experiments import _common
 from experiments.delta_stn import _search, stability
 from experiments.delta_stn.__main__ import main
+from experiments.delta_stn._loop import applied_values
 from experiments.delta_stn._tasks import (
     RIDGE_VAL_GAP,
     dropout_response_jacobian,
@@ -208,3 +209,49 @@ def test_all_runs_every_cpu_task_into_one_table(tmp_path):
     again = main([*args, "--resume"])
     for task in CPU_TASKS:
         assert again[task]["run"]["progress"]["delta_0"] == {"from": 2, "to": 2}
+
+
+@pytest.mark.parametrize("rate_cap, finite", [(None, True), (1.0, False)])
+def test_rates_at_the_cap_keep_the_gradient_finite_in_float32(rate_cap, finite):
+    # u = 30: sigmoid(u) rounds to 1 in float32, so an uncapped rate is exactly 1, 1/(1 − p)
+    # is infinite and the gradient NaN; capped at 0.95 it stays finite.
+    task = make_task("digits-mlp", 0, True, rate_cap=rate_cap)
+    hparams = bnn.HyperParameters(task.specs, scale=0.5, dtype=jnp.float32)
+    hparams = eqx.tree_at(lambda hp: hp.values, hparams, jnp.full_like(hparams.values, 30.0))
+    model = task.init_model(jax.random.key(0))
+    x, y = task.train[0][:8], task.train[1][:8]
+    _, grads = bnn.weight_grads(
+        "delta", task.apply, task.train_loss, model, hparams, x, y, jax.random.key(1)
+    )
+    leaves = jax.tree.leaves(eqx.filter(grads, eqx.is_inexact_array))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves) == finite
+
+
+def test_the_reference_recipe_and_the_applied_rates():
+    task = make_task("digits-mlp", 0, True, recipe="reference")
+    assert (task.scale, task.warmup, task.lr, task.lr_final, task.momentum) == (
+        1.0,
+        5,
+        0.01,
+        1.0,
+        0.9,
+    )
+    assert (task.hyper_lr, task.scale_lr, task.rms_decay, task.rms_eps_in_sqrt) == (
+        1e-2,
+        1e-2,
+        0.99,
+        False,
+    )
+    assert [s.upper for s in task.specs] == [0.95] * 3
+    # The applied rate E[sigmoid(u + σz)] by quadrature, against Monte Carlo: with σ = 2.5 a
+    # reported 0.04 is applied at about 0.15.
+    hparams = bnn.HyperParameters(task.specs, scale=2.5, dtype=jnp.float64)
+    hparams = eqx.tree_at(
+        lambda hp: hp.values, hparams, jnp.full(3, float(np.log(0.04 / 0.91)), jnp.float64)
+    )
+    z = jax.random.normal(jax.random.key(0), (400_000, 1), jnp.float64)
+    monte_carlo = np.asarray(hparams.constrain(hparams.values + hparams.sigma * z)).mean(0)
+    applied = applied_values(hparams)
+    np.testing.assert_allclose(applied, monte_carlo, atol=2e-3)
+    np.testing.assert_allclose(hparams.value(), 0.04, rtol=1e-6)
+    assert 0.1 < applied[0] < 0.2

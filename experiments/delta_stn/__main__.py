@@ -20,10 +20,12 @@ from ._search import search
 from ._tasks import (
     METHODS,
     TASKS,
+    add_method_options,
     dropout_closed_form,
     dropout_exact_val_loss,
     dropout_response_jacobian,
     make_task,
+    method_options,
     ridge_closed_form,
     ridge_val_gap,
 )
@@ -43,6 +45,12 @@ def _summarise(runs: list[dict]) -> dict:
         test_loss=float(test.mean()),
         test_loss_sd=float(test.std(ddof=1)) if len(runs) > 1 else 0.0,
         hparams=hparams.mean(0),
+        # The self-tuning methods' perturbation scales and the rates their weights train at.
+        **{
+            k: np.asarray([r[k] for r in runs]).mean(0)
+            for k in ("sigma", "applied")
+            if all(k in r for r in runs)
+        },
         seeds=runs,
     )
 
@@ -67,12 +75,14 @@ def run_method(task, method: str, seed: int, run: _common.Run) -> dict:
         final_test_loss=r["final_test_loss"],
         hparams=r["final_hparams"],
         sigma=r["final_sigma"],
+        applied=r["final_applied"],
         epochs=np.asarray(r["epoch"]),
         val_curve=np.asarray(r["val_curve"]),
         test_curve=np.asarray(r["test_curve"]),
         train_curve=np.asarray(r["train_curve"]),
         hparams_curve=np.asarray(r["hparams"]),
         sigma_curve=np.asarray(r["sigma"]),
+        applied_curve=np.asarray(r["applied"]),
     )
 
 
@@ -88,6 +98,7 @@ def build_parser():
     p.add_argument(
         "--scale-lr", type=float, default=None, help="RMSprop's rate on σ (0 keeps σ fixed)"
     )
+    add_method_options(p)
     return p
 
 
@@ -100,7 +111,9 @@ def main(argv=None) -> dict:
     run = _common.start(args, x64=x64, may_grow=("num_seeds",), may_change=("methods",))
     data_dir = _common.data_dir(args, "mnist") if args.task.startswith("mnist") else None
     seeds = [args.seed + i for i in range(args.num_seeds)]
-    overrides = dict(epochs=args.epochs, scale=args.scale, scale_lr=args.scale_lr)
+    overrides = dict(
+        epochs=args.epochs, scale=args.scale, scale_lr=args.scale_lr, **method_options(args)
+    )
     runs = {m: [] for m in args.methods}
     references = []
     for seed in seeds:
@@ -138,6 +151,10 @@ def main(argv=None) -> dict:
         trial_epochs=task.trial_epochs,
         batch_size=task.batch_size,
         hparam_names=[s.name for s in task.specs],
+        recipe=task.recipe,
+        general=task.general,
+        hyper_step=task.hyper_step,
+        rate_caps=[s.upper for s in task.specs if s.name.startswith("dropout")],
     )
     print_table(results)
     if _common.is_main_process():
@@ -162,6 +179,9 @@ def run_all(args) -> dict:
         shared += ["--scale-lr", str(args.scale_lr)]
     if args.data_dir is not None:
         shared += ["--data-dir", str(args.data_dir)]
+    shared += ["--recipe", args.recipe, "--general", args.general, "--hyper-step", args.hyper_step]
+    if args.rate_cap is not None:
+        shared += ["--rate-cap", str(args.rate_cap)]
     results = {}
     for task in CPU_TASKS:
         _common.console.print(f"== {task} ==")
@@ -205,8 +225,9 @@ def markdown_table(results: dict) -> str:
     seeds = results["config"]["seeds"]
     names = results["config"]["hparam_names"]
     lines = [
-        "| method | val loss | test loss | per seed (val / test) | hyperparameters (mean) |",
-        "|---|---|---|---|---|",
+        "| method | val loss | test loss | per seed (val / test) | hyperparameters (mean) "
+        "| σ (mean) | applied (mean) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in [*(m for m in METHODS if m in results), "closed_form"]:
         if m not in results:
@@ -214,11 +235,17 @@ def markdown_table(results: dict) -> str:
         r = results[m]
         per_seed = ", ".join(f"{s['val_loss']:.4f} / {s['test_loss']:.4f}" for s in r["seeds"])
         hp = ", ".join(f"{n} {v:.3g}" for n, v in zip(names, np.atleast_1d(r["hparams"])))
+        sigma, applied = (_values(r.get(k)) for k in ("sigma", "applied"))
         lines.append(
             f"| {METHODS.get(m, 'closed form')} | {r['val_loss']:.4f} ± {r['val_loss_sd']:.4f} "
-            f"| {r['test_loss']:.4f} ± {r['test_loss_sd']:.4f} | {per_seed} | {hp} |"
+            f"| {r['test_loss']:.4f} ± {r['test_loss_sd']:.4f} | {per_seed} | {hp} "
+            f"| {sigma} | {applied} |"
         )
     return "\n".join(lines) + f"\n\nSeeds {seeds}.\n"
+
+
+def _values(x) -> str:
+    return "–" if x is None else " ".join(f"{v:.3g}" for v in np.atleast_1d(x))
 
 
 def print_table(results: dict) -> None:
@@ -228,13 +255,18 @@ def print_table(results: dict) -> None:
             METHODS.get(m, "closed form"),
             f"{results[m]['val_loss']:.4f} ± {results[m]['val_loss_sd']:.4f}",
             f"{results[m]['test_loss']:.4f} ± {results[m]['test_loss_sd']:.4f}",
-            " ".join(f"{v:.3g}" for v in np.atleast_1d(results[m]["hparams"])),
+            _values(results[m]["hparams"]),
+            _values(results[m].get("sigma")),
+            _values(results[m].get("applied")),
         )
         for m in [*METHODS, "closed_form"]
         if m in results
     ]
-    title = f"{config['task']}: eval-mode loss, mean ± sd over seeds {config['seeds']}"
-    columns = ("method", "val loss", "test loss", "hyperparameters (mean)")
+    title = (
+        f"{config['task']} ({config['recipe']} recipe): eval-mode loss, mean ± sd over seeds "
+        f"{config['seeds']}"
+    )
+    columns = ("method", "val loss", "test loss", "hyperparameters", "σ", "applied")
     # The table is the run's result: it goes to stdout, the progress bars to stderr.
     _common.print_table(title, columns, rows)
 

@@ -2,6 +2,7 @@
 and TPE run for each trial, both over epochs of jitted `lax.scan`s, checkpointed per epoch."""
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.stats
 
 import bilevax.nn as bnn
 
@@ -51,6 +53,15 @@ class Task:
     t_valid: int = 1
     trial_epochs: int = 1  # epochs of one random-search / TPE trial
     dtype: object = jnp.float32
+    # RMSprop on λ and σ: optax's defaults (decay 0.9, ε inside the root), or PyTorch's as the
+    # reference uses them (α = 0.99, ε outside).
+    rms_decay: float = 0.9
+    rms_eps_in_sqrt: bool = True
+    # The algorithm, as `bilevax.nn.weight_grads(general=...)` and
+    # `bilevax.nn.hyper_loss(linearize=...)` take it: Algorithm 1 by default.
+    general: str = "centre"
+    hyper_step: str = "full"  # or "linearized" (Δ-STN only)
+    recipe: str = "bilevax"  # the name of the settings above (see `_tasks.RECIPES`)
 
 
 def _batches(n: int, batch: int | None, steps: int, rng: np.random.Generator) -> np.ndarray:
@@ -61,6 +72,21 @@ def _batches(n: int, batch: int | None, steps: int, rng: np.random.Generator) ->
     passes = -(-steps // per_pass)
     order = np.concatenate([rng.permutation(n)[: per_pass * batch] for _ in range(passes)])
     return order[: steps * batch].reshape(steps, batch)
+
+
+# Standard-normal quantiles at the midpoints of 256 equal-probability bins: a deterministic
+# quadrature for the expectations over the perturbation.
+_NORMAL_NODES = scipy.stats.norm.ppf((np.arange(256) + 0.5) / 256)
+
+
+def applied_values(hparams: bnn.HyperParameters) -> np.ndarray:
+    """The hyperparameters the training side applies on average, E[constrain(u + σz)] with
+    z ~ N(0, 1): with σ of 2–3 a dropout rate reported as sigmoid(u) = 0.04 is applied at
+    0.1–0.17 on average, which is what the weights train at."""
+    u, sigma = np.asarray(hparams.values), np.asarray(hparams.sigma)
+    perturbed = u[None] + sigma[None] * _NORMAL_NODES[:, None]
+    values = hparams.constrain(jnp.asarray(perturbed, hparams.values.dtype), train=True)
+    return np.asarray(values).mean(0)
 
 
 def cycles_per_epoch(task: Task) -> int:
@@ -98,17 +124,27 @@ def self_tuning(
         optax.linear_schedule(task.lr, task.lr * task.lr_final, weight_steps), task.momentum
     )
     hyper_steps = max(1, (task.epochs - task.warmup) * cycles_per_epoch(task) * task.t_valid)
-    h_opt = optax.rmsprop(
+    rmsprop = functools.partial(
+        optax.rmsprop, decay=task.rms_decay, eps_in_sqrt=task.rms_eps_in_sqrt
+    )
+    h_opt = rmsprop(
         optax.linear_schedule(task.hyper_lr, task.hyper_lr * task.hyper_lr_final, hyper_steps)
     )
-    s_opt = optax.rmsprop(task.hyper_lr if task.scale_lr is None else task.scale_lr)
+    s_opt = rmsprop(task.hyper_lr if task.scale_lr is None else task.scale_lr)
     fresh = lambda: dict(
         model=model,
         hparams=hparams,
         w_state=w_opt.init(eqx.filter(model, eqx.is_inexact_array)),
         h_state=(h_opt.init(hparams.values), s_opt.init(hparams.scales)),
         history=dict(
-            epoch=[], hparams=[], sigma=[], val_curve=[], test_curve=[], train_curve=[], seconds=[]
+            epoch=[],
+            hparams=[],
+            sigma=[],
+            applied=[],
+            val_curve=[],
+            test_curve=[],
+            train_curve=[],
+            seconds=[],
         ),
     )
     cycles = cycles_per_epoch(task)
@@ -122,7 +158,15 @@ def self_tuning(
             model, hparams, w_state, h_state = carry
             idx, key = inputs
             loss, grads = bnn.weight_grads(
-                variant, task.apply, task.train_loss, model, hparams, xtr[idx], ytr[idx], key
+                variant,
+                task.apply,
+                task.train_loss,
+                model,
+                hparams,
+                xtr[idx],
+                ytr[idx],
+                key,
+                general=task.general,
             )
             model, w_state = _common.optax_step(w_opt, grads, w_state, model)
             return (model, hparams, w_state, h_state), loss
@@ -141,6 +185,7 @@ def self_tuning(
                     yval[idx],
                     key,
                     entropy_weight=task.entropy_weight,
+                    linearize=variant == "delta" and task.hyper_step == "linearized",
                 )
             )(hparams)
             values, v_state = _common.optax_step(h_opt, grads.values, h_state[0], hparams.values)
@@ -194,6 +239,7 @@ def self_tuning(
         history["epoch"].append(e + 1)
         history["hparams"].append(np.asarray(hp.value()))
         history["sigma"].append(np.asarray(hp.sigma))
+        history["applied"].append(applied_values(hp))
         history["val_curve"].append(float(val_loss))
         history["test_curve"].append(float(test_loss))
         history["train_curve"].append(float(train_loss))
@@ -219,6 +265,7 @@ def self_tuning(
         final_test_loss=history["test_curve"][-1],
         final_hparams=np.asarray(hparams.value()),
         final_sigma=np.asarray(hparams.sigma),
+        final_applied=applied_values(hparams),
         # The trained network and hyperparameters, for checks against closed forms.
         model=state["model"],
         hyperparameters=hparams,

@@ -1,6 +1,7 @@
 r"""The tasks: ridge and per-feature input dropout on diabetes (closed forms known), and MLPs /
 a CNN on digits and MNIST with dropout rates and cutout."""
 
+import dataclasses
 import functools
 
 import jax
@@ -270,10 +271,13 @@ def _classification(name, X, y, sizes, seed, **kwargs) -> Task:
 
 
 RATE_SEARCH = (0.0, 0.8, False)
+# The reference caps dropout rates at 0.95 (the original STN at 0.9, "improves stability"): at
+# 1, 1/(1 − p) is unbounded, and a p that rounds to 1 in float32 gives a NaN gradient.
+RATE_CAP = 0.95
 
 
 def _rates(k: int, init: float = 0.05):
-    return [bnn.Hyperparameter(f"dropout{i}", init, "sigmoid", 0.0, 1.0) for i in range(k)]
+    return [bnn.Hyperparameter(f"dropout{i}", init, "sigmoid", 0.0, RATE_CAP) for i in range(k)]
 
 
 def digits_mlp(seed: int, quick: bool) -> Task:
@@ -370,17 +374,97 @@ TASKS = {
 }
 
 
-def make_task(name: str, seed: int, quick: bool, data_dir=None, **overrides) -> Task:
-    """The task `name` (a key of `TASKS`) with `overrides` of its settings (e.g. `epochs`)."""
+# The optimisation settings of a self-tuning run. "bilevax": each task's own (tuned here for
+# short CPU runs: σ₀ = 0.5, one or two warm-up epochs, a larger weight step that decays).
+# "reference": the defaults of the authors' code (pomonam/Self-Tuning-Networks,
+# `examples/mlp/train.py`): σ₀ = 1, 5 warm-up epochs, SGD 0.01 with momentum 0.9 and no decay,
+# T_train = 5, T_valid = 1, RMSprop 1e-2 (PyTorch's: α = 0.99, ε outside the root) on λ and σ
+# with no decay, τ = 1e-3.
+RECIPES = {
+    "bilevax": {},
+    "reference": dict(
+        scale=1.0,
+        warmup=5,
+        lr=0.01,
+        lr_final=1.0,
+        momentum=0.9,
+        t_train=5,
+        t_valid=1,
+        hyper_lr=1e-2,
+        hyper_lr_final=1.0,
+        scale_lr=1e-2,
+        entropy_weight=1e-3,
+        rms_decay=0.99,
+        rms_eps_in_sqrt=False,
+    ),
+}
+
+
+def make_task(
+    name: str,
+    seed: int,
+    quick: bool,
+    data_dir=None,
+    *,
+    recipe: str = "bilevax",
+    rate_cap: float | None = None,
+    **overrides,
+) -> Task:
+    """The task `name` (a key of `TASKS`) with the settings of `recipe` (a key of `RECIPES`),
+    its dropout rates capped at `rate_cap` (default `RATE_CAP`), then `overrides` of its
+    settings (e.g. `epochs`; `None` values are ignored)."""
     if name not in TASKS:
         raise ValueError(f"`task` must be one of {sorted(TASKS)}, got {name!r}.")
+    if recipe not in RECIPES:
+        raise ValueError(f"`recipe` must be one of {sorted(RECIPES)}, got {recipe!r}.")
     make = TASKS[name]
     if name.startswith("mnist"):
         make = functools.partial(make, data_dir=data_dir)
     task = make(seed, quick)
+    task = dataclasses.replace(task, recipe=recipe, **RECIPES[recipe])
+    if rate_cap is not None:
+        if not 0 < rate_cap <= 1:
+            raise ValueError(f"`rate_cap` must be in (0, 1], got {rate_cap!r}.")
+        capped = [
+            dataclasses.replace(s, upper=rate_cap) if s.name.startswith("dropout") else s
+            for s in task.specs
+        ]
+        task = dataclasses.replace(task, specs=capped)
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    if overrides:
-        import dataclasses
+    return dataclasses.replace(task, **overrides)
 
-        task = dataclasses.replace(task, **overrides)
-    return task
+
+def add_method_options(p) -> None:
+    """The command-line options that choose the recipe and the algorithm of the self-tuning
+    runs (each recorded in the run's configuration, so a resume with others is refused)."""
+    p.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="bilevax",
+        help="the optimisation settings: each task's own, or the reference code's defaults",
+    )
+    p.add_argument(
+        "--general",
+        choices=("centre", "perturbed", "coupled"),
+        default="centre",
+        help="how the centred variants train w0: at λ0 (Algorithm 1), or bilevax's earlier steps",
+    )
+    p.add_argument(
+        "--hyper-step",
+        choices=("full", "linearized"),
+        default="full",
+        help="Δ-STN's hyper step: the full centred forward (the reference) or linearised",
+    )
+    p.add_argument(
+        "--rate-cap", type=float, default=None, help=f"the dropout rates' upper end ({RATE_CAP})"
+    )
+
+
+def method_options(args) -> dict:
+    """`make_task`'s keyword arguments from the options of `add_method_options`."""
+    return dict(
+        recipe=args.recipe,
+        rate_cap=args.rate_cap,
+        general=args.general,
+        hyper_step=args.hyper_step,
+    )

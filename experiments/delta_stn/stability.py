@@ -17,18 +17,26 @@ import numpy as np
 
 from .. import _common
 from ._loop import self_tuning
-from ._tasks import TASKS, make_task
+from ._tasks import TASKS, add_method_options, make_task, method_options
 
 
 VARIANTS = {"delta": "Δ-STN", "centred": "centred STN", "stn": "STN"}
 
 
 def run_grid(
-    task_name: str, seed: int, quick: bool, lrs, hyper_lrs, run, epochs=None, data_dir=None
+    task_name: str,
+    seed: int,
+    quick: bool,
+    lrs,
+    hyper_lrs,
+    run,
+    epochs=None,
+    data_dir=None,
+    options: dict | None = None,
 ) -> dict:
     """Each variant at each `(lr, hyper_lr)` pair: `{variant: [cell, ...]}`, a cell holding
     the rates, whether the run diverged, and its final and best validation losses."""
-    overrides = {} if epochs is None else dict(epochs=epochs)
+    overrides = dict(epochs=epochs, **(options or {}))
     cells = {variant: [] for variant in VARIANTS}
     for lr, hyper_lr in itertools.product(lrs, hyper_lrs):
         task = make_task(task_name, seed, quick, data_dir, lr=lr, hyper_lr=hyper_lr, **overrides)
@@ -119,6 +127,7 @@ def main(argv=None) -> dict:
     p.add_argument("--lrs", type=float, nargs="+", default=[0.03, 0.1, 0.3])
     p.add_argument("--hyper-lrs", type=float, nargs="+", default=[0.003, 0.01, 0.03])
     p.add_argument("--epochs", type=int, default=None, help="override the task's epochs")
+    add_method_options(p)
     args = p.parse_args(argv)
     for option, rates in (("--lrs", args.lrs), ("--hyper-lrs", args.hyper_lrs)):
         if not all(rate > 0 for rate in rates):
@@ -127,7 +136,15 @@ def main(argv=None) -> dict:
     run = _common.start(args, x64=x64)
     data_dir = _common.data_dir(args, "mnist") if args.task.startswith("mnist") else None
     cells = run_grid(
-        args.task, args.seed, args.quick, args.lrs, args.hyper_lrs, run, args.epochs, data_dir
+        args.task,
+        args.seed,
+        args.quick,
+        args.lrs,
+        args.hyper_lrs,
+        run,
+        args.epochs,
+        data_dir,
+        method_options(args),
     )
     summary = summarise(cells)
     print_table(cells, summary)

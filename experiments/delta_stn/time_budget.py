@@ -27,7 +27,7 @@ import scipy.stats
 from .. import _common
 from ._loop import self_tuning
 from ._search import search
-from ._tasks import METHODS, TASKS, make_task
+from ._tasks import METHODS, TASKS, add_method_options, make_task, method_options
 
 
 SELF_TUNING = ("delta", "centred", "stn")
@@ -231,6 +231,7 @@ def main(argv=None) -> dict:
     p.add_argument("--trial-epochs", type=int, default=None, help="epochs of one trial")
     p.add_argument("--budget-factor", type=float, default=1.0)
     p.add_argument("--tpe-startup", type=int, default=5, help="TPE's random first trials")
+    add_method_options(p)
     args = p.parse_args(argv)
     if args.num_seeds < 1:
         raise ValueError(f"`--num-seeds` must be at least 1, got {args.num_seeds}.")
@@ -238,7 +239,7 @@ def main(argv=None) -> dict:
         raise ValueError(f"`--budget-factor` must be positive, got {args.budget_factor}.")
     run = _common.start(args, x64=args.task in ("ridge", "dropout-regression"))
     data_dir = _common.data_dir(args, "mnist") if args.task.startswith("mnist") else None
-    overrides = dict(epochs=args.epochs, trial_epochs=args.trial_epochs)
+    overrides = dict(epochs=args.epochs, trial_epochs=args.trial_epochs, **method_options(args))
     per_seed = []
     for seed in range(args.seed, args.seed + args.num_seeds):
         task = make_task(args.task, seed, args.quick, data_dir, **overrides)
