@@ -91,7 +91,7 @@ CASES = [
         "dropout",
         "rate",
         (0, 1, False, True),
-        True,
+        False,
         lambda v: bx.nn.dropout(X, v, None, train=False),
     ),
     (

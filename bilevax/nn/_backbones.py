@@ -14,17 +14,18 @@ from ._stn_layers import StnConv2d, StnLinear
 
 
 def dropout(x: Array, rate, key: PRNGKeyArray | None, *, train: bool) -> Array:
-    """Inverted dropout of one example at `rate` (a scalar, possibly traced); the identity
+    """Inverted dropout of one example at `rate` (a scalar, or one rate per entry of `x`;
+    possibly traced); the identity
     when `train` is `False` or `key` is `None`. A rate outside $[0, 1)$ (or NaN) is refused
     when concrete, and makes the output NaN when traced: it has no meaning as a dropout
     rate, and $1/(1 - p)$ is unbounded at 1."""
-    check_real("rate", rate, lower=0, upper=1, upper_open=True)
+    check_real("rate", rate, lower=0, upper=1, upper_open=True, scalar=False)
     if not train or key is None:
         return x
     keep = jax.random.uniform(key, x.shape, x.dtype) >= rate
     out = jnp.where(keep, x / (1 - rate), jnp.zeros((), x.dtype))
     rate = jnp.asarray(rate)
-    return tree_where_nan(~((rate >= 0) & (rate < 1)), out)
+    return tree_where_nan(~jnp.all((rate >= 0) & (rate < 1)), out)
 
 
 def cutout(
