@@ -32,6 +32,7 @@ SLOW_FOR_THE_DEFAULT_BUDGET = [
     "test_delta_stn.py::test_resume_continues_a_killed_run",
     "test_delta_stn.py::test_resume_with_more_seeds_or_other_methods",
     "test_delta_stn.py::test_ridge_lands_on_the_closed_form_optimum",
+    "test_delta_stn_jacobian.py::test_the_learned_jacobian_approaches_its_secant*",
     "test_delta_stn_step.py::test_delta_stn_skips_the_products_that_are_zero",
     "test_distributed.py::*",
     "test_effect_of_t.py::test_f_T_approaches_f",
@@ -118,6 +119,7 @@ SLOW_FOR_THE_DEFAULT_BUDGET = [
     "test_unrolled.py::test_matches_hand_written_loop[truncate=T-logistic]",
     "test_unrolled.py::test_unrolled_adjoint_in_inner_solve[logistic]",
     "test_unrolled.py::test_unrolled_converges_to_implicit[logistic]",
+    "test_valid_models.py::test_inner_solve_with_an_unpenalised_bias[hessian]",
 ]
 
 
