@@ -8,7 +8,7 @@ import lineax as lx
 import numpy as np
 import optax
 import pytest
-from helpers import ridge, saddle
+from helpers import implicit, ridge, saddle
 
 import bilevax as bx
 from bilevax.diagnostics import hypergrad_info
@@ -208,30 +208,14 @@ def test_cholesky_at_a_saddle_says_what_failed():
     problem = saddle()
     w = problem.exact_params(problem.hparams)
     with pytest.raises(Exception, match="non-finite answer from a finite system"):
-        bx.implicit_hypergrad(
-            problem.outer,
-            problem.inner,
-            w,
-            problem.hparams,
-            problem.inner_data,
-            problem.outer_data,
-            linear_solver=lx.Cholesky(),
-        )
+        implicit(problem, w, linear_solver=lx.Cholesky())
 
 
 def test_a_nan_adjoint_init_is_named():
     problem = ridge(d=3)
     w = problem.exact_params(problem.hparams)
     with pytest.raises(Exception, match="initial guess"):
-        bx.implicit_hypergrad(
-            problem.outer,
-            problem.inner,
-            w,
-            problem.hparams,
-            problem.inner_data,
-            problem.outer_data,
-            adjoint_init=jnp.full(3, jnp.nan),
-        )
+        implicit(problem, w, adjoint_init=jnp.full(3, jnp.nan))
 
 
 def test_a_non_symmetric_jacobian_declared_symmetric_is_named():
