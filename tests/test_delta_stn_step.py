@@ -338,3 +338,23 @@ def test_full_and_linearised_hyper_steps_agree_to_second_order_in_sigma():
     size = float(jnp.linalg.norm(values_grad(0.025, False)))
     assert gaps[1] < 1e-2 * size  # they agree to first order
     assert 3.0 < gaps[0] / gaps[1] < 5.0  # and the gap is second order
+
+
+@pytest.mark.parametrize("variant", ["delta", "centred"])
+def test_the_two_parts_of_algorithm_1_make_the_whole_step(variant):
+    # `part="general"` and `part="response"` are the step's two passes: their gradients add up
+    # to the whole step's, each zero on the other's weights, with the same draws.
+    model, hparams = _model(), _hparams()
+    x = jax.random.normal(jax.random.key(14), (BATCH, SIZES[0]), jnp.float64)
+    y = jax.random.randint(jax.random.key(15), (BATCH,), 0, SIZES[-1])
+    step = lambda part: bnn.weight_grads(
+        variant, _apply, _loss, model, hparams, x, y, jax.random.key(16), part=part
+    )
+    (value, whole), (value_general, general), (_, response) = map(
+        step, ("both", "general", "response")
+    )
+    np.testing.assert_allclose(value_general, value, rtol=1e-14)
+    is_response = bnn.response_filter(whole)
+    for r, w, g, s in zip(*map(jax.tree.leaves, (is_response, whole, general, response))):
+        np.testing.assert_allclose(s if r else g, w, rtol=1e-12, atol=1e-15)
+        assert float(jnp.max(jnp.abs(g if r else s))) == 0.0

@@ -98,6 +98,7 @@ def weight_grads(
     key,
     *,
     general: str = "centre",
+    part: str = "both",
 ):
     r"""The loss and gradient of one weight step on a batch, perturbation per example.
 
@@ -129,6 +130,12 @@ def weight_grads(
         - `"coupled"`: as `"perturbed"`, with one pullback of the sum of the two losses, so
           that for Δ-STN $w_0$ also sees the linearised loss.
 
+    - `part`: with `general="centre"`, which of Algorithm 1's two passes to run: `"both"`
+        (the default), `"general"` ($w_0$'s pass; the response weights' gradient is zero)
+        or `"response"` (the response's pass; $w_0$'s gradient is zero, and `loss_value` is
+        the response's loss). The authors' code steps $w_0$ first and takes the response's
+        gradient at the new $w_0$: two calls, one per part, do the same.
+
     The randomness: `key_delta, key_examples = jax.random.split(key)`; the perturbations are
     `hparams.perturbation(key_delta, batch)`, the examples' keys
     `jax.random.split(key_examples, batch)` (those of $w_0$'s pass with `general="centre"`),
@@ -145,6 +152,13 @@ def weight_grads(
     _check_variant(variant)
     if general not in GENERAL_STEPS:
         raise ValueError(f"`general` must be one of {GENERAL_STEPS}, got {general!r}.")
+    if part not in ("both", "general", "response"):
+        raise ValueError(f"`part` must be 'both', 'general' or 'response', got {part!r}.")
+    if part != "both" and (variant == "stn" or general != "centre"):
+        raise ValueError(
+            "`part` splits Algorithm 1's two passes: it needs a centred variant and "
+            f"`general='centre'`, got variant {variant!r} and general {general!r}."
+        )
     batch = _batch_size(x)
     _check_apply(apply, model, hparams, x)
     hparams = jax.lax.stop_gradient(hparams)
@@ -180,6 +194,7 @@ def weight_grads(
             lam_pert,
             keys,
             keys_response,
+            part,
         )
     return _perturbed_step(
         apply, mean_loss, params, rest, x, delta, lam_now, lam_pert, keys, general == "coupled"
@@ -187,7 +202,7 @@ def weight_grads(
 
 
 def _centre_step(
-    variant, apply, mean_loss, params, rest, x, delta, lam_now, lam_pert, keys, keys_response
+    variant, apply, mean_loss, params, rest, x, delta, lam_now, lam_pert, keys, keys_response, part
 ):
     """Algorithm 1's weight step: w₀ on the training loss at λ₀ (h = 0, no perturbation), the
     response weights on the loss at λ₀ + δ (linearised for Δ-STN, in full for the centred
@@ -220,10 +235,16 @@ def _centre_step(
 
             return mean_loss(jax.vmap(one)(x, delta, lam_pert, keys), lam_pert)
 
-        return jax.grad(perturbed)(response)
+        return jax.value_and_grad(perturbed)(response)
 
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+    if part == "response":
+        value, grads_response = response_grads(response, general, delta, lam_pert, keys_response)
+        return value, eqx.combine(zeros(general), grads_response)
     value, grads_general = general_value_and_grads(general, response, lam_now, keys)
-    grads_response = response_grads(response, general, delta, lam_pert, keys_response)
+    if part == "general":
+        return value, eqx.combine(grads_general, zeros(response))
+    _, grads_response = response_grads(response, general, delta, lam_pert, keys_response)
     return value, eqx.combine(grads_general, grads_response)
 
 

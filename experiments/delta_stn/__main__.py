@@ -154,6 +154,7 @@ def main(argv=None) -> dict:
         recipe=task.recipe,
         general=task.general,
         hyper_step=task.hyper_step,
+        step_order=task.step_order,
         rate_caps=[s.upper for s in task.specs if s.name.startswith("dropout")],
     )
     print_table(results)
@@ -180,6 +181,7 @@ def run_all(args) -> dict:
     if args.data_dir is not None:
         shared += ["--data-dir", str(args.data_dir)]
     shared += ["--recipe", args.recipe, "--general", args.general, "--hyper-step", args.hyper_step]
+    shared += ["--step-order", args.step_order]
     if args.rate_cap is not None:
         shared += ["--rate-cap", str(args.rate_cap)]
     results = {}

@@ -61,6 +61,10 @@ class Task:
     # `bilevax.nn.hyper_loss(linearize=...)` take it: Algorithm 1 by default.
     general: str = "centre"
     hyper_step: str = "full"  # or "linearized" (Δ-STN only)
+    # "simultaneous": w₀'s and the response's gradients at the same w₀, one SGD step;
+    # "sequential": as the authors' code, w₀ stepped first (its own SGD state), then the
+    # response's gradient taken at the new w₀ (centred variants only).
+    step_order: str = "simultaneous"
     recipe: str = "bilevax"  # the name of the settings above (see `_tasks.RECIPES`)
 
 
@@ -131,10 +135,17 @@ def self_tuning(
         optax.linear_schedule(task.hyper_lr, task.hyper_lr * task.hyper_lr_final, hyper_steps)
     )
     s_opt = rmsprop(task.hyper_lr if task.scale_lr is None else task.scale_lr)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    sequential = task.step_order == "sequential" and variant != "stn"
+    if sequential:
+        # Two SGD states, as the reference's two optimisers: each masked to its weights.
+        is_response = bnn.response_filter(params)
+        is_general = jax.tree.map(lambda r: not r, is_response)
+        w_opts = (optax.masked(w_opt, is_general), optax.masked(w_opt, is_response))
     fresh = lambda: dict(
         model=model,
         hparams=hparams,
-        w_state=w_opt.init(eqx.filter(model, eqx.is_inexact_array)),
+        w_state=tuple(o.init(params) for o in w_opts) if sequential else w_opt.init(params),
         h_state=(h_opt.init(hparams.values), s_opt.init(hparams.scales)),
         history=dict(
             epoch=[],
@@ -157,7 +168,7 @@ def self_tuning(
         def weight_step(carry, inputs):
             model, hparams, w_state, h_state = carry
             idx, key = inputs
-            loss, grads = bnn.weight_grads(
+            grads_of = lambda model, part: bnn.weight_grads(
                 variant,
                 task.apply,
                 task.train_loss,
@@ -167,9 +178,17 @@ def self_tuning(
                 ytr[idx],
                 key,
                 general=task.general,
+                part=part,
             )
-            model, w_state = _common.optax_step(w_opt, grads, w_state, model)
-            return (model, hparams, w_state, h_state), loss
+            if not sequential:
+                loss, grads = grads_of(model, "both")
+                model, w_state = _common.optax_step(w_opt, grads, w_state, model)
+                return (model, hparams, w_state, h_state), loss
+            loss, grads = grads_of(model, "general")
+            model, general_state = _common.optax_step(w_opts[0], grads, w_state[0], model)
+            _, grads = grads_of(model, "response")
+            model, response_state = _common.optax_step(w_opts[1], grads, w_state[1], model)
+            return (model, hparams, (general_state, response_state), h_state), loss
 
         def hyper_step(carry, inputs):
             model, hparams, w_state, h_state = carry

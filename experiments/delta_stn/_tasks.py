@@ -458,6 +458,12 @@ def add_method_options(p) -> None:
     p.add_argument(
         "--rate-cap", type=float, default=None, help=f"the dropout rates' upper end ({RATE_CAP})"
     )
+    p.add_argument(
+        "--step-order",
+        choices=("simultaneous", "sequential"),
+        default="simultaneous",
+        help="sequential: w0 stepped first, the response's gradient at the new w0 (the reference)",
+    )
 
 
 def method_options(args) -> dict:
@@ -467,4 +473,5 @@ def method_options(args) -> dict:
         rate_cap=args.rate_cap,
         general=args.general,
         hyper_step=args.hyper_step,
+        step_order=args.step_order,
     )
