@@ -239,3 +239,20 @@ def test_structured_arguments_are_named(call, name):
     with pytest.raises((TypeError, ValueError)) as error:
         call()
     assert f"`{name}`" in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: bx.Preconditioned(bx.CG(1e-6, 0.0), bx.JacobiPreconditioner(), key="a"), "key"),
+        (lambda: bx.QuasiNewtonPreconditioner(None, None), "solver"),
+        (lambda: bx.QuasiNewtonPreconditioner(bx.GradientDescent(0.1), None), "state"),
+    ],
+    ids=["key", "solver", "state"],
+)
+def test_preconditioner_arguments_are_named(call, name):
+    with pytest.raises((TypeError, ValueError)) as error:
+        call()
+    assert f"`{name}`" in str(error.value), str(error.value)
+    # A legacy key is still a key.
+    bx.Preconditioned(bx.CG(1e-6, 0.0), bx.JacobiPreconditioner(), key=jax.random.PRNGKey(0))

@@ -97,6 +97,16 @@ class QuasiNewtonPreconditioner(AbstractPreconditioner):
     solver: Any
     state: PyTree[Array]
 
+    def __check_init__(self):
+        from .._solver import as_inner_solver
+
+        as_inner_solver(self.solver, None)  # a `TypeError` naming `solver` if it is none
+        if self.state is None:
+            raise TypeError(
+                "`state` must be the `state` of a `bx.inner_solve` solution with `solver`, got "
+                f"{self.state!r}."
+            )
+
     def build(self, hessian, key):
         del key
         from .._solver import as_inner_solver
@@ -213,6 +223,12 @@ class Preconditioned(lx.AbstractLinearSolver):
                 "`bx.AbstractPreconditioner`), or a positive definite `lineax` operator "
                 f"approximating the inverse; got {type(self.preconditioner).__name__}."
             )
+        # A typed key, or a legacy `jax.random.PRNGKey(...)` (two uint32 words).
+        dtype, shape = getattr(self.key, "dtype", None), getattr(self.key, "shape", None)
+        typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+        legacy = dtype == jnp.uint32 and shape == (2,)
+        if self.key is not None and not (typed or legacy):
+            raise TypeError(f"`key` must be None or a `jax.random.key(...)`, got {self.key!r}.")
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
         key = jax.random.key(0) if self.key is None else self.key
