@@ -151,7 +151,7 @@ _NONFINITE_Y0, _NONFINITE_ANSWER, _NOT_SYMMETRIC_CODE = range(_NUM_RESULTS, _NUM
 _TABLE_SIZE = _NUM_RESULTS + 3
 
 
-def _diagnosis(operator, vector, value, result, y0, inner_failed):
+def _diagnosis(operator, vector, value, result, y0, inner_failed, check_symmetry):
     """An index into `_MESSAGES` saying why a solve failed, as precisely as is known."""
     code = result._value
     nonfinite = result == lx.RESULTS.nonfinite_input
@@ -162,8 +162,9 @@ def _diagnosis(operator, vector, value, result, y0, inner_failed):
     if y0 is not None:
         answer_only = answer_only & tree_isfinite(y0)
     code = jnp.where(nonfinite & answer_only, _NONFINITE_ANSWER, code)
-    if lx.is_symmetric(operator):
-        # Only a failed solve pays the two products of the check.
+    if check_symmetry:
+        # Only a failed solve pays the two products of the check (under `vmap` both branches
+        # run, which is why only a symmetry a user declared is checked).
         failed = (result != lx.RESULTS.successful) & ~nonfinite
         asymmetric = jax.lax.cond(
             failed, lambda: _is_not_symmetric(operator, vector), lambda: jnp.asarray(False)
@@ -192,16 +193,17 @@ def linear_solve(
     throw: bool,
     options: dict[str, Any] | None = None,
     inner_failed: Array | None = None,
+    check_symmetry: bool = False,
 ) -> tuple[PyTree[Array], lx.RESULTS, dict[str, Any]]:
     """`lx.linear_solve` under the failure policy.
 
     A non-finite right-hand side or answer is a failure (`lx.CG` returns its zero start on a
     NaN system and calls it a success). A failure raises with `throw=True`, with a message
     that says which of the causes it can tell apart (a non-finite system, initial guess or
-    answer; an operator declared symmetric that is not; an inner solve that had failed,
-    `inner_failed`, named first); with `throw=False` the answer is NaN, except for a solve
-    cut short at its `max_steps`, whose approximate answer is kept (approximate is not
-    failed) and flagged by the result.
+    answer; with `check_symmetry`, an operator declared symmetric that is not; an inner solve
+    that had failed, `inner_failed`, named first); with `throw=False` the answer is NaN,
+    except for a solve cut short at its `max_steps`, whose approximate answer is kept
+    (approximate is not failed) and flagged by the result.
     """
     value, result, stats = sharded_linear_solve(operator, vector, linear_solver, options)
     finite = tree_isfinite(vector) & tree_isfinite(value)
@@ -209,7 +211,7 @@ def linear_solve(
     failed = result != lx.RESULTS.successful
     if throw:
         y0 = None if options is None else options.get("y0")
-        code = _diagnosis(operator, vector, value, result, y0, inner_failed)
+        code = _diagnosis(operator, vector, value, result, y0, inner_failed, check_symmetry)
         value = eqx.branched_error_if(value, failed, code, _MESSAGES)
     else:
         meaningless = failed & (result != lx.RESULTS.max_steps_reached)
@@ -227,6 +229,7 @@ def implicit_solution(
     throw: bool,
     root_tol: float | None = None,
     inner_failed: Array | None = None,
+    declared_symmetric: bool = False,
 ) -> PyTree[Array]:
     r"""Returns `params_star` unchanged, with the derivative of the theorem attached: a
     `jax.custom_jvp` whose rule is the tangent form, so forward mode (`jax.jvp`,
@@ -250,6 +253,8 @@ def implicit_solution(
         result says how far from stationary they stopped) checks nothing.
     - `inner_failed`: whether the inner solve that gave `params_star` failed; a failed
         linear solve then names that first, as its likely cause.
+    - `declared_symmetric`: `symmetric` is a user's claim (`implicit_diff`), not a Hessian's
+        property: a failed solve then checks it, and says so if it is false.
     """
     return _implicit(
         stop_gradient(params_star),
@@ -260,20 +265,40 @@ def implicit_solution(
         throw=throw,
         root_tol=root_tol,
         inner_failed=inner_failed,
+        declared_symmetric=declared_symmetric,
     )
 
 
 @eqx.filter_custom_jvp
 def _implicit(
-    params_star, inputs, *, optimality, linear_solver, symmetric, throw, root_tol, inner_failed
+    params_star,
+    inputs,
+    *,
+    optimality,
+    linear_solver,
+    symmetric,
+    throw,
+    root_tol,
+    inner_failed,
+    declared_symmetric,
 ):
     del inputs, optimality, linear_solver, symmetric, throw, root_tol, inner_failed
+    del declared_symmetric
     return params_star
 
 
 @_implicit.def_jvp
 def _implicit_jvp(
-    primals, tangents, *, optimality, linear_solver, symmetric, throw, root_tol, inner_failed
+    primals,
+    tangents,
+    *,
+    optimality,
+    linear_solver,
+    symmetric,
+    throw,
+    root_tol,
+    inner_failed,
+    declared_symmetric,
 ):
     params_star, inputs = primals
     _, inputs_tangent = tangents
@@ -288,6 +313,7 @@ def _implicit_jvp(
         throw=throw,
         root_tol=root_tol,
         inner_failed=inner_failed,
+        declared_symmetric=declared_symmetric,
     )
     _, mixed = eqx.filter_jvp(
         lambda inputs: optimality(params_star, inputs), (inputs,), (inputs_tangent,)
@@ -301,7 +327,12 @@ def _implicit_jvp(
     # `lax.custom_linear_solve` transposes to our own checked solve (with J itself when
     # symmetric), so reverse mode is the adjoint form under the same failure policy.
     solve = lambda _, b: linear_solve(
-        jacobian, b, linear_solver, throw=throw, inner_failed=inner_failed
+        jacobian,
+        b,
+        linear_solver,
+        throw=throw,
+        inner_failed=inner_failed,
+        check_symmetry=declared_symmetric and symmetric,
     )[0]
     if symmetric:
         params_tangent = jax.lax.custom_linear_solve(jacobian.mv, rhs, solve, symmetric=True)

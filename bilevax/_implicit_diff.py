@@ -137,6 +137,7 @@ def implicit_diff(
             symmetric=symmetric,
             throw=throw,
             root_tol=_default_root_tol(float_solution) if tol is None else tol,
+            declared_symmetric=symmetric,
         )
         solution = eqx.combine(float_solution, static_solution)
         return (solution, aux) if has_aux else solution
