@@ -347,10 +347,13 @@ def _plain_functions(task: Task):
     return w_opt, epoch, evaluate
 
 
-def plain_training(task: Task, lam, seed: int, epochs: int) -> tuple[float, float, list]:
+def plain_training(
+    task: Task, lam, seed: int, epochs: int, model=None
+) -> tuple[float, float, list]:
     """Trains the network with fixed hyperparameters `lam` (in their ranges) for `epochs`
     epochs (at most `task.trial_epochs`, the length of the learning-rate schedule) of the
-    same number of weight steps as the self-tuning loop, general weights only.
+    same number of weight steps as the self-tuning loop, general weights only, from `model`
+    (default: the task's initialisation for `seed`).
 
     **Returns:**
 
@@ -359,7 +362,7 @@ def plain_training(task: Task, lam, seed: int, epochs: int) -> tuple[float, floa
     """
     w_opt, epoch, evaluate = _plain_functions(task)
     key = jax.random.key(seed)
-    model = task.init_model(jax.random.fold_in(key, 1))
+    model = task.init_model(jax.random.fold_in(key, 1)) if model is None else model
     lam = jnp.asarray(lam, task.dtype)
     steps = cycles_per_epoch(task) * task.t_train
     carry = (model, w_opt.init(eqx.filter(model, eqx.is_inexact_array)))
