@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import _common
 from ._loop import plain_training
-from ._tasks import TASKS, make_task
+from ._tasks import RECIPES, TASKS, make_task
 
 
 CLASSIC = "0.2 / 0.5"  # input / hidden dropout of Srivastava et al. (2014)
@@ -63,6 +63,12 @@ def main(argv=None) -> dict:
     p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.5])
     p.add_argument("--num-seeds", type=int, default=1, help="seeds seed, seed+1, ...")
     p.add_argument("--tolerance", type=float, default=0.02)
+    p.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="bilevax",
+        help="the weights' optimisation settings: the task's own, or the reference code's",
+    )
     args = p.parse_args(argv)
     if sorted(set(args.epochs)) != args.epochs or min(args.epochs) < 1:
         raise ValueError(f"`--epochs` must be increasing positive integers, got {args.epochs}.")
@@ -77,7 +83,13 @@ def main(argv=None) -> dict:
     for seed in seeds:
         for epochs in args.epochs:
             task = make_task(
-                args.task, seed, args.quick, data_dir, epochs=epochs, trial_epochs=epochs
+                args.task,
+                seed,
+                args.quick,
+                data_dir,
+                recipe=args.recipe,
+                epochs=epochs,
+                trial_epochs=epochs,
             )
             for label, lam in settings(args.rates, len(task.specs)).items():
 
@@ -117,7 +129,13 @@ def main(argv=None) -> dict:
         tuned=list(tuned),
         best_setting=list(best),
         fair_epochs=fair,
-        config=dict(task=args.task, epochs=args.epochs, seeds=seeds, tolerance=args.tolerance),
+        config=dict(
+            task=args.task,
+            recipe=args.recipe,
+            epochs=args.epochs,
+            seeds=seeds,
+            tolerance=args.tolerance,
+        ),
     )
     return run.finish(results, {f"fair_budget_{args.task}.png": lambda path: plot(results, path)})
 
