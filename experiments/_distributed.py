@@ -99,7 +99,7 @@ def initialize(
         if "before" in str(error):
             raise RuntimeError(
                 "jax.distributed.initialize() must run before any JAX computation: call "
-                "`_distributed.initialize` (or `_common.setup` with `--distributed`) first."
+                "`_distributed.initialize` (or `_harness.start` with `--distributed`) first."
             ) from error
         raise
 

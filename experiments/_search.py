@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 
 import optuna
 
-from . import _common
+from . import _checkpoint, _harness
 
 
 def sampler(method: str, seed: int, startup: int | None = None) -> optuna.samplers.BaseSampler:
@@ -25,7 +25,7 @@ def sampler(method: str, seed: int, startup: int | None = None) -> optuna.sample
 
 
 def search(
-    run: _common.Run,
+    run: _harness.Run,
     name: str,
     trials: int,
     sampler: optuna.samplers.BaseSampler,
@@ -60,7 +60,7 @@ def search(
         for i in range(len(study.trials), k):  # a resumed search: replay the finished trials
             trial = study.ask(dict(distributions))
             if trial.params != done[i]["params"]:
-                raise _common.CheckpointError(
+                raise _checkpoint.CheckpointError(
                     f"{run.checkpoints.path(name)}: trial {i} was {done[i]['params']}, but the "
                     f"sampler now draws {trial.params}: not this search's checkpoint."
                 )

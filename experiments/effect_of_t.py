@@ -37,8 +37,9 @@ from jaxtyping import Array, Float, Int
 
 import bilevax as bx
 
-from . import _common
-from .data import load_omniglot
+from . import _cli, _console, _harness, _outputs
+from ._optax import optax_step
+from .data import data_dir, load_omniglot
 
 
 NUM_CLASSES = 100
@@ -234,7 +235,7 @@ HYPER_OPTIMIZER = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
 @eqx.filter_jit
 def hyper_step(H, opt_state, problem: Problem, num_steps: int, l2: float = L2):
     value, hgrad = hypergrad(H, problem, num_steps, l2)
-    H, opt_state = _common.optax_step(HYPER_OPTIMIZER, hgrad, opt_state, H)
+    H, opt_state = optax_step(HYPER_OPTIMIZER, hgrad, opt_state, H)
     return H, opt_state, value
 
 
@@ -286,7 +287,7 @@ def train(
     H0,
     hyper_steps: int,
     lr: float,
-    run: _common.Run,
+    run: _harness.Run,
     l2: float = L2,
 ) -> dict:
     """Adam on H for `hyper_steps` steps with T = `num_steps`, checkpointed every
@@ -350,12 +351,12 @@ def memory_comparison(
             temp_bytes=temp_bytes(H, problem, num_steps, l2, **kwargs),
             max_abs_diff_vs_reverse=float(jnp.max(jnp.abs(g - reference))),
         )
-        _common.console.print(f"  {label:<26} d={features}: {rows[label]}")
+        _console.console.print(f"  {label:<26} d={features}: {rows[label]}")
     return rows
 
 
 def main(argv=None) -> dict:
-    p = _common.parser("effect_of_t", __doc__.splitlines()[0])
+    p = _cli.parser("effect_of_t", __doc__.splitlines()[0])
     p.add_argument("--features", type=int, default=FEATURES, help="d, the width of H")
     p.add_argument("--hyper-steps", type=int, default=None, help="Adam steps on H per T")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate on H")
@@ -367,15 +368,15 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     args.ts = ts = tuple(args.ts or (QUICK_TS if args.quick else TS))
     args.hyper_steps = hyper_steps = args.hyper_steps or (100 if args.quick else 200)
-    run = _common.start(args)
-    problem = load(_common.data_dir(args, "omniglot"), seed=args.seed)
+    run = _harness.start(args)
+    problem = load(data_dir(args, "omniglot"), seed=args.seed)
     H0 = init_hparams(args.features, args.seed)
 
     per_t = {}
     for T in ts:
         r = train(T, problem, H0, hyper_steps, args.lr, run, args.l2)
         per_t[str(T)] = r
-        _common.console.print(
+        _console.console.print(
             f"T={T:>4}: f_T {r['f_T']:.4f}  f {r['f']:.4f}  gap {r['gap']:+.4f}  "
             f"test acc {r['test_acc']:.3f} (T-step {r['test_acc_T']:.3f})  "
             f"{r['time_per_step_s'] * 1e3:.1f} ms/step  {r['temp_bytes'] / 2**20:.1f} MiB"
@@ -384,7 +385,7 @@ def main(argv=None) -> dict:
 
     def compare() -> dict:
         T = max(ts)
-        _common.console.print(f"Memory / runtime of one hypergradient at T = {T}:")
+        _console.console.print(f"Memory / runtime of one hypergradient at T = {T}:")
         comparison = dict(
             main=memory_comparison(problem, T, args.features, args.seed, args.l2, False),
             reduced=memory_comparison(problem, T, args.forward_features, args.seed, args.l2, True),
@@ -439,7 +440,7 @@ def print_table(results: dict) -> None:
         for T, r in results["per_T"].items()
     ]
     columns = ("T", "f_T", "f", "f_T - f", "test acc (w*)", "test acc (w_T)", "ms/step", "MiB")
-    _common.print_table("Effect of T (Omniglot, 100 classes)", columns, rows, stdout=False)
+    _console.print_table("Effect of T (Omniglot, 100 classes)", columns, rows, stdout=False)
     rows = [
         (
             label,
@@ -453,11 +454,11 @@ def print_table(results: dict) -> None:
         for label, r in results["comparison"][group].items()
     ]
     columns = ("setting", "d", "#hparams", "time (s)", "temp MiB", "max |Δg| vs reverse")
-    _common.print_table("One hypergradient at the largest T", columns, rows, stdout=False)
+    _console.print_table("One hypergradient at the largest T", columns, rows, stdout=False)
 
 
 def plot(results: dict, path):
-    plt = _common.pyplot()
+    plt = _outputs.pyplot()
     per_t = results["per_T"]
     ts = np.array([int(t) for t in per_t])
     get = lambda key: np.array([per_t[str(t)][key] for t in ts])
@@ -497,8 +498,8 @@ def plot(results: dict, path):
         ax.loglog(tt, np.array(list(curve.values())) / 2**20, "--", label=f"{label}, d={dr}")
     ax.set(xlabel="T", ylabel="XLA temp memory (MiB)", title="Compiled memory")
     ax.legend(fontsize=8)
-    return _common.save_figure(fig, path, dpi=110)
+    return _outputs.save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

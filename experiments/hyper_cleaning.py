@@ -28,8 +28,9 @@ from jaxtyping import Array, Float, Int
 
 import bilevax as bx
 
-from . import _common
-from .data import load_mnist, split
+from . import _cli, _console, _harness, _outputs
+from ._optax import optax_step
+from .data import data_dir, load_mnist, split
 
 
 SPLIT = (4000, 2000, 4000)  # train / validation / test, from the 10,000 MNIST test digits
@@ -209,14 +210,14 @@ def make_optimizer(learning_rate: float):
     return optax.adam(learning_rate)
 
 
-_hyper_update = eqx.filter_jit(_common.optax_step)
+_hyper_update = eqx.filter_jit(optax_step)
 
 
 def hyper_clean(
     method: str,
     problem: Problem,
     hyper_steps: int,
-    run: _common.Run,
+    run: _harness.Run,
     *,
     learning_rate: float,
     num_steps: int,
@@ -307,7 +308,7 @@ def summarise(history: dict, problem: Problem) -> dict:
 
 
 def plot(results: dict, problem: Problem, path):
-    plt = _common.pyplot()
+    plt = _outputs.pyplot()
     corrupted = np.asarray(problem.corrupted).astype(bool)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     bins = np.linspace(0, 1, 41)
@@ -344,11 +345,11 @@ def plot(results: dict, problem: Problem, path):
     )
     acc_ax.legend()
     f1_ax.legend()
-    return _common.save_figure(fig, path, dpi=110)
+    return _outputs.save_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> dict:
-    p = _common.parser("hyper_cleaning", __doc__.splitlines()[0])
+    p = _cli.parser("hyper_cleaning", __doc__.splitlines()[0])
     p.add_argument(
         "--hyper-steps",
         type=int,
@@ -381,9 +382,9 @@ def main(argv=None) -> dict:
     # More hyper-steps continue a run (the evaluation steps are fixed by --eval-every).
     # x64 on for the implicit method's float64 linear solve; the arrays are float32 unless
     # --float64.
-    run = _common.start(args, may_grow=("hyper_steps",), may_change=("checkpoint_every",))
+    run = _harness.start(args, may_grow=("hyper_steps",), may_change=("checkpoint_every",))
     dtype = jnp.float64 if args.float64 else jnp.float32
-    problem = load(_common.data_dir(args, "mnist"), args.seed, tuple(args.sizes), dtype)
+    problem = load(data_dir(args, "mnist"), args.seed, tuple(args.sizes), dtype)
 
     n = problem.train[0].shape[0]
     clean = 1 - problem.corrupted.astype(dtype)
@@ -438,7 +439,7 @@ def print_table(results: dict) -> None:
                 f"{r['seconds']:.0f}",
             )
         )
-    _common.print_table(
+    _console.print_table(
         "Data hyper-cleaning, MNIST, half the training labels corrupted",
         ("model", "test acc", "gap recovered", "precision", "recall", "F1", "seconds"),
         rows,
@@ -446,4 +447,4 @@ def print_table(results: dict) -> None:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

@@ -36,7 +36,7 @@ import optax
 
 import bilevax as bx
 
-from . import _common, problems
+from . import _cli, _console, _harness, _outputs, problems
 
 
 def _diagnosed(zoo, problem, params, *, tol=1e-6, **kwargs):
@@ -354,7 +354,7 @@ SECTIONS = {
 
 
 def plot(results: dict, path):
-    plt = _common.pyplot()
+    plt = _outputs.pyplot()
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2))
     rows = [r for r in results["error_estimate"]["rows"] if r["varied"] == "inner"]
     tols = [r["tol"] for r in rows]
@@ -381,15 +381,15 @@ def plot(results: dict, path):
     right.set_xticks(np.arange(len(problems)) + 0.3, problems)
     right.set(ylabel="relative error", title="inner dtype (float64 solve)")
     right.legend()
-    return _common.save_figure(fig, path)
+    return _outputs.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
-    p = _common.parser("hypergrad_diagnostics", __doc__.splitlines()[0])
+    p = _cli.parser("hypergrad_diagnostics", __doc__.splitlines()[0])
     args = p.parse_args(argv)
-    run = _common.start(args)
+    run = _harness.start(args)
     results = {}
-    with _common.progress("diagnostics", len(SECTIONS)) as advance:
+    with _console.progress("diagnostics", len(SECTIONS)) as advance:
         for name, section in SECTIONS.items():
             # A finished section is stored whole, so that a resumed run skips it.
             results[name] = run.stage(name, lambda: section(problems, args.seed, args.quick))
@@ -399,4 +399,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

@@ -30,7 +30,8 @@ import optax
 
 import bilevax as bx
 
-from . import _common, problems
+from . import _cli, _console, _harness, _outputs, problems
+from ._optax import optax_step
 from .problems import half_mse as mse, relerr as _relerr
 
 
@@ -177,7 +178,7 @@ def grid(data: Data, kind: str, axes) -> dict:
 
 
 def hypergradient_descent(
-    data: Data, kind: str, start, steps: int, lr: float, run: _common.Run
+    data: Data, kind: str, start, steps: int, lr: float, run: _harness.Run
 ) -> dict:
     """Adam on the log strengths with one warm-started inner solve per step."""
     optimizer = optax.adam(lr)
@@ -195,7 +196,7 @@ def hypergradient_descent(
         history["log_hparams"].append(np.asarray(state["hparams"]))
         history["val_loss"].append(float(value))
         history["support"].append(int(np.sum(np.asarray(state["w"]) != 0)))
-        state["hparams"], state["opt_state"] = _common.optax_step(
+        state["hparams"], state["opt_state"] = optax_step(
             optimizer, grad, state["opt_state"], state["hparams"]
         )
         return state, f"val {float(value):.5f}  best {min(history['val_loss']):.5f}"
@@ -248,7 +249,7 @@ def reweighting_value_and_grad(weights, X, y, val):
     return jax.value_and_grad(objective)(weights)
 
 
-def reweighting(data: Data, steps: int, lr: float, seed: int, run: _common.Run) -> dict:
+def reweighting(data: Data, steps: int, lr: float, seed: int, run: _harness.Run) -> dict:
     X, y, mask = corrupt(data, seed)
     n = len(y)
     weights0 = jnp.full(n, 1 / n)
@@ -272,9 +273,7 @@ def reweighting(data: Data, steps: int, lr: float, seed: int, run: _common.Run) 
         value, grad = reweighting_value_and_grad(weights, X, y, data.val)
         history["val_loss"].append(float(value))
         history["corrupted_mass"].append(float(jnp.sum(jnp.where(mask, weights, 0))))
-        state["weights"], _ = _common.optax_step(
-            optimizer, grad, stateless, weights, project=simplex
-        )
+        state["weights"], _ = optax_step(optimizer, grad, stateless, weights, project=simplex)
         return state, f"val {float(value):.5f}  best {min(history['val_loss']):.5f}"
 
     fresh = lambda: dict(weights=weights0, history=dict(val_loss=[], corrupted_mass=[]))
@@ -298,7 +297,7 @@ def reweighting(data: Data, steps: int, lr: float, seed: int, run: _common.Run) 
 
 
 def plot(results: dict, path):
-    plt = _common.pyplot()
+    plt = _outputs.pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     lasso, enet = results["lasso"], results["elastic_net"]
     ax = axes[0]
@@ -327,16 +326,16 @@ def plot(results: dict, path):
     twin.plot(rw["history"]["corrupted_mass"], color="C3", label="weight on corrupted")
     twin.set_ylabel("weight on corrupted examples", color="C3")
     ax.legend(loc="upper center")
-    return _common.save_figure(fig, path)
+    return _outputs.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
-    p = _common.parser("lasso_ho", __doc__.splitlines()[0])
+    p = _cli.parser("lasso_ho", __doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=None, help="outer steps per problem")
     args = p.parse_args(argv)
     args.steps = steps = args.steps or (30 if args.quick else 100)
     # More steps continue a run: the checks and grids do not depend on them.
-    run = _common.start(args, may_grow=("steps",))
+    run = _harness.start(args, may_grow=("steps",))
     data = load(args.seed)
     results: dict = dict(seed=args.seed, steps=steps, quick=args.quick)
 
@@ -371,15 +370,15 @@ def main(argv=None) -> dict:
     ]  # fmt: skip
     columns = ("problem", "hparams", "support", "vs finite diff.", "vs closed form")
     title = "Hypergradient relative errors (implicit, float64)"
-    _common.print_table(title, columns, rows, stdout=False)
+    _console.print_table(title, columns, rows, stdout=False)
     for kind in ("lasso", "elastic_net"):
         r = results[kind]
-        _common.console.print(
+        _console.console.print(
             f"{kind}: Adam val {r['hgd']['val_loss']:.5f} (test {r['hgd']['test_loss']:.5f}), "
             f"grid best {r['grid']['best_val_loss']:.5f}"
         )
     rw = results["reweighting"]
-    _common.console.print(
+    _console.console.print(
         f"re-weighting: val {rw['val_loss']}, weight on corrupted "
         f"{rw['corrupted_mass_final']:.3f} (uniform {rw['corrupted_fraction']:.3f}), "
         f"hypergradient relerr vs FD {rw['hypergrad_relerr_fd']:.1e}"
@@ -388,4 +387,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

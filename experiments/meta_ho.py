@@ -40,8 +40,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import bilevax as bx
 
-from . import _common, _distributed, problems
+from . import _cli, _console, _distributed, _harness, _outputs, problems
 from ._distributed import TASKS
+from ._optax import optax_step
 from .problems import mse as outer_loss, ridge_loss as inner_loss
 
 
@@ -187,7 +188,7 @@ def make_meta_step(
         num_tasks = jax.tree.leaves(tasks)[0].shape[0]
         value, grad, exact = sums(lam, tasks)
         meta_grad, exact = grad / num_tasks, exact / num_tasks
-        lam, opt_state = _common.optax_step(opt, meta_grad, opt_state, lam)
+        lam, opt_state = optax_step(opt, meta_grad, opt_state, lam)
         info = {
             "val_loss": value / num_tasks,
             "meta_grad": meta_grad,
@@ -208,7 +209,7 @@ def evaluate(lam, seed: int, num_tasks: int) -> float:
     return float(np.mean((np.einsum("bni,bi->bn", Xv, w) - yv) ** 2))
 
 
-def meta_train(args, mesh: Mesh, run: _common.Run) -> dict:
+def meta_train(args, mesh: Mesh, run: _harness.Run) -> dict:
     """Adam on λ over `args.steps` meta-batches of `args.meta_batch` tasks, checkpointed after
     every step."""
     meta_step, opt = make_meta_step(
@@ -247,7 +248,7 @@ def meta_train(args, mesh: Mesh, run: _common.Run) -> dict:
 
 
 def plot(results: dict, path):
-    plt = _common.pyplot()
+    plt = _outputs.pyplot()
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2))
     val = np.asarray(results["history"]["val_loss"])
     window = max(1, len(val) // 20)
@@ -263,11 +264,11 @@ def plot(results: dict, path):
     middle.set(xlabel="meta-step", ylabel="λ_i (dotted: Bayes)", title="Per-feature log L2")
     right.semilogy(results["history"]["relerr"])
     right.set(xlabel="meta-step", ylabel="relative error", title="Meta-gradient vs closed form")
-    return _common.save_figure(fig, path)
+    return _outputs.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
-    p = _common.parser("meta_ho", __doc__.splitlines()[0], distributed=True)
+    p = _cli.parser("meta_ho", __doc__.splitlines()[0], distributed=True)
     p.add_argument("--steps", type=int, default=None, help="meta-steps (300; 40 with --quick)")
     p.add_argument("--meta-batch", type=int, default=16, help="tasks per meta-step, in all")
     p.add_argument("--method", choices=("implicit", "unrolled"), default="implicit")
@@ -284,7 +285,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     args.steps = args.steps or (40 if args.quick else 300)
     # More meta-steps continue a run; the held-out evaluation comes after training.
-    run = _common.start(args, may_grow=("steps",), may_change=("test_tasks",))
+    run = _harness.start(args, may_grow=("steps",), may_change=("test_tasks",))
     mesh = _distributed.make_mesh()
     start = time.perf_counter()
     trained = meta_train(args, mesh, run)
@@ -310,7 +311,7 @@ def main(argv=None) -> dict:
         ),
     }
     t = results["test"]
-    _common.console.print(
+    _console.console.print(
         f"test MSE: learned λ {t['learned']:.4f}, Bayes λ {t['bayes']:.4f}, "
         f"λ = 0 {t['initial']:.4f}; meta-gradient relerr ≤ "
         f"{results['meta_grad_relerr_max']:.1e}; {jax.process_count()} process(es), "
@@ -320,4 +321,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

@@ -38,7 +38,8 @@ from jaxtyping import Array, Float
 
 import bilevax as bx
 
-from . import _common, _search, problems
+from . import _cli, _console, _harness, _outputs, _search, problems
+from ._optax import optax_step
 from .problems import mse as outer_loss, ridge_loss as inner_loss
 
 
@@ -174,7 +175,7 @@ def _hyper_step(lam, hgrad, opt_state, problem: Ridge):
     reference = jax.grad(closed_form_cv_loss)(lam, problem)
     # Projected Adam: the optimum has coordinates on the box's faces.
     box = lambda lam: jnp.clip(lam, LOWER, UPPER)
-    lam_next, opt_state = _common.optax_step(HYPER_OPTIMIZER, hgrad, opt_state, lam, project=box)
+    lam_next, opt_state = optax_step(HYPER_OPTIMIZER, hgrad, opt_state, lam, project=box)
     return lam_next, opt_state, problems.relerr(hgrad, reference)
 
 
@@ -182,7 +183,7 @@ def hypergradient_descent(
     method: str,
     problem: Ridge,
     budget: int,
-    run: _common.Run,
+    run: _harness.Run,
     *,
     learning_rate: float = 0.5,
     unrolled_steps: int = 2000,
@@ -244,7 +245,7 @@ def _train_and_validate(lam, problem: Ridge):
     return jnp.mean(_fold_losses(sol.params, lam, problem))
 
 
-def grid_search(problem: Ridge, budget: int, run: _common.Run) -> dict:
+def grid_search(problem: Ridge, budget: int, run: _harness.Run) -> dict:
     """One shared strength for all features, on `budget` evenly spaced values of λ."""
     d = problem.cv[0].shape[1]
     grid = np.linspace(LOWER, UPPER, budget)
@@ -262,7 +263,7 @@ def grid_search(problem: Ridge, budget: int, run: _common.Run) -> dict:
     return dict(state["history"], seconds=state["seconds"])
 
 
-def optuna_search(problem: Ridge, budget: int, method: str, seed: int, run: _common.Run) -> dict:
+def optuna_search(problem: Ridge, budget: int, method: str, seed: int, run: _harness.Run) -> dict:
     """`budget` trials of random search or TPE (`method`) over the box, one cross-validation
     per trial."""
     d = problem.cv[0].shape[1]
@@ -340,7 +341,7 @@ def summarise(history: dict, problem: Ridge) -> dict:
 
 
 def plot(results: dict, path):
-    plt = _common.pyplot()
+    plt = _outputs.pyplot()
     fig, (best, gap, accuracy, learned) = plt.subplots(1, 4, figsize=(20, 4.2))
     optimum = results["closed_form"]["cv_loss"]
     for name, label in METHODS.items():
@@ -383,7 +384,7 @@ def plot(results: dict, path):
         xticks=np.arange(len(results["closed_form"]["log_lam"])),
     )
     learned.legend(fontsize="small")
-    return _common.save_figure(fig, path)
+    return _outputs.save_figure(fig, path)
 
 
 METHODS = {
@@ -396,7 +397,7 @@ METHODS = {
 
 
 def main(argv=None) -> dict:
-    p = _common.parser("ridge_l2", __doc__.splitlines()[0])
+    p = _cli.parser("ridge_l2", __doc__.splitlines()[0])
     p.add_argument(
         "--budget",
         type=int,
@@ -411,7 +412,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     args.budget = args.budget or (50 if args.quick else 200)
     check_folds(args.folds)  # before `start`, so that a bad --folds leaves no run behind
-    run = _common.start(args)  # float64 from here on: load the data after it
+    run = _harness.start(args)  # float64 from here on: load the data after it
     budget = args.budget
     problem = load(args.seed, args.folds)
 
@@ -470,7 +471,7 @@ def print_table(results: dict) -> None:
                 relerr,
             )
         )
-    _common.print_table(
+    _console.print_table(
         "Per-feature L2 for ridge regression on diabetes by K-fold CV (MSE, standardised y)",
         ("method", "best CV loss", "gap to optimum", "test loss", "inner trainings",
          "learned log λ per feature", "hypergrad relerr (start / max)"),
@@ -479,4 +480,4 @@ def print_table(results: dict) -> None:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

@@ -39,7 +39,7 @@ import optimistix as optx
 
 import bilevax as bx
 
-from . import _common
+from . import _cli, _console, _harness, _outputs
 
 
 METHODS = ("soba", "saba", "deterministic")
@@ -220,7 +220,7 @@ def _evaluation_loop(run, name, data, fresh, advance) -> dict:
     }
 
 
-def run_stochastic(name, solver, data, passes: float, seed: int, run: _common.Run) -> dict:
+def run_stochastic(name, solver, data, passes: float, seed: int, run: _harness.Run) -> dict:
     """Runs `solver` for `passes` data passes, evaluating h(λ) `EVALS_PER_RUN` times."""
     n, m = data["train"]["y"].shape[0], data["val"]["y"].shape[0]
     b_in, b_out = solver.samples_per_step(data["train"], data["val"])
@@ -288,7 +288,7 @@ def deterministic_step(lam, w, data, inner_lr, outer_lr, inner_steps: int, cg_st
     return lam - outer_lr * hypergrad, sol.params, sol.stats["num_steps"]
 
 
-def run_deterministic(data, passes: float, args, run: _common.Run) -> dict:
+def run_deterministic(data, passes: float, args, run: _harness.Run) -> dict:
     n, m = data["train"]["y"].shape[0], data["val"]["y"].shape[0]
     inner_lr = 1.0 / _lipschitz(data)
     budget = passes * (n + m)
@@ -322,7 +322,7 @@ def run_deterministic(data, passes: float, args, run: _common.Run) -> dict:
 
 
 def plot(results: dict, path):
-    plt = _common.pyplot()
+    plt = _outputs.pyplot()
     config = results["config"]
     best = results["reference"]["val_loss"]
     fig, (ax, ax_log) = plt.subplots(1, 2, figsize=(11, 4))
@@ -341,11 +341,11 @@ def plot(results: dict, path):
         f"logistic-regression HO, per-feature L2: n={config['n_train']}, m={config['n_val']}, "
         f"d={config['dim']}, batch {config['batch_size']}"
     )
-    return _common.save_figure(fig, path)
+    return _outputs.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
-    p = _common.parser("stochastic_bilevel", __doc__.splitlines()[0])
+    p = _cli.parser("stochastic_bilevel", __doc__.splitlines()[0])
     p.add_argument("--passes", type=float, default=None, help="data passes per method")
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--dim", type=int, default=None)
@@ -365,7 +365,7 @@ def main(argv=None) -> dict:
     args.n_train = sizes["n_train"]
     args.passes = sizes["passes"] if args.passes is None else args.passes
     args.dim = sizes["dim"] if args.dim is None else args.dim
-    run = _common.start(args)
+    run = _harness.start(args)
     config = dict(run.config, n_val=sizes["n_val"], n_test=sizes["n_test"])
     data = make_data(args.seed, config["n_train"], config["n_val"], config["n_test"], config["dim"])
     results: dict = {"config": config}
@@ -376,13 +376,13 @@ def main(argv=None) -> dict:
     results["initial_val_loss"] = results["soba"]["val_curve"][0]
     for name in METHODS:
         r = results[name]
-        _common.console.print(
+        _console.console.print(
             f"{name:>13}: val {r['val_loss']:.5f}  test {r['test_loss']:.5f}  "
             f"({r['passes'][-1]:.1f} passes, {r['steps']} steps, {r['seconds']:.1f} s)"
         )
-    _common.console.print(f"L-BFGS reference: val {results['reference']['val_loss']:.5f}")
+    _console.console.print(f"L-BFGS reference: val {results['reference']['val_loss']:.5f}")
     return run.finish(results, {"stochastic_bilevel.png": lambda path: plot(results, path)})
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

@@ -19,8 +19,7 @@ import pytest
 from PIL import Image
 
 from experiments import data as bd
-from experiments._common import DEFAULT_DATA
-from experiments.data import _files, mnist, omniglot
+from experiments.data import DEFAULT_DATA, _files, mnist, omniglot
 
 
 needs_shared = pytest.mark.skipif(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import bilevax.nn as bnn
-from experiments import _common
+from experiments import _checkpoint, _harness
 from experiments.delta_stn import _search, stability
 from experiments.delta_stn.__main__ import main
 from experiments.delta_stn._loop import applied_values
@@ -59,7 +59,7 @@ def test_resume_continues_a_killed_run(tmp_path, monkeypatch):
     args = ["ridge", "--quick", "--epochs", "4", "--methods", "delta", "random", "tpe"]
     fresh = main([*args, "--out", str(tmp_path / "fresh")])
     saves = []
-    original = _common.Checkpoints.save
+    original = _checkpoint.Checkpoints.save
 
     def save_then_die(self, name, state):
         original(self, name, state)
@@ -67,10 +67,10 @@ def test_resume_continues_a_killed_run(tmp_path, monkeypatch):
         if len(saves) == 5:  # Δ-STN's 4 epochs, then random search's first trial of 2
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(_common.Checkpoints, "save", save_then_die)
+    monkeypatch.setattr(_checkpoint.Checkpoints, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         main([*args, "--out", str(tmp_path / "killed")])
-    monkeypatch.setattr(_common.Checkpoints, "save", original)
+    monkeypatch.setattr(_checkpoint.Checkpoints, "save", original)
     trials = []
     plain_training = _search.plain_training
     monkeypatch.setattr(
@@ -98,7 +98,7 @@ def test_resume_with_more_seeds_or_other_methods(tmp_path):
     assert progress["delta_0"] == {"from": 2, "to": 2}
     assert progress["delta_1"] == {"from": 0, "to": 2}
     assert progress["random_0"] == {"from": 0, "to": 1}
-    with pytest.raises(_common.RunError, match="--epochs: 2 in the saved run, 3 now"):
+    with pytest.raises(_harness.RunError, match="--epochs: 2 in the saved run, 3 now"):
         main([*args[:-4], "--epochs", "3", "--out", str(tmp_path), "--resume"])
 
 

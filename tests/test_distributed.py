@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import _common, _distributed, meta_ho
+from experiments import _cli, _distributed, meta_ho
 
 
 ARGS = ["--steps", "3", "--meta-batch", "4", "--test-tasks", "8", "--seed", "3"]
@@ -121,9 +121,9 @@ def test_only_process_zero_writes(two_processes):
 
 
 def test_parser_and_argument_checks():
-    plain = _common.parser("x", "x").parse_args([])
+    plain = _cli.parser("x", "x").parse_args([])
     assert not hasattr(plain, "distributed")
-    args = _common.parser("x", "x", distributed=True).parse_args(
+    args = _cli.parser("x", "x", distributed=True).parse_args(
         ["--distributed", "--coordinator-address", "h:1", "--num-processes", "4"]
     )
     assert args.distributed and args.coordinator_address == "h:1" and args.num_processes == 4

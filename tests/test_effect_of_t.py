@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import bilevax as bx
-from experiments import _common, effect_of_t as E
-from experiments._common import DEFAULT_DATA
+from experiments import _cli, _harness, effect_of_t as E
+from experiments.data import DEFAULT_DATA
 
 
 CLASSES, PER_CLASS, DIM, FEATURES = 4, 3, 12, 3
@@ -145,8 +145,8 @@ def test_quick_run(tmp_path):
 
 
 def _run(path, *argv):
-    args = _common.parser("effect_of_t", "").parse_args(["--out", str(path), *argv])
-    return _common.start(args)
+    args = _cli.parser("effect_of_t", "").parse_args(["--out", str(path), *argv])
+    return _harness.start(args)
 
 
 def test_train_resumes_from_its_last_checkpoint(tiny, tmp_path, monkeypatch):

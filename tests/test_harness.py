@@ -1,8 +1,8 @@
-"""The run harness of `experiments/_common.py`: data-only checkpoints (round trip, refusal of
-pickles and of corrupt or mismatched files, atomic writes), the output directory rules
-(refused without `--resume` or `--overwrite`, a new directory by default), the configuration
-check on `--resume` (every experiment refuses a mismatch), resumable loops that count the steps
-they run, results that describe themselves, and the data directory."""
+"""The run harness (`experiments/_harness.py`, `_checkpoint.py`, `_cli.py`): data-only
+checkpoints (round trip, refusal of pickles and of corrupt or mismatched files, atomic writes),
+the output directory rules (refused without `--resume` or `--overwrite`, a new directory by
+default), the configuration check on `--resume` (every experiment refuses a mismatch), resumable
+loops that count the steps they run, results that describe themselves, and the data directory."""
 
 import hashlib
 import importlib
@@ -21,7 +21,8 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import _common, _search
+from experiments import _atomic, _checkpoint, _cli, _harness, _optax, _outputs, _search
+from experiments.data import data_dir
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -58,8 +59,8 @@ def _assert_same(a, b):
 def test_checkpoint_round_trip(tmp_path):
     state = _state()
     path = tmp_path / "state.npz"
-    _common.save_tree(path, state)
-    _assert_same(_common.load_tree(path, like=_state()), state)
+    _checkpoint.save_tree(path, state)
+    _assert_same(_checkpoint.load_tree(path, like=_state()), state)
     # Data only: a zip of .npy arrays and a JSON structure, which NumPy reads without pickle.
     with np.load(path, allow_pickle=False) as z:
         structure = json.loads(bytes(z["__structure__"]).decode())
@@ -70,64 +71,64 @@ def test_checkpoint_feeds_back_into_jit(tmp_path):
     optimizer = optax.adam(0.1)
     params = jnp.linspace(0.0, 1.0, 4)
     state = optimizer.init(params)
-    step = jax.jit(lambda p, s: _common.optax_step(optimizer, p, s, p))
+    step = jax.jit(lambda p, s: _optax.optax_step(optimizer, p, s, p))
     for _ in range(3):
         params, state = step(params, state)
-    _common.save_tree(tmp_path / "s.npz", dict(params=params, state=state))
-    loaded = _common.load_tree(tmp_path / "s.npz", like=dict(params=params, state=state))
+    _checkpoint.save_tree(tmp_path / "s.npz", dict(params=params, state=state))
+    loaded = _checkpoint.load_tree(tmp_path / "s.npz", like=dict(params=params, state=state))
     np.testing.assert_array_equal(step(params, state)[0], step(*loaded.values())[0])
 
 
 def test_checkpoint_needs_the_fresh_state_for_modules(tmp_path):
-    _common.save_tree(tmp_path / "s.npz", _state())
-    with pytest.raises(_common.CheckpointError, match="s.npz.*model.*nothing to match"):
-        _common.load_tree(tmp_path / "s.npz")
+    _checkpoint.save_tree(tmp_path / "s.npz", _state())
+    with pytest.raises(_checkpoint.CheckpointError, match="s.npz.*model.*nothing to match"):
+        _checkpoint.load_tree(tmp_path / "s.npz")
     # An array of another shape than this run's (a run with other options) is refused too.
     other = dict(_state(), opt_state=optax.inject_hyperparams(optax.adam)(0.1).init(jnp.zeros(5)))
     with pytest.raises(
-        _common.CheckpointError,
+        _checkpoint.CheckpointError,
         match=r"s\.npz: opt_state<7> is float64\[3\] where this run has float64\[5\]",
     ):
-        _common.load_tree(tmp_path / "s.npz", like=other)
+        _checkpoint.load_tree(tmp_path / "s.npz", like=other)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
 def test_corrupt_checkpoint_names_the_file(tmp_path, damage):
-    checkpoints = _common.Checkpoints(tmp_path)
+    checkpoints = _checkpoint.Checkpoints(tmp_path)
     checkpoints.save("loop", dict(step=3, x=np.arange(1000.0)))
     path = checkpoints.path("loop")
     data = path.read_bytes()
     path.write_bytes(
         {"truncate": data[: len(data) // 2], "garbage": b"x" * 100, "empty": b""}[damage]
     )
-    with pytest.raises(_common.CheckpointError, match=str(path)):
+    with pytest.raises(_checkpoint.CheckpointError, match=str(path)):
         checkpoints.load("loop")
 
 
 def test_pickles_and_object_arrays_are_refused(tmp_path):
-    checkpoints = _common.Checkpoints(tmp_path)
+    checkpoints = _checkpoint.Checkpoints(tmp_path)
     checkpoints.directory.mkdir()
     pickled = checkpoints.directory / "loop.pkl"
     pickled.write_bytes(b"\x80\x04K\x01.")  # pickle.dumps(1): never opened
-    with pytest.raises(_common.CheckpointError, match="loop.pkl.*not opened"):
+    with pytest.raises(_checkpoint.CheckpointError, match="loop.pkl.*not opened"):
         checkpoints.load("loop")
     # An .npz with an object array (which only a pickle can hold) is refused, naming the file.
     np.savez(checkpoints.path("other"), __structure__=np.frombuffer(b"{}", np.uint8),
              a0=np.array([{"x": 1}], dtype=object))  # fmt: skip
-    with pytest.raises(_common.CheckpointError, match="other.npz"):
+    with pytest.raises(_checkpoint.CheckpointError, match="other.npz"):
         checkpoints.load("other")
 
 
 def test_atomic_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     path = tmp_path / "file.json"
-    _common.atomic_write(path, b"old")
+    _atomic.atomic_write(path, b"old")
 
     def fail(*args):
         raise KeyboardInterrupt  # killed between writing and renaming
 
     monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(KeyboardInterrupt):
-        _common.atomic_write(path, b"new")
+        _atomic.atomic_write(path, b"new")
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.json"]
 
@@ -136,7 +137,7 @@ def test_atomic_write_leaves_no_temporary_file(tmp_path, monkeypatch):
 
 
 def _args(out, *argv):
-    p = _common.parser("toy", "a toy experiment")
+    p = _cli.parser("toy", "a toy experiment")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.5)
     args = p.parse_args([*(["--out", str(out)] if out else []), *argv])
@@ -147,7 +148,7 @@ def _toy(out, *argv, fail_at=None, **kwargs):
     """A toy experiment: `--steps` steps of x ← x + lr, checkpointed each step. Returns the
     run, the final x and the steps it executed."""
     args = _args(out, *argv)
-    run = _common.start(args, **kwargs)
+    run = _harness.start(args, **kwargs)
     executed = []
 
     def step(k, state):
@@ -164,7 +165,7 @@ def _toy(out, *argv, fail_at=None, **kwargs):
 
 def test_existing_run_is_refused_without_resume_or_overwrite(tmp_path):
     _toy(tmp_path)
-    with pytest.raises(_common.RunError, match="already holds a run.*--resume.*--overwrite"):
+    with pytest.raises(_harness.RunError, match="already holds a run.*--resume.*--overwrite"):
         _toy(tmp_path)
     # A directory that holds something else is not a run: it is used.
     (tmp_path / "other").mkdir()
@@ -185,7 +186,7 @@ def test_overwrite_replaces_the_old_run(tmp_path):
 
 def test_resume_refuses_other_options_naming_each(tmp_path):
     _toy(tmp_path)
-    with pytest.raises(_common.RunError) as error:
+    with pytest.raises(_harness.RunError) as error:
         _toy(tmp_path, "--resume", "--lr", "0.1", "--seed", "1")
     message = str(error.value)
     assert "--lr: 0.5 in the saved run, 0.1 now" in message
@@ -201,10 +202,10 @@ def test_resume_allow_list(tmp_path):
     assert executed == [2, 3] and x == 2.0
     assert run.progress["x"] == {"from": 2, "to": 4}
     # ... and the run is now a 4-step one: fewer steps are refused.
-    with pytest.raises(_common.RunError, match="--steps: 4 in the saved run, 2 now"):
+    with pytest.raises(_harness.RunError, match="--steps: 4 in the saved run, 2 now"):
         _toy(tmp_path, "--steps", "2", "--resume", may_grow=("steps",))
     # Options in `may_change` may change either way; others may not.
-    with pytest.raises(_common.RunError, match="--lr: 0.5 in the saved run, 1.0 now"):
+    with pytest.raises(_harness.RunError, match="--lr: 0.5 in the saved run, 1.0 now"):
         _toy(tmp_path, "--steps", "4", "--lr", "1.0", "--resume", may_grow=("steps",))
     run, x, executed = _toy(tmp_path, "--steps", "4", "--lr", "1.0", "--resume", may_change=("lr",))
     assert executed == [] and x == 2.0
@@ -241,8 +242,8 @@ def test_default_out_is_new_and_resume_finds_the_latest(tmp_path, monkeypatch):
 def test_results_describe_themselves(tmp_path):
     _toy(tmp_path, "--lr", "0.25")
     path = tmp_path / "results.json"
-    assert stat.S_IMODE(path.stat().st_mode) == _common.FILE_MODE
-    assert stat.S_IMODE((tmp_path / "checkpoints" / "x.npz").stat().st_mode) == _common.FILE_MODE
+    assert stat.S_IMODE(path.stat().st_mode) == _atomic.FILE_MODE
+    assert stat.S_IMODE((tmp_path / "checkpoints" / "x.npz").stat().st_mode) == _atomic.FILE_MODE
     run = json.loads(path.read_text())["run"]
     assert run["experiment"] == "toy"
     assert run["config"] == {"quick": False, "seed": 0, "steps": 3, "lr": 0.25}
@@ -253,10 +254,10 @@ def test_results_describe_themselves(tmp_path):
 
 def test_stage_is_computed_once(tmp_path):
     calls = []
-    run = _common.start(_args(tmp_path))
+    run = _harness.start(_args(tmp_path))
     compute = lambda: calls.append(1) or dict(value=np.arange(3))
     assert run.stage("s", compute)["value"].tolist() == [0, 1, 2]
-    run = _common.start(_args(tmp_path, "--resume"))
+    run = _harness.start(_args(tmp_path, "--resume"))
     assert run.stage("s", compute)["value"].tolist() == [0, 1, 2]
     assert len(calls) == 1 and run.progress["s"] == {"from": 1, "to": 1}
 
@@ -273,7 +274,7 @@ def test_search_resumes_with_the_trials_it_would_have_drawn(tmp_path):
             calls.append(k)
             return sum(v**2 for v in params.values()), {}
 
-        run = _common.start(_args(out, *argv))
+        run = _harness.start(_args(out, *argv))
         sampler = _search.sampler("tpe", 0, startup=2)
         return _search.search(run, "tpe", 6, sampler, distributions, objective)["trials"]
 
@@ -294,7 +295,7 @@ def test_search_on_a_budget_of_seconds_stops_and_resumes_where_it_stopped(tmp_pa
     # is then exact, not a matter of the machine's speed.
     clock = [0.0]
     monkeypatch.setattr(_search.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(_common.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(_harness.time, "perf_counter", lambda: clock[0])
     distributions = {"x": _search.optuna.distributions.FloatDistribution(-1.0, 1.0)}
     calls = []
 
@@ -304,7 +305,7 @@ def test_search_on_a_budget_of_seconds_stops_and_resumes_where_it_stopped(tmp_pa
             clock[0] += 1.0
             return params["x"] ** 2, {}
 
-        run = _common.start(_args(tmp_path, *argv))
+        run = _harness.start(_args(tmp_path, *argv))
         sampler = _search.sampler("random", 0)
         return _search.search(
             run, "rs", 1000, sampler, distributions, objective, budget_seconds=budget
@@ -323,10 +324,10 @@ def test_optax_step_under_strict_promotion():
     # The test suite runs with strict dtype promotion, under which optax's Adam alone fails.
     optimizer = optax.adam(0.1)
     params = jnp.ones(3)
-    new, _ = _common.optax_step(optimizer, params, optimizer.init(params), params)
+    new, _ = _optax.optax_step(optimizer, params, optimizer.init(params), params)
     np.testing.assert_allclose(new, 0.9)
     box = lambda p: jnp.clip(p, 0.95, 2.0)
-    new, _ = _common.optax_step(optimizer, params, optimizer.init(params), params, project=box)
+    new, _ = _optax.optax_step(optimizer, params, optimizer.init(params), params, project=box)
     np.testing.assert_allclose(new, 0.95)
 
 
@@ -341,17 +342,17 @@ def test_data_dir_takes_the_first_that_is_set(tmp_path, monkeypatch):
     monkeypatch.setattr(_files, "DEFAULT_DATA", tmp_path / "default")
     monkeypatch.setenv("BILEVAX_DATA", str(tmp_path / "env"))
     args = _args(tmp_path, "--data-dir", str(tmp_path / "given"))
-    assert _common.data_dir(args, "mnist") == tmp_path / "given"
+    assert data_dir(args, "mnist") == tmp_path / "given"
     # The first that is set is the only place looked at: no fallback to the others.
     with pytest.raises(FileNotFoundError, match=r"given/omniglot.*--data-dir"):
-        _common.data_dir(args, "omniglot")
+        data_dir(args, "omniglot")
     args.data_dir = None
-    assert _common.data_dir(args, "mnist") == tmp_path / "env"
+    assert data_dir(args, "mnist") == tmp_path / "env"
     (tmp_path / "env" / "mnist").rmdir()
     with pytest.raises(FileNotFoundError, match=r"env/mnist.*BILEVAX_DATA"):
-        _common.data_dir(args, "mnist")
+        data_dir(args, "mnist")
     monkeypatch.delenv("BILEVAX_DATA")
-    assert _common.data_dir(args, "mnist") == tmp_path / "default"
+    assert data_dir(args, "mnist") == tmp_path / "default"
 
 
 # -- every experiment and benchmark ------------------------------------------------------------
@@ -387,9 +388,9 @@ BENCHMARKS = [
 def test_every_experiment_refuses_an_existing_run_and_other_options(tmp_path, name):
     main = importlib.import_module(f"experiments.{name}").main
     (tmp_path / "run.json").write_text(json.dumps({"config": {"seed": 7}}))
-    with pytest.raises(_common.RunError, match="already holds a run"):
+    with pytest.raises(_harness.RunError, match="already holds a run"):
         main(["--out", str(tmp_path)])
-    with pytest.raises(_common.RunError, match="--seed: 7 in the saved run, 0 now"):
+    with pytest.raises(_harness.RunError, match="--seed: 7 in the saved run, 0 now"):
         main(["--out", str(tmp_path), "--resume"])
 
 
@@ -397,12 +398,12 @@ def test_every_experiment_refuses_an_existing_run_and_other_options(tmp_path, na
 def test_every_benchmark_refuses_to_replace_its_outputs(tmp_path, name):
     main = importlib.import_module(f"experiments.benchmarks.{name}").main
     (tmp_path / f"{name}.json").write_text("{}")
-    with pytest.raises(_common.RunError, match=f"{name}.json.*--overwrite"):
+    with pytest.raises(_harness.RunError, match=f"{name}.json.*--overwrite"):
         main(["--quick", "--out", str(tmp_path)])
 
 
 def test_write_json_converts_arrays(tmp_path):
-    path = _common.write_json(
+    path = _outputs.write_json(
         tmp_path / "r.json", {"a": jnp.asarray(1.5), "b": np.float32(2.0), "c": np.arange(3)}
     )
     assert json.loads(path.read_text()) == {"a": 1.5, "b": 2.0, "c": [0, 1, 2]}
@@ -447,10 +448,10 @@ def test_two_runs_started_at_once_into_one_directory(tmp_path):
         assert said[0] == "claimed\n" and said[1].startswith(f"refused Another run holds {out}")
         # The live run's claim holds against every way of starting, and against a benchmark.
         for argv in [(), ("--resume",), ("--overwrite",)]:
-            with pytest.raises(_common.RunError, match="Another run holds .*process"):
+            with pytest.raises(_harness.RunError, match="Another run holds .*process"):
                 _toy(out, *argv)
-        with pytest.raises(_common.RunError, match="Another run holds"):
-            _common.claim_outputs(_args(out), ["toy.json"])
+        with pytest.raises(_harness.RunError, match="Another run holds"):
+            _harness.claim_outputs(_args(out), ["toy.json"])
         assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
     finally:
         for c in claimants:
@@ -479,8 +480,8 @@ def test_resume_on_other_data_is_refused_naming_the_file(tmp_path, monkeypatch):
 
     def run_on(data, *argv):
         args = _args(tmp_path / "run", "--data-dir", str(tmp_path / data), *argv)
-        run = _common.start(args)
-        find("toy/a.bin", _common.data_dir(args), download="nowhere")  # what a loader does
+        run = _harness.start(args)
+        find("toy/a.bin", data_dir(args), download="nowhere")  # what a loader does
         run.write_results({})
         return run
 
@@ -489,7 +490,7 @@ def test_resume_on_other_data_is_refused_naming_the_file(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["run"]["data"] == {"toy/a.bin": old}
     assert run_on("copy", "--resume").data == {"toy/a.bin": old}  # the same data elsewhere
-    with pytest.raises(_common.RunError) as error:
+    with pytest.raises(_harness.RunError) as error:
         run_on("new", "--resume")
     message = str(error.value)
     assert "other data: the data file toy/a.bin" in message
@@ -506,21 +507,23 @@ def test_checkpoint_copied_from_another_run_is_refused(tmp_path):
     assert ids[0] != ids[1]
     copied = tmp_path / "seed1" / "checkpoints" / "x.npz"
     shutil.copy(tmp_path / "seed0" / "checkpoints" / "x.npz", copied)
-    with pytest.raises(_common.CheckpointError, match=f"{copied} belongs to another run"):
+    with pytest.raises(_checkpoint.CheckpointError, match=f"{copied} belongs to another run"):
         _toy(tmp_path / "seed1", "--seed", "1", "--resume")
     # A run from before run ids (none in run.json, nor in its checkpoints) still resumes, and
     # goes on accepting its old checkpoints once it has an id ...
     legacy = tmp_path / "legacy"
-    _common.save_tree(legacy / "checkpoints" / "s.npz", dict(value=1))
+    _checkpoint.save_tree(legacy / "checkpoints" / "s.npz", dict(value=1))
     config = {"quick": False, "seed": 0, "steps": 3, "lr": 0.5}
     (legacy / "run.json").write_text(json.dumps({"config": config}))
     for _ in range(2):
-        run = _common.start(_args(legacy, "--resume"))
+        run = _harness.start(_args(legacy, "--resume"))
         assert run.stage("s", lambda: dict(value=2)) == dict(value=1)
     assert run.run_id == json.loads((legacy / "run.json").read_text())["run_id"]
     # ... while a run that had its id from the start refuses a checkpoint without one.
     copied = tmp_path / "seed0" / "checkpoints" / "s.npz"
     shutil.copy(legacy / "checkpoints" / "s.npz", copied)
-    run = _common.start(_args(tmp_path / "seed0", "--resume"))
-    with pytest.raises(_common.CheckpointError, match=f"{copied} belongs to another run: it ca"):
+    run = _harness.start(_args(tmp_path / "seed0", "--resume"))
+    with pytest.raises(
+        _checkpoint.CheckpointError, match=f"{copied} belongs to another run: it ca"
+    ):
         run.stage("s", lambda: dict(value=2))

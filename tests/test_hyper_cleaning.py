@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import _common, hyper_cleaning as hc
+from experiments import _harness, hyper_cleaning as hc
 from experiments.data import load_mnist
 
 
@@ -175,7 +175,7 @@ def test_resume_with_other_options_is_refused(tmp_path, change, message):
     }
     (tmp_path / "run.json").write_text(json.dumps({"config": config}))  # fmt: skip
     args = [*TINY, "--hyper-steps", "4", "--out", str(tmp_path), "--resume"]
-    with pytest.raises(_common.RunError, match=re.escape(message)):
+    with pytest.raises(_harness.RunError, match=re.escape(message)):
         hc.main([*args, *change])
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from experiments import data as bd, hyper_representation as hr
-from experiments._common import DEFAULT_DATA
+from experiments.data import DEFAULT_DATA
 
 
 needs_data = pytest.mark.skipif(
@@ -324,7 +324,7 @@ def test_training_resumes_where_it_was_killed(tmp_path, monkeypatch):
     # Meta-training on random "characters" (the data do not matter here), 4 meta-steps,
     # checkpointed every 2: killed in step 3, the resumed run runs steps 2 and 3 only and ends
     # where the uninterrupted run ends (the episode stream included).
-    from experiments import _common
+    from experiments import _harness
     from experiments.hyper_representation import _run
 
     rng = np.random.default_rng(0)
@@ -348,7 +348,7 @@ def test_training_resumes_where_it_was_killed(tmp_path, monkeypatch):
 
     def train(out, *argv):
         args = _run.build_parser().parse_args(["--out", str(tmp_path / out), *argv])
-        run = _common.start(args, x64=False)
+        run = _harness.start(args, x64=False)
         return run, _run.train_setting("5w1s", splits, cfg, args, run, hr.make_mesh(), None)
 
     monkeypatch.setattr(_run, "make_meta_step", counting)
@@ -498,7 +498,7 @@ def test_quick_run_of_another_head_reaches_its_floor(tmp_path, restore_x64, head
 @needs_data
 @pytest.mark.slow
 def test_effect_of_t_study_runs_each_variant_once(tmp_path, restore_x64):
-    from experiments._common import RunError
+    from experiments._harness import RunError
     from experiments.hyper_representation import effect_of_t
 
     argv = ["--ts", "1", "2", "--meta-steps", "2", "--eval-every", "2", "--val-episodes", "4",

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import lasso_ho
+from experiments import _cli, _harness, lasso_ho
 
 
 PAGE = pathlib.Path(__file__).parent.parent / "docs" / "coming-from-jaxopt.md"
@@ -52,8 +52,8 @@ def test_coming_from_jaxopt_programs_agree():
 @pytest.mark.slow
 def test_reweighting_hypergradient(tmp_path):
     data = lasso_ho.load(0)
-    args = lasso_ho._common.parser("lasso_ho", "").parse_args(["--out", str(tmp_path)])
-    result = lasso_ho.reweighting(data, 5, 3e-4, 0, lasso_ho._common.start(args))
+    args = _cli.parser("lasso_ho", "").parse_args(["--out", str(tmp_path)])
+    result = lasso_ho.reweighting(data, 5, 3e-4, 0, _harness.start(args))
     assert result["hypergrad_relerr_fd"] < 1e-6
     assert result["hypergrad_relerr_exact"] < 1e-8
     losses = result["history"]["val_loss"]
@@ -106,8 +106,8 @@ def test_hypergradient_descent_resumes_where_it_was_killed(tmp_path, monkeypatch
     data = lasso_ho.load(0)
 
     def run(out, *argv):
-        args = lasso_ho._common.parser("lasso_ho", "").parse_args(["--out", str(out), *argv])
-        return lasso_ho._common.start(args)
+        args = _cli.parser("lasso_ho", "").parse_args(["--out", str(out), *argv])
+        return _harness.start(args)
 
     descend = lambda run: lasso_ho.hypergradient_descent(data, "lasso", np.log(0.2), 5, 0.2, run)
     whole = descend(run(tmp_path / "whole"))

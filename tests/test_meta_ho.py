@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from experiments import _common, meta_ho
+from experiments import _harness, meta_ho
 
 
 ARGS = ["--meta-batch", "2", "--test-tasks", "4", "--method", "unrolled", "--unrolled-steps", "5"]
@@ -59,7 +59,7 @@ def test_resume_runs_only_the_meta_steps_left(tmp_path, calls):
     assert len(calls) == 1
     np.testing.assert_array_equal(grown["log_lam"], whole["log_lam"])
     assert grown["history"]["val_loss"] == whole["history"]["val_loss"]
-    with pytest.raises(_common.RunError, match=re.escape("--steps: 4 in the saved run, 3 now")):
+    with pytest.raises(_harness.RunError, match=re.escape("--steps: 4 in the saved run, 3 now")):
         main("cut", 3, "--resume")
-    with pytest.raises(_common.RunError, match=re.escape("--lr: 0.1 in the saved run, 0.2 now")):
+    with pytest.raises(_harness.RunError, match=re.escape("--lr: 0.1 in the saved run, 0.2 now")):
         main("cut", 4, "--resume", "--lr", "0.2")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import _common, ridge_l2
+from experiments import _harness, ridge_l2
 from experiments.problems import relerr
 
 
@@ -171,7 +171,7 @@ SAVED = {"quick": False, "seed": 0, "budget": 8, "folds": 5, "unrolled_steps": 5
 )
 def test_resume_with_other_options_is_refused(tmp_path, change, message):
     (tmp_path / "run.json").write_text(json.dumps({"config": SAVED}))
-    with pytest.raises(_common.RunError, match=re.escape(message)) as error:
+    with pytest.raises(_harness.RunError, match=re.escape(message)) as error:
         ridge_l2.main([*SMALL, *change, "--out", str(tmp_path), "--resume"])
     assert str(error.value).count(" in the saved run") == 1  # only the option that differs
 
@@ -191,7 +191,7 @@ def test_demo_twice_writes_two_runs(tmp_path, monkeypatch):
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 2 and all(r.name.startswith("ridge_l2-") for r in runs)
     assert all((r / "results.json").is_file() and (r / "ridge_l2.png").is_file() for r in runs)
-    with pytest.raises(_common.RunError, match="already holds a run"):
+    with pytest.raises(_harness.RunError, match="already holds a run"):
         ridge_l2.main(["--budget", "2", "--unrolled-steps", "50", "--out", str(runs[0])])
 
 

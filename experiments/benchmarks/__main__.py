@@ -6,7 +6,7 @@ import importlib
 import sys
 import time
 
-from .. import _common
+from .. import _cli, _harness
 from ._timing import parser
 
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parser("", "run every benchmark").parse_args(argv)  # validates; --help lists them
     if args.out is None:  # one new directory for all of them
-        argv = [*argv, "--out", str(_common.claim_outputs(args, []))]
+        argv = [*argv, "--out", str(_harness.claim_outputs(args, []))]
     for name in BENCHMARKS:
         print(f"== experiments.benchmarks.{name} ==", flush=True)
         start = time.perf_counter()
@@ -39,4 +39,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .. import _common
+from .. import _cli, _environment, _harness, _outputs
 
 
 @dataclass
@@ -166,21 +166,18 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join([line(columns), rule, *(line(r) for r in cells)])
 
 
-environment = _common.environment  # what the numbers were measured on
-write_json = _common.write_json  # atomic, mode 0644; `Timing`s by their `to_dict`
-
-
 def header(args: argparse.Namespace, name: str) -> dict[str, Any]:
     """What a benchmark's JSON starts with: its name, its configuration (the options, with
     the defaults resolved into `args`) and `environment()`: versions, git commit, devices."""
-    config = {k: v for k, v in vars(args).items() if k not in _common.HARNESS_OPTIONS}
-    return {"benchmark": name, "config": config, "environment": environment()}
+    config = {k: v for k, v in vars(args).items() if k not in _harness.HARNESS_OPTIONS}
+    return {"benchmark": name, "config": config, "environment": _environment.environment()}
 
 
 def finish(args: argparse.Namespace, name: str, out: pathlib.Path, payload: dict, plot=None):
     """Writes `<out>/<name>.json` (the `header`, then `payload`) and, given `plot`,
     `<out>/<name>.png` (`plot(path)`), and says where."""
-    paths = [write_json(out / f"{name}.json", {**header(args, name), **payload})]
+    # Atomic, mode 0644; `Timing`s by their `to_dict`.
+    paths = [_outputs.write_json(out / f"{name}.json", {**header(args, name), **payload})]
     if plot is not None:
         paths.append(plot(out / f"{name}.png"))
     print("wrote " + " and ".join(map(str, paths)), flush=True)
@@ -207,7 +204,7 @@ def bar_ratio_plot(
 ) -> pathlib.Path:
     """Two panels: grouped bars of run time per contender (log scale), and the ratio per case
     with the goal as a dashed line."""
-    plt = _common.pyplot()
+    plt = _outputs.pyplot()
     x = np.arange(len(labels))
     fig, (ax_time, ax_ratio) = plt.subplots(
         2, 1, figsize=(max(6.0, 0.9 * len(labels) + 2), 7), sharex=True
@@ -226,17 +223,17 @@ def bar_ratio_plot(
     ax_ratio.axhline(1.0, color="grey", linewidth=0.8)
     ax_ratio.set_ylabel(ratio_name)
     ax_ratio.set_xticks(x, labels, rotation=30, ha="right")
-    return _common.save_figure(fig, path)
+    return _outputs.save_figure(fig, path)
 
 
 def parser(name: str, description: str) -> argparse.ArgumentParser:
     """`--quick`, `--out` (default: a new `runs/benchmarks-<date>-<time>`) and `--overwrite`,
-    as every benchmark takes them (see `experiments._common.parser`)."""
+    as every benchmark takes them (see `experiments._cli.parser`)."""
     module = f"benchmarks.{name}" if name else "benchmarks"
-    return _common.parser(module, description, resumable=False)
+    return _cli.parser(module, description, resumable=False)
 
 
 def outputs(args: argparse.Namespace, name: str) -> pathlib.Path:
     """The output directory of benchmark `name`, which writes `<name>.json` and `<name>.png`
     there: refused if they exist, unless `--overwrite`."""
-    return _common.claim_outputs(args, [f"{name}.json", f"{name}.png"])
+    return _harness.claim_outputs(args, [f"{name}.json", f"{name}.png"])

@@ -11,7 +11,7 @@ from sklearn.datasets import load_diabetes
 
 import bilevax as bx
 
-from .. import _common
+from .. import _cli
 from ..problems import half_mse as outer, relerr, ridge_loss as inner
 from ._timing import finish, format_table, outputs, parser
 
@@ -115,4 +115,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

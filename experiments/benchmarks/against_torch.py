@@ -41,7 +41,7 @@ import numpy as np
 
 import bilevax as bx
 
-from .. import _common
+from .. import _cli, _outputs
 from ..problems import relerr
 from . import implicit_vs_jaxopt as logistic
 from ._calls import time_calls
@@ -416,7 +416,7 @@ def plot(path, rows):
     labels = [
         f"{r['case']}\nvs {r['peer']}" + ("" if r["device"] == "cpu" else " (GPU)") for r in rows
     ]
-    fig, ax = _common.pyplot().subplots(figsize=(max(6.0, 0.8 * len(rows) + 2), 4.8))
+    fig, ax = _outputs.pyplot().subplots(figsize=(max(6.0, 0.8 * len(rows) + 2), 4.8))
     x = np.arange(len(rows))
     colours = ["tab:green" if r["ratio"] <= 1 else "tab:red" for r in rows]
     ax.bar(x, [r["ratio"] for r in rows], 0.6, color=colours)
@@ -425,8 +425,8 @@ def plot(path, rows):
     ax.set_ylabel("bilevax / peer run time")
     ax.set_xticks(x, labels, rotation=40, ha="right", fontsize=7)
     ax.set_title("bilevax against PyTorch peers (float64; < 1: bilevax faster)")
-    return _common.save_figure(fig, path)
+    return _outputs.save_figure(fig, path)
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

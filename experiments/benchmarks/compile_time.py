@@ -25,7 +25,7 @@ import optimistix as optx
 
 import bilevax as bx
 
-from .. import _common
+from .. import _cli
 from ..problems import logistic_loss as inner_loss, logistic_outer as outer_loss, relerr
 from ._timing import finish, format_table, outputs, parser
 from .implicit_vs_jaxopt import breast_cancer
@@ -127,4 +127,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

@@ -50,7 +50,7 @@ import optax
 
 import bilevax.nn as bnn
 
-from .. import _common
+from .. import _cli
 from ._timing import (
     bar_ratio_plot,
     compare,
@@ -291,4 +291,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

@@ -26,7 +26,7 @@ import numpy as np
 
 import bilevax as bx
 
-from .. import _common
+from .. import _cli, _outputs
 from ..problems import relerr
 from ._logistic import inner_loss as inner_loss, log_loss as log_loss, outer_loss as outer_loss
 from ._timing import compare, finish, format_table, log_axes, outputs, parser
@@ -151,7 +151,7 @@ def crossover(rows, family: str) -> int | None:
 
 
 def plot(path, rows):
-    fig, ax = _common.pyplot().subplots(figsize=(6.5, 4.5))
+    fig, ax = _outputs.pyplot().subplots(figsize=(6.5, 4.5))
     styles = {"reverse": "o-", "forward": "s--"}
     colours = {"unrolled": "tab:blue", "implicit": "tab:orange"}
     for name in CONTENDERS:
@@ -167,7 +167,7 @@ def plot(path, rows):
     log_axes(ax, "number of scalar hyperparameters H", "run time (s, median)")
     ax.legend()
     ax.set_title("hypergradient: forward vs reverse mode")
-    return _common.save_figure(fig, path)
+    return _outputs.save_figure(fig, path)
 
 
 COLUMNS = ["H", "family", "mode", "run_s", "vs_reverse", "compile_s", "fwd_vs_rev_err", "skipped"]
@@ -221,4 +221,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

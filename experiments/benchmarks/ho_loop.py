@@ -64,7 +64,7 @@ import optimistix as optx
 
 import bilevax as bx
 
-from .. import _common
+from .. import _cli
 from ..problems import logistic_loss as inner_loss, logistic_outer as outer_loss, relerr
 from ._timing import Timing, block, compile_fn, finish, format_table, outputs, parser
 from .implicit_vs_jaxopt import breast_cancer, newton_cg, synthetic
@@ -600,4 +600,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

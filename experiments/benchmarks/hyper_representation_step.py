@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import _common
+from .. import _cli
 from ..hyper_representation import (
     Batch,
     HyperRepresentation,
@@ -336,4 +336,4 @@ def _main(args) -> dict:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

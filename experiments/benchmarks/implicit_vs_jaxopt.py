@@ -45,7 +45,7 @@ import numpy as np
 
 import bilevax as bx
 
-from .. import _common
+from .. import _cli
 from ..problems import (
     log_loss as log_loss,
     logistic_loss as inner_loss,
@@ -440,4 +440,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

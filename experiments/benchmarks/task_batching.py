@@ -38,7 +38,7 @@ import numpy as np
 
 import bilevax as bx
 
-from .. import _common
+from .. import _cli, _outputs
 from ..problems import log_loss, logistic_loss as inner_loss, relerr
 from ._calls import time_calls
 from ._timing import block, compile_fn, finish, format_table, log_axes, outputs, parser
@@ -202,7 +202,7 @@ def run_devices(sizes, repeats, log) -> list[dict]:
 
 
 def plot(path, rows, device_rows):
-    fig, (ax, ax_dev) = _common.pyplot().subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax, ax_dev) = _outputs.pyplot().subplots(1, 2, figsize=(11, 4.2))
     Bs = [r["B"] for r in rows]
     ax.plot(Bs, [r["vmap_s"] for r in rows], "o-", label="vmap (one call)")
     ax.plot(Bs, [r["loop_s"] for r in rows], "s--", label="Python loop of jitted calls")
@@ -216,7 +216,7 @@ def plot(path, rows, device_rows):
     ax_dev.legend(title="devices")
     platform = device_rows[0]["platform"] if device_rows else "cpu"
     ax_dev.set_title(f"vmap sharded over devices ({platform}, forced host devices on CPU)")
-    return _common.save_figure(fig, path)
+    return _outputs.save_figure(fig, path)
 
 
 COLUMNS = [
@@ -260,4 +260,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

@@ -29,7 +29,7 @@ import numpy as np
 
 import bilevax as bx
 
-from .. import _common
+from .. import _cli, _outputs
 from ..problems import relerr
 from ._logistic import inner_loss as inner_loss, log_loss as log_loss, outer_loss as outer_loss
 from ._timing import compare, finish, format_table, log_axes, outputs, parser
@@ -139,7 +139,7 @@ def run_size(num_steps: int, problem, *, repeats: int, log) -> list[dict]:
 
 
 def plot(path, rows):
-    fig, (ax_mem, ax_time) = _common.pyplot().subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_mem, ax_time) = _outputs.pyplot().subplots(1, 2, figsize=(11, 4.2))
     for name in CONTENDERS:
         sub = [r for r in rows if r["method"] == name]
         Ts = [r["T"] for r in sub]
@@ -149,7 +149,7 @@ def plot(path, rows):
         log_axes(ax, "inner steps T", label)
     ax_mem.legend()
     ax_mem.set_title(f"checkpoints=⌈√T⌉, truncate={TRUNCATE}")
-    return _common.save_figure(fig, path)
+    return _outputs.save_figure(fig, path)
 
 
 COLUMNS = [
@@ -194,4 +194,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

@@ -28,7 +28,7 @@ import pathlib
 import sys
 import time
 
-from .. import _common
+from .. import _cli, _outputs
 from ._timing import finish, format_table, outputs, parser
 
 
@@ -128,7 +128,7 @@ def run(
 
 
 def plot(rows: list[dict], path: pathlib.Path):
-    fig, (left, right) = _common.pyplot().subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = _outputs.pyplot().subplots(1, 2, figsize=(11, 4))
     for config in dict.fromkeys(r["config"] for r in rows):
         sub = [r for r in rows if r["config"] == config]
         procs = [r["processes"] for r in sub]
@@ -143,7 +143,7 @@ def plot(rows: list[dict], path: pathlib.Path):
     right.set(xlabel="processes", ylabel="steps/s(P) / steps/s(1)", title="Weak-scaling efficiency")
     for ax in (left, right):
         ax.legend()
-    return _common.save_figure(fig, path)
+    return _outputs.save_figure(fig, path)
 
 
 CONFIGS = "implicit/auto,unrolled/auto,unrolled/shard_map"
@@ -221,4 +221,4 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

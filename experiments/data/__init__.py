@@ -9,10 +9,12 @@ that cannot be read raises a `DataError` naming it. Preprocessed arrays are cach
 """
 
 from ._files import (
+    DEFAULT_DATA as DEFAULT_DATA,
     ChecksumError as ChecksumError,
     DataError as DataError,
     UncheckedDataWarning as UncheckedDataWarning,
     cache_dir as cache_dir,
+    data_dir as data_dir,
     data_root as data_root,
     find as find,
     sha256 as sha256,

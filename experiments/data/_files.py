@@ -11,11 +11,12 @@ remembered in the cache directory by the file's path, size, mtime, ctime and ino
 first run pays for hashing. A file that fails to parse raises `DataError` naming it.
 
 Every file handed out is reported, with its SHA-256 (hashed even when it cannot be checked), to
-the experiment run in progress (`experiments._common.record_data`): if that is the run's data
-directory, the run records it in its `run.json` and refuses to continue on a file whose digest
-differs from the one it read before.
+the experiment run in progress (`record_reads`, which `experiments._harness.start` sets): if that
+is the run's data directory, the run records it in its `run.json` and refuses to continue on a
+file whose digest differs from the one it read before. The loaders know nothing of runs.
 """
 
+import argparse
 import contextlib
 import hashlib
 import io
@@ -26,14 +27,15 @@ import struct
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
-from .._common import DEFAULT_DATA, atomic_write, record_data
+from .._atomic import atomic_write
 
 
 PathLike = str | os.PathLike[str]
+DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
 SUMS = "SHA256SUMS"
 _DIGESTS = "sha256.json"
 # What a digest is remembered by: (resolved path, size, mtime_ns, ctime_ns, inode). Size and
@@ -50,6 +52,8 @@ _KEY_FIELDS = ("size", "mtime_ns", "ctime_ns", "ino")
 _memo: dict[_Key, str] = {}
 # Files handed out by `find` without a checksum check, for the messages of `reading`.
 _unchecked: set[str] = set()
+# Told of each file `find` hands out (see `record_reads`).
+_recorder: Callable[[pathlib.Path, str, str], None] | None = None
 # What a truncated or corrupt file raises from gzip, zipfile, zlib, numpy, json and PIL (whose
 # PNG decoder raises `SyntaxError` on some broken chunks).
 _READ_ERRORS = (
@@ -99,6 +103,44 @@ def data_root(data_dir: PathLike | None = None) -> tuple[pathlib.Path, str]:
     if env := os.environ.get("BILEVAX_DATA"):
         return pathlib.Path(env), "from `$BILEVAX_DATA`"
     return DEFAULT_DATA, "the default, as neither `--data-dir` nor `$BILEVAX_DATA` is set"
+
+
+def data_dir(args: argparse.Namespace, require: str | None = None) -> pathlib.Path:
+    """The one data directory of a run's command line: `--data-dir` if given, else
+    `$BILEVAX_DATA` if set, else `../shared/data` next to the repository. Only the first of
+    these that is set is looked at (see `data_root`), so one run never mixes files from two
+    places.
+
+    **Arguments:**
+
+    - `args`: the parsed command line.
+    - `require`: a folder that must exist inside it (e.g. `"mnist"`).
+
+    **Returns:**
+
+    The data directory (not joined with `require`).
+
+    **Raises:**
+
+    `FileNotFoundError`, naming the directory, where it came from, and how to choose another.
+    """
+    root, origin = data_root(getattr(args, "data_dir", None))
+    path = root / require if require else root
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{path} is not a directory (the data directory {root} is {origin}). Put the data "
+            "there (see experiments/data), or choose another data directory with "
+            "`--data-dir DIR` or `BILEVAX_DATA=DIR`."
+        )
+    return root
+
+
+def record_reads(recorder: Callable[[pathlib.Path, str, str], None] | None) -> None:
+    """Has `recorder(root, relpath, digest)` called for each file `find` hands out from now on:
+    its data directory, its path there and its SHA-256 (`None`: no one). A run sets it when it
+    starts, to record the data it is computed from (see `experiments._harness.record_data`)."""
+    global _recorder
+    _recorder = recorder
 
 
 def _read_digests() -> dict:
@@ -160,7 +202,7 @@ def find(relpath: str, data_dir: PathLike | None = None, *, download: str) -> pa
 
     The file's path. When the data directory has a `SHA256SUMS` that lists `relpath`, the file's
     SHA-256 matches it; otherwise an `UncheckedDataWarning` says that it was not checked. Either
-    way the run in progress records `relpath` and its SHA-256 (see `record_data`).
+    way the run in progress records `relpath` and its SHA-256 (see `record_reads`).
 
     **Raises:**
 
@@ -202,7 +244,9 @@ def find(relpath: str, data_dir: PathLike | None = None, *, download: str) -> pa
         )
     else:
         _unchecked.discard(str(path))
-    record_data(root, relpath, expected or sha256(path))
+    digest = expected or sha256(path)
+    if _recorder is not None:
+        _recorder(root, relpath, digest)
     return path
 
 

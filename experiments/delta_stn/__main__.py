@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 
-from .. import _common
+from .. import _atomic, _cli, _console, _distributed, _harness
+from ..data import data_dir
 from . import _plots
 from ._loop import self_tuning
 from ._search import search
@@ -55,7 +56,7 @@ def _summarise(runs: list[dict]) -> dict:
     )
 
 
-def run_method(task, method: str, seed: int, run: _common.Run) -> dict:
+def run_method(task, method: str, seed: int, run: _harness.Run) -> dict:
     if method in ("random", "tpe"):
         r = search(task, method, seed, run)
         return dict(r, seed=seed)
@@ -87,7 +88,7 @@ def run_method(task, method: str, seed: int, run: _common.Run) -> dict:
 
 
 def build_parser():
-    p = _common.parser("delta_stn", __doc__.splitlines()[0])
+    p = _cli.parser("delta_stn", __doc__.splitlines()[0])
     p.add_argument("task", choices=[*sorted(TASKS), "all"], nargs="?", default="digits-mlp")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--num-seeds", type=int, default=1, help="seeds seed, seed+1, ...")
@@ -108,8 +109,8 @@ def main(argv=None) -> dict:
         return run_all(args)
     x64 = args.task in ("ridge", "dropout-regression")
     # Each method and seed is a run of its own: more seeds, or other methods, add runs.
-    run = _common.start(args, x64=x64, may_grow=("num_seeds",), may_change=("methods",))
-    data_dir = _common.data_dir(args, "mnist") if args.task.startswith("mnist") else None
+    run = _harness.start(args, x64=x64, may_grow=("num_seeds",), may_change=("methods",))
+    root = data_dir(args, "mnist") if args.task.startswith("mnist") else None
     seeds = [args.seed + i for i in range(args.num_seeds)]
     overrides = dict(
         epochs=args.epochs, scale=args.scale, scale_lr=args.scale_lr, **method_options(args)
@@ -117,7 +118,7 @@ def main(argv=None) -> dict:
     runs = {m: [] for m in args.methods}
     references = []
     for seed in seeds:
-        task = make_task(args.task, seed, args.quick, data_dir, **overrides)
+        task = make_task(args.task, seed, args.quick, root, **overrides)
         if args.task == "ridge":
             references.append(ridge_closed_form(task))
         elif args.task == "dropout-regression":
@@ -141,7 +142,7 @@ def main(argv=None) -> dict:
     results = {m: _summarise(rs) for m, rs in runs.items()}
     if references:
         results["closed_form"] = _summarise(references)
-    task = make_task(args.task, args.seed, args.quick, data_dir, **overrides)
+    task = make_task(args.task, args.seed, args.quick, root, **overrides)
     results["config"] = dict(
         task=args.task,
         quick=args.quick,
@@ -158,8 +159,8 @@ def main(argv=None) -> dict:
         rate_caps=[s.upper for s in task.specs if s.name.startswith("dropout")],
     )
     print_table(results)
-    if _common.is_main_process():
-        _common.atomic_write(run.path("table.md"), markdown_table(results).encode())
+    if _distributed.is_main_process():
+        _atomic.atomic_write(run.path("table.md"), markdown_table(results).encode())
     figure = lambda path: _plots.plot(results, path, METHODS)
     return run.finish(results, {f"delta_stn_{args.task}.png": figure})
 
@@ -167,7 +168,7 @@ def main(argv=None) -> dict:
 def run_all(args) -> dict:
     """Every task of `CPU_TASKS` with the same options, each a run of its own in
     `--out/<task>` (resumed, or overwritten, with the others), then one table of them all."""
-    run = _common.start(args, x64=False, may_grow=("num_seeds",), may_change=("methods",))
+    run = _harness.start(args, x64=False, may_grow=("num_seeds",), may_change=("methods",))
     shared = ["--seed", str(args.seed), "--num-seeds", str(args.num_seeds), "--methods"]
     shared += args.methods
     shared += ["--quick"] * args.quick + ["--resume"] * args.resume
@@ -186,12 +187,12 @@ def run_all(args) -> dict:
         shared += ["--rate-cap", str(args.rate_cap)]
     results = {}
     for task in CPU_TASKS:
-        _common.console.print(f"== {task} ==")
+        _console.console.print(f"== {task} ==")
         results[task] = main([task, "--out", str(run.out / task), *shared])
     results["config"] = dict(tasks=list(CPU_TASKS), quick=args.quick, seeds=args.num_seeds)
     table = all_tasks_table(results)
-    if _common.is_main_process():
-        _common.atomic_write(run.path("table.md"), table.encode())
+    if _distributed.is_main_process():
+        _atomic.atomic_write(run.path("table.md"), table.encode())
     print(table)
     return run.finish(results)
 
@@ -270,8 +271,8 @@ def print_table(results: dict) -> None:
     )
     columns = ("method", "val loss", "test loss", "hyperparameters", "σ", "applied")
     # The table is the run's result: it goes to stdout, the progress bars to stderr.
-    _common.print_table(title, columns, rows)
+    _console.print_table(title, columns, rows)
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

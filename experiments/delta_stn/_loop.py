@@ -15,7 +15,8 @@ import scipy.stats
 
 import bilevax.nn as bnn
 
-from .. import _common
+from .. import _harness
+from .._optax import optax_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +108,7 @@ def _evaluate(task: Task, variant, model, hparams, data):
 
 
 def self_tuning(
-    task: Task, variant: str, seed: int, run: _common.Run, name: str | None = None
+    task: Task, variant: str, seed: int, run: _harness.Run, name: str | None = None
 ) -> dict:
     """Trains a self-tuning network of `variant` for `task.epochs` epochs (the first
     `task.warmup` without hyper steps) and records, after every epoch, the hyperparameters,
@@ -182,12 +183,12 @@ def self_tuning(
             )
             if not sequential:
                 loss, grads = grads_of(model, "both")
-                model, w_state = _common.optax_step(w_opt, grads, w_state, model)
+                model, w_state = optax_step(w_opt, grads, w_state, model)
                 return (model, hparams, w_state, h_state), loss
             loss, grads = grads_of(model, "general")
-            model, general_state = _common.optax_step(w_opts[0], grads, w_state[0], model)
+            model, general_state = optax_step(w_opts[0], grads, w_state[0], model)
             _, grads = grads_of(model, "response")
-            model, response_state = _common.optax_step(w_opts[1], grads, w_state[1], model)
+            model, response_state = optax_step(w_opts[1], grads, w_state[1], model)
             return (model, hparams, (general_state, response_state), h_state), loss
 
         def hyper_step(carry, inputs):
@@ -207,8 +208,8 @@ def self_tuning(
                     linearize=variant == "delta" and task.hyper_step == "linearized",
                 )
             )(hparams)
-            values, v_state = _common.optax_step(h_opt, grads.values, h_state[0], hparams.values)
-            scales, s_state = _common.optax_step(s_opt, grads.scales, h_state[1], hparams.scales)
+            values, v_state = optax_step(h_opt, grads.values, h_state[0], hparams.values)
+            scales, s_state = optax_step(s_opt, grads.scales, h_state[1], hparams.scales)
             hparams = eqx.tree_at(lambda hp: (hp.values, hp.scales), hparams, (values, scales))
             return (model, hparams, w_state, (v_state, s_state)), None
 
@@ -330,7 +331,7 @@ def _plain_functions(task: Task):
             return jnp.mean(jax.vmap(task.train_loss, in_axes=(0, 0, None))(out, ytr[idx], lam))
 
         grads = eqx.filter_grad(loss)(model)
-        return _common.optax_step(w_opt, grads, w_state, model), None
+        return optax_step(w_opt, grads, w_state, model), None
 
     @eqx.filter_jit
     def evaluate(model, data, lam):

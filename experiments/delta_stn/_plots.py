@@ -2,11 +2,11 @@
 
 import numpy as np
 
-from .. import _common
+from .. import _outputs
 
 
 def plot(results: dict, path, methods: dict):
-    plt = _common.pyplot()
+    plt = _outputs.pyplot()
     names = results["config"]["hparam_names"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     colours = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
@@ -77,4 +77,4 @@ def plot(results: dict, path, methods: dict):
         right.set_ylim(0.9 * finite.min(), 3 * np.median(finite))
     left.legend(fontsize=8)
     right.legend(fontsize=8)
-    return _common.save_figure(fig, path, dpi=110)
+    return _outputs.save_figure(fig, path, dpi=110)

@@ -5,7 +5,7 @@ hyperparameters."""
 import numpy as np
 import optuna
 
-from .. import _common, _search
+from .. import _harness, _search
 from ._loop import Task, forget_compiled, plain_training
 
 
@@ -17,7 +17,7 @@ def search(
     task: Task,
     method: str,
     seed: int,
-    run: _common.Run,
+    run: _harness.Run,
     *,
     budget_seconds: float | None = None,
     startup: int | None = None,

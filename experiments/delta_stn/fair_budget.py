@@ -17,7 +17,8 @@ favour the least regularised setting. TASK defaults to `mnist-mlp`.
 
 import numpy as np
 
-from .. import _common
+from .. import _cli, _console, _harness, _outputs
+from ..data import data_dir
 from ._loop import plain_training
 from ._tasks import RECIPES, TASKS, make_task
 
@@ -57,7 +58,7 @@ def fair_budget(budgets, tuned, tolerance: float) -> int | None:
 
 
 def main(argv=None) -> dict:
-    p = _common.parser("delta_stn_fair_budget", __doc__.splitlines()[0])
+    p = _cli.parser("delta_stn_fair_budget", __doc__.splitlines()[0])
     p.add_argument("task", choices=sorted(TASKS), nargs="?", default="mnist-mlp")
     p.add_argument("--epochs", type=int, nargs="+", default=[10, 20, 40, 80, 160])
     p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.5])
@@ -76,8 +77,8 @@ def main(argv=None) -> dict:
         raise ValueError(f"`--rates` must be dropout rates in [0, 1), got {args.rates}.")
     if args.num_seeds < 1:
         raise ValueError(f"`--num-seeds` must be at least 1, got {args.num_seeds}.")
-    run = _common.start(args, x64=args.task in ("ridge", "dropout-regression"))
-    data_dir = _common.data_dir(args, "mnist") if args.task.startswith("mnist") else None
+    run = _harness.start(args, x64=args.task in ("ridge", "dropout-regression"))
+    root = data_dir(args, "mnist") if args.task.startswith("mnist") else None
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     cells = []
     for seed in seeds:
@@ -86,7 +87,7 @@ def main(argv=None) -> dict:
                 args.task,
                 seed,
                 args.quick,
-                data_dir,
+                root,
                 recipe=args.recipe,
                 epochs=epochs,
                 trial_epochs=epochs,
@@ -115,12 +116,12 @@ def main(argv=None) -> dict:
         (str(e), *(f"{mean[e, label]:.4f}" for label in labels), f"{t:.4f}", b or "all diverged")
         for e, t, b in zip(args.epochs, tuned, best)
     ]
-    _common.print_table(
+    _console.print_table(
         f"Best validation loss of the plain network (mean over {len(seeds)} seed(s))",
         ("epochs", *labels, "tuned", "best setting"),
         rows,
     )
-    _common.console.print(
+    _console.console.print(
         f"Fair budget (next budget improves the tuned loss by < {args.tolerance:.0%}): "
         + (f"{fair} epochs" if fair is not None else "not reached within --epochs")
     )
@@ -141,7 +142,7 @@ def main(argv=None) -> dict:
 
 
 def plot(results: dict, path):
-    plt = _common.pyplot()
+    plt = _outputs.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     epochs = results["config"]["epochs"]
     for label in dict.fromkeys(c["setting"] for c in results["cells"]):
@@ -163,8 +164,8 @@ def plot(results: dict, path):
         title=f"{results['config']['task']}: plain network",
     )
     ax.legend(fontsize=8)
-    return _common.save_figure(fig, path)
+    return _outputs.save_figure(fig, path)
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

@@ -26,7 +26,8 @@ import numpy as np
 
 import bilevax.nn as bnn
 
-from .. import _common
+from .. import _cli, _console, _harness
+from ..data import data_dir
 from ._loop import plain_training, self_tuning
 from ._tasks import TASKS, add_method_options, make_task, method_options
 
@@ -79,7 +80,7 @@ def finite_difference(task, model, hparams, step: float, epochs: int, seed: int)
 
 
 def main(argv=None) -> dict:
-    p = _common.parser("delta_stn_hypergradient_sign", __doc__.splitlines()[0])
+    p = _cli.parser("delta_stn_hypergradient_sign", __doc__.splitlines()[0])
     p.add_argument("task", choices=sorted(TASKS), nargs="?", default="digits-mlp")
     p.add_argument("--mid-epoch", type=int, default=None, help="default: half the epochs")
     p.add_argument("--step", type=float, default=0.3, help="D, in the unconstrained scale")
@@ -89,11 +90,11 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if not args.step > 0:
         raise ValueError(f"`--step` must be positive, got {args.step}.")
-    run = _common.start(args, x64=args.task in ("ridge", "dropout-regression"))
-    data_dir = _common.data_dir(args, "mnist") if args.task.startswith("mnist") else None
-    task = make_task(args.task, args.seed, args.quick, data_dir, **method_options(args))
+    run = _harness.start(args, x64=args.task in ("ridge", "dropout-regression"))
+    root = data_dir(args, "mnist") if args.task.startswith("mnist") else None
+    task = make_task(args.task, args.seed, args.quick, root, **method_options(args))
     mid = args.mid_epoch or task.epochs // 2
-    task = make_task(args.task, args.seed, args.quick, data_dir, epochs=mid, **method_options(args))
+    task = make_task(args.task, args.seed, args.quick, root, epochs=mid, **method_options(args))
     r = self_tuning(task, "delta", args.seed, run, name=f"delta_{args.seed}_to_{mid}")
     model, hparams = r["model"], r["hyperparameters"]
     hypergrad = run.stage(
@@ -106,7 +107,7 @@ def main(argv=None) -> dict:
     for row, g in zip(rows, np.asarray(hypergrad)):
         row["hypergradient"] = float(g)
         row["agree"] = bool(np.sign(g) == np.sign(row["slope"]))
-    _common.print_table(
+    _console.print_table(
         f"{args.task} at epoch {mid} ({task.recipe} recipe): Δ-STN's hypergradient against a "
         f"{args.retrain_epochs}-epoch retrain at u ± {args.step}",
         ("rate", "value", "Δ-STN hypergradient", "finite difference", "same sign"),
@@ -126,4 +127,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

@@ -42,7 +42,7 @@ from jax.flatten_util import ravel_pytree
 import bilevax as bx
 import bilevax.nn as bnn
 
-from .. import _common, problems
+from .. import _cli, _console, _harness, _outputs, problems
 
 
 VARIANTS = {"delta": "Δ-STN", "centred": "centred STN"}
@@ -325,11 +325,11 @@ def print_table(results: dict) -> None:
             )
     columns = ("σ", "variant", "secant vs exact", "learned vs exact", "learned vs secant")
     title = f"Response Jacobians (exact vs dense solve: {results['exact_vs_dense']:.1e})"
-    _common.print_table(title, columns, rows)
+    _console.print_table(title, columns, rows)
 
 
 def plot(results: dict, path) -> None:
-    plt = _common.pyplot()
+    plt = _outputs.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, per_variant in results["sigmas"].items():
         for variant, r in per_variant.items():
@@ -342,11 +342,11 @@ def plot(results: dict, path) -> None:
         ax.set_xlabel("response steps")
         ax.set_ylabel("relative error")
     axes[1].legend(fontsize=7)
-    _common.save_figure(fig, path)
+    _outputs.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
-    p = _common.parser("delta_stn_jacobian", __doc__.splitlines()[0])
+    p = _cli.parser("delta_stn_jacobian", __doc__.splitlines()[0])
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     p.add_argument(
         "--steps", type=int, default=None, help="response steps (default 20000, --quick 4000)"
@@ -360,7 +360,7 @@ def main(argv=None) -> dict:
     record_every = max(1, steps // 20)
     if steps % record_every:
         raise ValueError(f"`--steps` must be a multiple of {record_every}, got {steps}.")
-    run = _common.start(args, x64=True)
+    run = _harness.start(args, x64=True)
     results = study(args.seed, hidden, args.sigmas, steps, record_every, run)
     results["config"] = dict(seed=args.seed, hidden=hidden, sigmas=args.sigmas, steps=steps)
     print_table(results)
@@ -369,4 +369,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

@@ -15,7 +15,8 @@ import itertools
 
 import numpy as np
 
-from .. import _common
+from .. import _cli, _console, _harness, _outputs
+from ..data import data_dir
 from ._loop import self_tuning
 from ._tasks import TASKS, add_method_options, make_task, method_options
 
@@ -71,7 +72,7 @@ def summarise(cells: dict) -> dict:
 
 
 def plot(cells: dict, lrs, hyper_lrs, path):
-    plt = _common.pyplot()
+    plt = _outputs.pyplot()
     fig, axes = plt.subplots(1, len(VARIANTS), figsize=(5 * len(VARIANTS), 4.2))
     finite = [c["final_val_loss"] for runs in cells.values() for c in runs if not c["diverged"]]
     vmin, vmax = (min(finite), max(finite)) if finite else (0.0, 1.0)
@@ -94,7 +95,7 @@ def plot(cells: dict, lrs, hyper_lrs, path):
             ylabel="weight learning rate",
             title=f"{label}: final validation loss",
         )
-    return _common.save_figure(fig, path)
+    return _outputs.save_figure(fig, path)
 
 
 def print_table(cells: dict, summary: dict) -> None:
@@ -113,7 +114,7 @@ def print_table(cells: dict, summary: dict) -> None:
                 per_cell,
             )
         )
-    _common.print_table(
+    _console.print_table(
         "Stability over the learning-rate grid (final eval-mode validation loss)",
         ("variant", "diverged", "median final val", "worst final val",
          "per cell (lr-major, hyper lr-minor)"),
@@ -122,7 +123,7 @@ def print_table(cells: dict, summary: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    p = _common.parser("delta_stn_stability", __doc__.splitlines()[0])
+    p = _cli.parser("delta_stn_stability", __doc__.splitlines()[0])
     p.add_argument("task", choices=sorted(TASKS), nargs="?", default="digits-mlp")
     p.add_argument("--lrs", type=float, nargs="+", default=[0.03, 0.1, 0.3])
     p.add_argument("--hyper-lrs", type=float, nargs="+", default=[0.003, 0.01, 0.03])
@@ -133,8 +134,8 @@ def main(argv=None) -> dict:
         if not all(rate > 0 for rate in rates):
             raise ValueError(f"`{option}` must be positive, got {rates}.")
     x64 = args.task in ("ridge", "dropout-regression")
-    run = _common.start(args, x64=x64)
-    data_dir = _common.data_dir(args, "mnist") if args.task.startswith("mnist") else None
+    run = _harness.start(args, x64=x64)
+    root = data_dir(args, "mnist") if args.task.startswith("mnist") else None
     cells = run_grid(
         args.task,
         args.seed,
@@ -143,7 +144,7 @@ def main(argv=None) -> dict:
         args.hyper_lrs,
         run,
         args.epochs,
-        data_dir,
+        root,
         method_options(args),
     )
     summary = summarise(cells)
@@ -154,4 +155,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

@@ -24,7 +24,8 @@ and paired t-test p-values).
 import numpy as np
 import scipy.stats
 
-from .. import _common
+from .. import _atomic, _cli, _distributed, _harness, _outputs
+from ..data import data_dir
 from ._loop import self_tuning
 from ._search import search
 from ._tasks import METHODS, TASKS, add_method_options, make_task, method_options
@@ -49,7 +50,7 @@ def _best_by(timeline: dict, t: float) -> tuple[float, float]:
     return best_by(timeline["seconds"], timeline["val"], timeline["test"], t)
 
 
-def timeline(task, method: str, seed: int, run: _common.Run, budget: float | None, startup):
+def timeline(task, method: str, seed: int, run: _harness.Run, budget: float | None, startup):
     """`seconds`, `val` and `test` per epoch of a self-tuning run, or per trial of a search,
     and `hparams`: the self-tuning run's at its end, or the best trial's."""
     if method in SELF_TUNING:
@@ -70,7 +71,7 @@ def timeline(task, method: str, seed: int, run: _common.Run, budget: float | Non
     )
 
 
-def run_seed(task, seed: int, run: _common.Run, factor: float, startup: int) -> dict:
+def run_seed(task, seed: int, run: _harness.Run, factor: float, startup: int) -> dict:
     """Every method on one seed: `{method: timeline, "budget": seconds}`."""
     out = {m: timeline(task, m, seed, run, None, startup) for m in SELF_TUNING}
     budget = factor * max(out[m]["seconds"][-1] for m in SELF_TUNING)
@@ -196,7 +197,7 @@ def markdown_table(summary: dict, budgets: list[float], paired_at=(1.0,)) -> str
 def plot(per_seed: list[dict], path, title: str):
     """Best validation loss so far against the fraction of each seed's budget: the mean over
     seeds (from where every seed has a value), shaded from the best seed to the worst."""
-    plt = _common.pyplot()
+    plt = _outputs.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     grid = np.linspace(0, 1, 201)[1:]
     for method, label in METHODS.items():
@@ -220,11 +221,11 @@ def plot(per_seed: list[dict], path, title: str):
         title=f"{title}: {len(per_seed)} seeds, mean (line) and range (band)",
     )
     ax.legend()
-    return _common.save_figure(fig, path)
+    return _outputs.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
-    p = _common.parser("delta_stn_time_budget", __doc__.splitlines()[0])
+    p = _cli.parser("delta_stn_time_budget", __doc__.splitlines()[0])
     p.add_argument("task", choices=sorted(TASKS), nargs="?", default="digits-mlp")
     p.add_argument("--num-seeds", type=int, default=5, help="seeds seed, seed+1, ...")
     p.add_argument("--epochs", type=int, default=None, help="the self-tuning runs' epochs")
@@ -237,12 +238,12 @@ def main(argv=None) -> dict:
         raise ValueError(f"`--num-seeds` must be at least 1, got {args.num_seeds}.")
     if not args.budget_factor > 0:
         raise ValueError(f"`--budget-factor` must be positive, got {args.budget_factor}.")
-    run = _common.start(args, x64=args.task in ("ridge", "dropout-regression"))
-    data_dir = _common.data_dir(args, "mnist") if args.task.startswith("mnist") else None
+    run = _harness.start(args, x64=args.task in ("ridge", "dropout-regression"))
+    root = data_dir(args, "mnist") if args.task.startswith("mnist") else None
     overrides = dict(epochs=args.epochs, trial_epochs=args.trial_epochs, **method_options(args))
     per_seed = []
     for seed in range(args.seed, args.seed + args.num_seeds):
-        task = make_task(args.task, seed, args.quick, data_dir, **overrides)
+        task = make_task(args.task, seed, args.quick, root, **overrides)
         per_seed.append(run_seed(task, seed, run, args.budget_factor, args.tpe_startup))
     # Paired at the self-tuning runs' own time (where they stop) and at the end of the budget.
     equal_time = min(1.0, 1 / args.budget_factor)
@@ -250,9 +251,9 @@ def main(argv=None) -> dict:
     budgets = [s["budget"] for s in per_seed]
     table = markdown_table(summary, budgets, sorted({equal_time, 1.0}))
     print(table)
-    if _common.is_main_process():
-        _common.atomic_write(run.path("table.md"), table.encode())
-    task = make_task(args.task, args.seed, args.quick, data_dir, **overrides)
+    if _distributed.is_main_process():
+        _atomic.atomic_write(run.path("table.md"), table.encode())
+    task = make_task(args.task, args.seed, args.quick, root, **overrides)
     results = dict(
         summary=summary,
         per_seed=per_seed,
@@ -269,4 +270,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

@@ -23,7 +23,7 @@ from jaxtyping import Array, Float, Int
 
 import bilevax as bx
 
-from .. import _common
+from .._optax import optax_step
 from ._model import HyperRepresentation
 
 
@@ -258,7 +258,7 @@ def meta_step(
         eqx.combine(p, static), batch, n_way=n_way, num_steps=num_steps, head=head
     )
     (loss, (accuracies, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    params, opt_state = _common.optax_step(optimizer, grads, state.opt_state, params)
+    params, opt_state = optax_step(optimizer, grads, state.opt_state, params)
     model = eqx.combine(params, static)
     metrics = {
         "loss": loss,

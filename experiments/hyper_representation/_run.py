@@ -6,8 +6,8 @@ import time
 import jax
 import numpy as np
 
-from .. import _common, _distributed
-from ..data import load_omniglot, load_one_shot_runs
+from .. import _cli, _console, _distributed, _harness, _outputs
+from ..data import data_dir, load_omniglot, load_one_shot_runs
 from ..data.omniglot import split_characters
 from ._data import (
     EpisodeStream,
@@ -101,7 +101,7 @@ def evaluate(
 
 
 def train_setting(
-    name: str, splits, cfg: dict, args, run: _common.Run, mesh, runs, loop_name: str | None = None
+    name: str, splits, cfg: dict, args, run: _harness.Run, mesh, runs, loop_name: str | None = None
 ) -> dict:
     """Meta-trains one setting with checkpoints (under `loop_name`, default `name`); returns
     its results."""
@@ -259,7 +259,7 @@ def train_setting(
 
 
 def plot(results: dict, path):
-    plt = _common.pyplot()
+    plt = _outputs.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name in SETTINGS:
         if name not in results:
@@ -271,11 +271,11 @@ def plot(results: dict, path):
     left.legend()
     right.set(xlabel="meta-steps", ylabel="learned inner step size η", title="Step size")
     right.legend()
-    return _common.save_figure(fig, path)
+    return _outputs.save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _common.parser("hyper_representation", DESCRIPTION, distributed=True)
+    p = _cli.parser("hyper_representation", DESCRIPTION, distributed=True)
     p.add_argument("--settings", nargs="+", choices=list(SETTINGS), help="(default: all four)")
     p.add_argument(
         "--split",
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_splits(args):
     """The meta-train, meta-validation and meta-test characters (`args.split`, `args.seed`),
     and Lake's one-shot runs as one batch (`None` with the random split)."""
-    data = _common.data_dir(args, "omniglot")
+    data = data_dir(args, "omniglot")
     chars = load_omniglot(data)
     if args.split == "hold-out-runs":
         raw_runs = load_one_shot_runs(data)
@@ -314,12 +314,12 @@ def main(argv=None) -> dict:
     if cfg["head"] not in HEADS:
         raise ValueError(f"`--head` must be one of {HEADS}, got {cfg['head']!r}.")
     # Each setting is trained on its own; the test sets are drawn after training.
-    run = _common.start(
+    run = _harness.start(
         args, x64=False, may_change=("settings", "checkpoint_every", "test_episodes")
     )
     splits, runs = load_splits(args)
     mesh = make_mesh()
-    _common.console.print(
+    _console.console.print(
         f"{len(jax.devices())} device(s): {jax.devices()[0].device_kind}; "
         f"classes {[len(s) for s in splits]}"
     )
@@ -331,7 +331,7 @@ def main(argv=None) -> dict:
         line = f"{name}: test {done['test_acc']:.2f} ± {done['ci95']:.2f}"
         if "lake_runs_acc" in done:
             line += f"  Lake's runs {done['lake_runs_acc']:.2f} ± {done['lake_runs_ci95']:.2f}"
-        _common.console.print(line)
+        _console.console.print(line)
     results["config"] = run.config
     results["device"] = dict(
         kind=jax.devices()[0].device_kind,

@@ -25,7 +25,7 @@ import time
 
 import jax
 
-from .. import _common
+from .. import _cli, _console, _harness, _outputs
 from ._data import EpisodeStream
 from ._meta_step import (
     HEADS,
@@ -112,7 +112,7 @@ def print_table(results: dict, variant_list) -> None:
                 f"{t['compile_seconds']:.1f}",
             ]
         )
-    _common.print_table(
+    _console.print_table(
         f"Effect of T, {results['config']['setting']}, budget {results['config']['budget']}",
         [
             "variant",
@@ -128,7 +128,7 @@ def print_table(results: dict, variant_list) -> None:
 
 
 def plot(results: dict, variant_list, path):
-    plt = _common.pyplot()
+    plt = _outputs.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     unrolled = [(T, label) for label, head, T in variant_list if head == "linear"]
     ts = [T for T, _ in unrolled]
@@ -157,11 +157,11 @@ def plot(results: dict, variant_list, path):
     setting = results["config"]["setting"]
     left.set(xlabel="inner steps T", ylabel="meta-test accuracy (%)", title=f"Omniglot {setting}")
     right.set(xlabel="inner steps T", ylabel="ms per meta-step", title="Cost of a meta-step")
-    return _common.save_figure(fig, path)
+    return _outputs.save_figure(fig, path)
 
 
 def build_parser():
-    p = _common.parser("hyper_representation.effect_of_t", DESCRIPTION)
+    p = _cli.parser("hyper_representation.effect_of_t", DESCRIPTION)
     p.add_argument("--budget", choices=["quick", "full"], default="quick")
     p.add_argument("--setting", choices=list(SETTINGS), default="5w1s")
     p.add_argument("--ts", type=int, nargs="+", default=TS, help=f"(default {TS})")
@@ -187,7 +187,7 @@ def main(argv=None) -> dict:
     cfg["checkpoint_every"] = min(cfg["checkpoint_every"], cfg["meta_steps"])
     args.ts = sorted(set(args.ts))
     variant_list = variants(args.ts, args.heads)
-    run = _common.start(args, x64=False)
+    run = _harness.start(args, x64=False)
     splits, runs = load_splits(args)
     mesh = make_mesh()
     results: dict = {}
@@ -199,7 +199,7 @@ def main(argv=None) -> dict:
                 args.setting, splits, variant_cfg, args, run, mesh, runs, loop_name=label
             ),
         )
-        _common.console.print(f"{label}: test {done['test_acc']:.2f} ± {done['ci95']:.2f}")
+        _console.console.print(f"{label}: test {done['test_acc']:.2f} ± {done['ci95']:.2f}")
     results["timing"] = run.stage(
         "timing", lambda: time_meta_steps(cfg, variant_list, splits, mesh, args.seed)
     )
@@ -210,4 +210,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    _common.cli(main)
+    _cli.cli(main)

@@ -1,10 +1,10 @@
-"""The run harness every experiment and benchmark uses: command line, output directory, the
-run's configuration, data-only checkpoints, resumable loops, progress and results.
+"""A run's life: its output directory, its configuration, the data it reads, its resumable
+loops and stages, and its results.
 
-An experiment builds its parser with `parser`, resolves its defaults into the parsed arguments,
-then calls `start`, which returns a `Run`. Its work goes through `Run.loop` (a resumable loop,
-checkpointed as it goes) and `Run.stage` (a result computed once and kept), hyperparameter
-updates through `optax_step`, and its results and figures through `Run.finish`. A run
+An experiment builds its parser with `experiments._cli.parser`, resolves its defaults into the
+parsed arguments, then calls `start`, which returns a `Run`. Its work goes through `Run.loop` (a
+resumable loop, checkpointed as it goes) and `Run.stage` (a result computed once and kept), and
+its results and figures through `Run.finish`; `experiments._cli.cli` runs its `main`. A run
 directory holds:
 
 - `run.json`: the experiment, its run id (made at its first start), its configuration (every
@@ -12,7 +12,8 @@ directory holds:
     path in the data directory with its SHA-256), the versions, git commit and devices;
     written when the run starts, and as it reads data.
 - `run.lock`: the file a live run holds a lock on (see `experiments/_claim.py`).
-- `checkpoints/<name>.npz`: the state of each loop and stage (see `save_tree`), with the run id.
+- `checkpoints/<name>.npz`: the state of each loop and stage, with the run id (see
+    `experiments/_checkpoint.py`).
 - `results.json` and the figures, when the run ends. `results.json` repeats the run id,
     configuration, data files and environment under `"run"`, with `"progress"`: for each
     loop, the step this invocation started from and the step it ended at.
@@ -52,41 +53,29 @@ Every written file gets the usual mode (0644 under the usual umask).
 """
 
 import argparse
-import contextlib
 import datetime
-import io
 import json
-import os
 import pathlib
-import platform
 import shutil
-import subprocess
-import tempfile
 import time
 import uuid
-import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
-import numpy as np
-import optax
-import rich.console
-import rich.progress
 
 from . import _claim, _distributed
-from ._distributed import is_main_process as is_main_process
+from ._checkpoint import CHECKPOINTS, CheckpointError, Checkpoints
+from ._console import console, progress
+from ._distributed import is_main_process
+from ._environment import environment
+from ._outputs import to_json, write_json
+from .data._files import data_root, record_reads
 
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
 RUNS = pathlib.Path("runs")  # where default output directories go, relative to the working dir
-# Progress goes to stderr so that stdout holds only the results.
-console = rich.console.Console(stderr=True)
-
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
-CHECKPOINTS = "checkpoints"
 # Options of the harness itself: where things go and how the processes meet, not what is computed.
 HARNESS_OPTIONS = frozenset(
     {
@@ -101,443 +90,12 @@ HARNESS_OPTIONS = frozenset(
         "process_id",
     }
 )
-_umask = os.umask(0)
-os.umask(_umask)
-FILE_MODE = 0o666 & ~_umask
 
 
 class RunError(RuntimeError):
     """A run that cannot start or go on as asked: an output directory that holds another run
     (finished, or live in another process), or a `--resume` whose options or data differ from
     the saved run's. The message says what to do."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read back: truncated, corrupt, not in the data-only format,
-    not the state this run expects, or another run's. The message names the file."""
-
-
-# -- command line ------------------------------------------------------------------------------
-
-
-def parser(
-    name: str, description: str, *, distributed: bool = False, resumable: bool = True
-) -> argparse.ArgumentParser:
-    """The command line every experiment accepts; add experiment-specific options to it.
-
-    **Arguments:**
-
-    - `name`: the experiment's module under `experiments` (e.g. `"ridge_l2"`,
-        `"benchmarks.accuracy"`); its last part names the default output directories.
-    - `description`: one line for `--help`.
-    - `distributed`: whether the experiment runs as one process of many; adds
-        `--distributed` and its options (see `experiments/_distributed.py`).
-    - `resumable`: `False` for a run that keeps no checkpoints (a benchmark): no `--resume`,
-        `--seed` or `--data-dir`.
-
-    **Returns:**
-
-    An `argparse.ArgumentParser` with `--quick`, `--out`, `--overwrite` and, when resumable,
-    `--data-dir`, `--seed`, `--resume` (and `--distributed`, `--coordinator-address`,
-    `--num-processes`, `--process-id`).
-    """
-    stem = name.split(".")[0] if name.startswith("benchmarks") else name
-    p = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=description)
-    p.add_argument("--quick", action="store_true", help="a small budget that runs in CPU minutes")
-    p.add_argument(
-        "--out",
-        type=pathlib.Path,
-        default=None,
-        help=f"output directory (default: a new runs/{stem}-<date>-<time>)",
-    )
-    again = p.add_mutually_exclusive_group()
-    again.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="delete what an earlier run left in --out, then start afresh",
-    )
-    if resumable:
-        p.add_argument(
-            "--data-dir",
-            type=pathlib.Path,
-            default=None,
-            help="the data directory (default: $BILEVAX_DATA if set, else ../shared/data)",
-        )
-        p.add_argument("--seed", type=int, default=0)
-        again.add_argument(
-            "--resume",
-            action="store_true",
-            help="continue the run in --out (default: the latest runs/"
-            f"{stem}-*) with the same options",
-        )
-    if distributed:
-        _distributed.add_arguments(p)
-    p.set_defaults(name=stem)
-    return p
-
-
-def data_dir(args: argparse.Namespace, require: str | None = None) -> pathlib.Path:
-    """The one data directory: `--data-dir` if given, else `$BILEVAX_DATA` if set, else
-    `../shared/data` next to the repository. Only the first of these that is set is looked at
-    (as `experiments.data` does), so one run never mixes files from two places.
-
-    **Arguments:**
-
-    - `args`: the parsed command line.
-    - `require`: a folder that must exist inside it (e.g. `"mnist"`).
-
-    **Returns:**
-
-    The data directory (not joined with `require`).
-
-    **Raises:**
-
-    `FileNotFoundError`, naming the directory, where it came from, and how to choose another.
-    """
-    from .data._files import data_root
-
-    root, origin = data_root(getattr(args, "data_dir", None))
-    path = root / require if require else root
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{path} is not a directory (the data directory {root} is {origin}). Put the data "
-            "there (see experiments/data), or choose another data directory with "
-            "`--data-dir DIR` or `BILEVAX_DATA=DIR`."
-        )
-    return root
-
-
-# -- files -------------------------------------------------------------------------------------
-
-
-def atomic_write(path: pathlib.Path, data: bytes) -> None:
-    """Writes `data` beside `path` and renames it into place, so that a run killed mid-write
-    leaves the old file (or none), never a partial one; the temporary file is removed on any
-    failure. The file gets the usual mode (`0666` less the umask)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), FILE_MODE)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def to_json(x: Any) -> Any:
-    """`json.dumps`'s `default`: NumPy and JAX arrays and scalars as numbers and lists, paths
-    as strings, dataclass-like objects with a `to_dict` by it."""
-    if isinstance(x, jax.Array | np.ndarray | np.generic):
-        return np.asarray(x).tolist()
-    if isinstance(x, pathlib.Path):
-        return str(x)
-    if hasattr(x, "to_dict"):
-        return x.to_dict()
-    raise TypeError(f"Cannot write {type(x).__name__} to JSON.")
-
-
-def write_json(path: pathlib.Path, obj: Any) -> pathlib.Path:
-    """Writes `obj` as indented JSON, atomically (on process 0 only); returns the path."""
-    path = pathlib.Path(path)
-    if is_main_process():
-        text = json.dumps(obj, indent=2, default=to_json, allow_nan=True)
-        atomic_write(path, (text + "\n").encode())
-    return path
-
-
-def pyplot():
-    """`matplotlib.pyplot` on the file-only Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: pathlib.Path, dpi: int = 120) -> pathlib.Path:
-    """Lays out `fig`, writes it as a PNG atomically (on process 0 only), and closes it."""
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    pyplot().close(fig)
-    if is_main_process():
-        atomic_write(pathlib.Path(path), buffer.getvalue())
-    return pathlib.Path(path)
-
-
-def environment() -> dict[str, Any]:
-    """What the numbers were computed with: versions, the git commit, the devices."""
-    import importlib.metadata as metadata
-
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for package in (
-        "bilevax",
-        "jax",
-        "jaxlib",
-        "numpy",
-        "equinox",
-        "lineax",
-        "optimistix",
-        "optax",
-        "optuna",
-        "scikit-learn",
-        "jaxopt",
-    ):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    devices = jax.devices()
-    return {
-        "versions": versions,
-        "git": commit or None,
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "devices": {
-            "platform": devices[0].platform,
-            "kind": devices[0].device_kind,
-            "count": len(devices),
-            "processes": jax.process_count(),
-            "list": [str(d) for d in devices],
-        },
-        "x64": bool(jax.config.read("jax_enable_x64")),
-    }
-
-
-# -- data-only checkpoints -----------------------------------------------------------------------
-
-_FORMAT = "bilevax-experiments-checkpoint"
-_VERSION = 1
-_STRUCTURE = "__structure__"
-_SCALARS = (bool, int, float, str, type(None))
-
-
-def _is_array(x) -> bool:
-    return isinstance(x, jax.Array | np.ndarray | np.generic)
-
-
-def _encode(x, arrays: dict, where: str):
-    if type(x) in _SCALARS:
-        return x
-    if _is_array(x):
-        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            key = _encode(jax.random.key_data(x), arrays, where)
-            return {"$key": key, "impl": str(jax.random.key_impl(x))}
-        a = np.asarray(x)
-        name = f"a{len(arrays)}"
-        if a.dtype.kind == "O":
-            raise TypeError(f"{where}: an object array cannot be checkpointed.")
-        if a.dtype.isbuiltin == 1:  # a NumPy type: stored as is
-            arrays[name] = a
-            return {"$array": name}
-        arrays[name] = a.view(f"u{a.dtype.itemsize}")  # bfloat16 and the like: their bits
-        return {"$array": name, "dtype": a.dtype.name}
-    if type(x) is dict:
-        if not all(isinstance(k, str) for k in x):
-            raise TypeError(f"{where}: checkpointed dicts need string keys.")
-        return {"$dict": {k: _encode(v, arrays, f"{where}.{k}") for k, v in x.items()}}
-    if type(x) in (list, tuple):
-        items = [_encode(v, arrays, f"{where}[{i}]") for i, v in enumerate(x)]
-        return items if type(x) is list else {"$tuple": items}
-    # Any other pytree (an Equinox module, an optax state): its leaves, rebuilt on loading from
-    # the fresh state's node at the same place. Leaves that are neither arrays nor scalars
-    # (functions held by a module) come from there too.
-    leaves, treedef = jax.tree.flatten(x)
-    if treedef.num_nodes == 1 and treedef.num_leaves == 1:
-        raise TypeError(f"{where}: cannot checkpoint a {type(x).__name__}.")
-    encoded = [
-        _encode(v, arrays, f"{where}<{i}>") if _is_array(v) or type(v) in _SCALARS else {"$same": 1}
-        for i, v in enumerate(leaves)
-    ]
-    return {"$tree": encoded, "type": type(x).__qualname__}
-
-
-def _decode(node, arrays, like, where: str, path: pathlib.Path):
-    def fail(message):
-        raise CheckpointError(f"{path}: {where or 'the state'} {message}")
-
-    if not isinstance(node, dict):
-        if isinstance(node, list):
-            likes = like if isinstance(like, list) else []
-            return [
-                _decode(v, arrays, likes[i] if i < len(likes) else None, f"{where}[{i}]", path)
-                for i, v in enumerate(node)
-            ]
-        return node
-    if "$dict" in node:
-        likes = like if isinstance(like, dict) else {}
-        return {
-            k: _decode(v, arrays, likes.get(k), f"{where}.{k}".lstrip("."), path)
-            for k, v in node["$dict"].items()
-        }
-    if "$tuple" in node:
-        likes = like if isinstance(like, tuple) else ()
-        return tuple(
-            _decode(v, arrays, likes[i] if i < len(likes) else None, f"{where}[{i}]", path)
-            for i, v in enumerate(node["$tuple"])
-        )
-    if "$array" in node:
-        a = arrays[node["$array"]]
-        if "dtype" in node:
-            a = a.view(jax.numpy.dtype(node["dtype"]))
-        if _is_array(like) and (np.shape(like) != a.shape or like.dtype != a.dtype):
-            fail(
-                f"is {a.dtype}{list(a.shape)} where this run has {like.dtype}"
-                f"{list(np.shape(like))}: the checkpoint is from a run with other options."
-            )
-        return a
-    if "$key" in node:
-        data = _decode(node["$key"], arrays, None, where, path)
-        return jax.random.wrap_key_data(data, impl=node["impl"])
-    if "$tree" in node:
-        if like is None:
-            fail(f"holds a {node['type']} where this run's fresh state has nothing to match it.")
-        like_leaves, treedef = jax.tree.flatten(like)
-        if type(like).__qualname__ != node["type"] or len(like_leaves) != len(node["$tree"]):
-            fail(
-                f"holds a {node['type']} of {len(node['$tree'])} leaves where this run has a "
-                f"{type(like).__qualname__} of {len(like_leaves)}."
-            )
-        leaves = [
-            fresh if v == {"$same": 1} else _decode(v, arrays, fresh, f"{where}<{i}>", path)
-            for i, (v, fresh) in enumerate(zip(node["$tree"], like_leaves))
-        ]
-        return jax.tree.unflatten(treedef, leaves)
-    fail("is not in the checkpoint format.")
-
-
-def save_tree(path: pathlib.Path, tree: Any, *, run_id: str | None = None) -> None:
-    """Writes `tree` atomically as data only: a `.npz` of its arrays, with its structure as
-    JSON inside. Dicts (string keys), lists, tuples, arrays, `None`, booleans, numbers and
-    strings are stored as such; any other pytree node (an Equinox module, an optax state) by
-    its leaves, and rebuilt by `load_tree` from a fresh state of the same shape.
-
-    `run_id` (the run's id from `run.json`) is stored beside the structure, so that a
-    checkpoint copied into another run's directory is recognised there (see `load_tree`)."""
-    arrays: dict[str, np.ndarray] = {}
-    structure = {"format": _FORMAT, "version": _VERSION, "tree": _encode(tree, arrays, "")}
-    if run_id is not None:
-        structure["run_id"] = run_id
-    text = json.dumps(structure, allow_nan=True).encode()
-    buffer = io.BytesIO()
-    np.savez(buffer, **{_STRUCTURE: np.frombuffer(text, np.uint8)}, **arrays)
-    atomic_write(path, buffer.getvalue())
-
-
-def load_tree(
-    path: pathlib.Path, like: Any = None, *, run_id: str | None = None, unmarked: bool = True
-) -> Any:
-    """Reads what `save_tree` wrote. Pytree nodes other than dicts, lists and tuples are rebuilt
-    from `like` (the fresh state) at the same place, whose array shapes and dtypes must match.
-
-    **Arguments:**
-
-    - `path`: the file.
-    - `like`: the fresh state.
-    - `run_id`: the id of the run reading it; a checkpoint that another run wrote is refused
-        (`None`: not checked).
-    - `unmarked`: whether a checkpoint without a run id (written before run ids) is accepted.
-
-    **Raises:**
-
-    `CheckpointError`, naming the file, if it is truncated, corrupt, not in this format (a
-    pickle is never loaded), another run's, or does not fit `like`.
-    """
-    path = pathlib.Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            structure = json.loads(bytes(z[_STRUCTURE]).decode())
-            arrays = {k: z[k] for k in z.files if k != _STRUCTURE}
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint ({type(error).__name__}: {error}). It may be "
-            "truncated or corrupt; delete it, or start afresh with --overwrite."
-        ) from error
-    if not isinstance(structure, dict) or structure.get("format") != _FORMAT:
-        raise CheckpointError(f"{path}: not a checkpoint of this format.")
-    if structure.get("version") != _VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {structure.get('version')}.")
-    if run_id is not None:
-        _check_owner(path, structure.get("run_id"), run_id, unmarked)
-    return _decode(structure["tree"], arrays, like, "", path)
-
-
-def _check_owner(path: pathlib.Path, owner: Any, run_id: str, unmarked: bool) -> None:
-    """Refuses a checkpoint of another run: copied from a run of the same experiment with
-    other options (another seed), its arrays have the right shapes, so nothing else would
-    notice that the resumed run continues someone else's state."""
-    if owner == run_id or (owner is None and unmarked):
-        return
-    whose = "carries no run id" if owner is None else f"was written by run {owner}"
-    raise CheckpointError(
-        f"{path} belongs to another run: it {whose}, and this run's id (in {RUN_FILE}) is "
-        f"{run_id}. It was copied from another run's directory: delete it (its state is then "
-        "computed afresh), or resume the run it came from."
-    )
-
-
-class Checkpoints:
-    """Named states under `<out>/checkpoints/`, in the data-only format of `save_tree`.
-
-    JAX arrays are stored as NumPy arrays, so a checkpoint loads without a device and feeds
-    back into jitted code unchanged (same dtypes, same values, hence the same trajectory).
-    """
-
-    def __init__(self, out: pathlib.Path, run_id: str | None = None, *, unmarked: bool = True):
-        """`run_id`: the run's id, stored in every checkpoint saved and required of every
-        checkpoint loaded (`None`: neither). `unmarked`: whether checkpoints without a run id
-        (a run started before run ids) are loaded."""
-        self.directory = pathlib.Path(out) / CHECKPOINTS
-        self.run_id = run_id
-        self.unmarked = unmarked
-
-    def path(self, name: str) -> pathlib.Path:
-        return self.directory / f"{name}.npz"
-
-    def save(self, name: str, state: Any) -> None:
-        """Stores `state` under `name` (process 0 only: with several processes the state is
-        replicated, and every process loads process 0's copy on `--resume`)."""
-        state = _distributed.to_host(state)
-        if is_main_process():
-            save_tree(self.path(name), state, run_id=self.run_id)
-
-    def load(self, name: str, like: Any = None) -> Any:
-        """The state saved under `name`, or `None` if there is none. `like` is a fresh state,
-        the template for what is not a dict, list or tuple (see `load_tree`).
-
-        **Raises:**
-
-        `CheckpointError` for an unreadable file, for another run's (copied here), and for a
-        pickle left by an older version (pickles can run code, so they are never opened).
-        """
-        path = self.path(name)
-        if path.exists():
-            return load_tree(path, like, run_id=self.run_id, unmarked=self.unmarked)
-        legacy = path.with_suffix(".pkl")
-        if legacy.exists():
-            raise CheckpointError(
-                f"{legacy}: a pickled checkpoint from an older version of the experiments. "
-                "Pickles can run code, so they are not opened: start afresh with --overwrite."
-            )
-        return None
-
-
-# -- the run -------------------------------------------------------------------------------------
 
 
 def _normalise(config: Mapping) -> dict:
@@ -707,6 +265,7 @@ def start(
         console.print(f"Resuming {out}.")
     global _current_run
     _current_run = run
+    record_reads(record_data)
     return run
 
 
@@ -745,8 +304,6 @@ def _new_run(
     for a new run, or for a run from before run ids, whose checkpoints carry none) and the data
     it has read, from its data directory. Not the configuration's hash: an allowed change on
     `--resume` (more steps) keeps the run, and its checkpoints, its own."""
-    from .data._files import data_root
-
     run_id = manifest.get("run_id")
     unmarked = resumed and (run_id is None or bool(manifest.get("unmarked_checkpoints")))
     if run_id is None and is_main_process():
@@ -802,8 +359,9 @@ _current_run: "Run | None" = None
 
 
 def record_data(root: pathlib.Path, name: str, digest: str) -> None:
-    """Called by `experiments.data` for each data file it hands out (after its checksum check):
-    the data directory, the file's path in it and its SHA-256. The current run records it (see
+    """Told by `experiments.data` of each data file it hands out (after its checksum check; see
+    `experiments.data._files.record_reads`, which `start` sets): the data directory, the file's
+    path in it and its SHA-256. The current run records it (see
     `Run.record_data`) if `root` is the run's data directory, so every experiment that reads
     data gets its data's identity saved and checked on `--resume` without code of its own.
     Files read outside a run, or from another directory (a test's, or a notebook's, in a
@@ -1016,60 +574,3 @@ class Run:
         if _current_run is self:  # the run is over: data read from here on is not its
             _current_run = None
         return write_json(self.out / RESULTS_FILE, results)
-
-
-def print_table(title: str, columns, rows, *, stdout: bool = True) -> None:
-    """Prints a table (the first column left-aligned, the others right-aligned) of `rows`, each
-    a sequence of strings: to stdout, as a run's result, or with `stdout=False` to stderr."""
-    from rich.table import Table
-
-    table = Table(title=title)
-    for i, column in enumerate(columns):
-        table.add_column(column, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    (rich.console.Console(width=120) if stdout else console).print(table)
-
-
-@contextlib.contextmanager
-def progress(description: str, total: int, completed: int = 0) -> Iterator[Callable[..., None]]:
-    """A rich progress bar. Yields `advance(info="")`, which moves it one step and shows
-    `info` (e.g. the best loss so far) beside it."""
-    columns = (
-        rich.progress.TextColumn("{task.description:<16}"),
-        rich.progress.BarColumn(),
-        rich.progress.MofNCompleteColumn(),
-        rich.progress.TimeElapsedColumn(),
-        rich.progress.TextColumn("{task.fields[info]}"),
-    )
-    with rich.progress.Progress(*columns, console=console, disable=not is_main_process()) as bar:
-        task = bar.add_task(description, total=total, completed=completed, info="")
-        yield lambda info="": bar.update(task, advance=1, info=info)
-
-
-# -- the hyperparameter update ------------------------------------------------------------------
-
-
-def optax_step(optimizer: optax.GradientTransformation, grads, opt_state, params, *, project=None):
-    """One update of `params` by an optax `optimizer`: `(params, opt_state)`, with the
-    result passed through `project` (e.g. onto a box or the simplex) if given.
-
-    It runs under JAX's standard dtype promotion, whatever the process's setting: optax mixes
-    its int32 step count with floats (Adam's `b1**count`), and its projections mix integers
-    and floats too, which strict promotion refuses."""
-    with jax.numpy_dtype_promotion("standard"):
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        if project is not None:
-            params = project(params)
-    return params, opt_state
-
-
-def cli(main: Callable[[], Any]) -> None:
-    """Runs `main()` as a command: a `RunError` or `CheckpointError` ends it with its message
-    and exit status 2, not a traceback."""
-    try:
-        main()
-    except (RunError, CheckpointError) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise SystemExit(2) from None
