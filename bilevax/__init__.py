@@ -20,7 +20,11 @@ from ._linear_solver import (
     QuasiNewtonPreconditioner as QuasiNewtonPreconditioner,
 )
 from ._linearize import linearized_response as linearized_response
-from ._solution import RESULTS as RESULTS, Solution as Solution
+from ._solution import (
+    RESULTS as RESULTS,
+    HypergradInfo as HypergradInfo,
+    Solution as Solution,
+)
 from ._solver import (
     AbstractInnerSolver as AbstractInnerSolver,
     GradientDescent as GradientDescent,

@@ -1,42 +1,25 @@
 import abc
-from typing import Any
 
 import equinox as eqx
-import jax
-import jax.numpy as jnp
 import lineax as lx
-from jaxtyping import Array, PyTree
 
 from ._checks import check_bool, check_int, check_linear_solver
 from ._custom_types import Data, HParams
-from ._ift import general_solver, implicit_solution, optimality_for
-from ._iterate import result_from, solve_to_tolerance, unroll
-from ._linear_solver import default_linear_solver
-from ._misc import stop_gradient, tree_norm, tree_where_nan
+from ._ift import default_linear_solver, general_solver, implicit_solution
+from ._iterate import InnerLoop, Outcome
+from ._misc import stop_gradient
 from ._solution import RESULTS
-from ._solver import AbstractInnerSolver
 
 
 class AbstractAdjoint(eqx.Module):
-    """How [`bilevax.inner_solve`][] differentiates its solution with respect to `hparams`."""
+    """How [`bilevax.inner_solve`][] differentiates its solution with respect to `hparams`:
+    which of the loop driver's loops runs, and how its output is differentiated."""
 
     @abc.abstractmethod
-    def solve(
-        self,
-        inner_loss,
-        init: PyTree[Array],
-        hparams: HParams,
-        data: Data,
-        solver: AbstractInnerSolver,
-        max_steps: int,
-        tol: Any,
-        static_params: PyTree,
-        solver_state: PyTree[Array] | None = None,
-    ) -> tuple[PyTree[Array], RESULTS, dict[str, Array], PyTree[Array]]:
-        """Runs the solver from `init` (the floating-point part of the parameters; the rest is
-        `static_params`), resuming `solver_state` if given, and returns
-        `(params, result, stats, state)`: `params` differentiable as this adjoint says, and
-        the array part of the final solver state, not differentiated."""
+    def apply(self, loop: InnerLoop, init, hparams: HParams, data: Data) -> Outcome:
+        """Runs `loop` from `init` (the floating-point part of the parameters) and returns its
+        `(params, result, stats, state)`, with `params` differentiable as this adjoint says
+        (the state is never differentiated)."""
 
 
 class ImplicitAdjoint(AbstractAdjoint):
@@ -73,34 +56,15 @@ class ImplicitAdjoint(AbstractAdjoint):
             check_linear_solver(self.linear_solver)
         check_bool("throw", self.throw)
 
-    def solve(
-        self,
-        inner_loss,
-        init,
-        hparams,
-        data,
-        solver,
-        max_steps,
-        tol,
-        static_params,
-        solver_state=None,
-    ):
-        loss = _flat_loss(stop_gradient(inner_loss), static_params)
-        params, result, stats, state = solve_to_tolerance(
-            loss,
-            stop_gradient(init),
-            stop_gradient((hparams, data)),
-            stop_gradient(solver),
-            max_steps,
-            tol,
-            stop_gradient(solver_state),
+    def apply(self, loop, init, hparams, data):
+        outcome = stop_gradient(loop).to_tolerance(
+            stop_gradient(init), stop_gradient(hparams), stop_gradient(data)
         )
-        optimality, inputs, symmetric = optimality_for(
-            solver, static_params, inner_loss, hparams, data
-        )
+        params, result, stats, state = outcome
+        optimality, inputs, symmetric = loop.optimality(hparams, data)
         linear_solver = self.linear_solver
         if linear_solver is None:
-            linear_solver = default_linear_solver(params, tol)
+            linear_solver = default_linear_solver(params, loop.tol)
         if not symmetric:
             linear_solver = general_solver(linear_solver)
         params = implicit_solution(
@@ -138,47 +102,8 @@ class UnrolledAdjoint(AbstractAdjoint):
         if self.truncate is not None:
             check_int("truncate", self.truncate, 1)
 
-    def solve(
-        self,
-        inner_loss,
-        init,
-        hparams,
-        data,
-        solver,
-        max_steps,
-        tol,
-        static_params,
-        solver_state=None,
-    ):
-        loss = _flat_loss(inner_loss, static_params)
-        args = (hparams, data)
-        # A carried state is a warm start, not a function of these hyperparameters.
-        params, state = unroll(
-            loss,
-            init,
-            args,
-            solver,
-            max_steps,
-            checkpoints=self.checkpoints,
-            truncate=self.truncate,
-            solver_state=stop_gradient(solver_state),
-        )
-        final_loss, grad = jax.value_and_grad(loss)(stop_gradient(params), stop_gradient(args))
-        grad_norm = tree_norm(
-            solver.residual(loss, stop_gradient(params), grad, stop_gradient(args))
-        )
-        result = result_from(final_loss, grad, grad_norm, tol)
-        # A diverged unroll is a failure, not an approximation: its parameters become NaN.
-        failed = result == RESULTS.nonfinite
-        params = tree_where_nan(failed, params)
-        state = tree_where_nan(failed, stop_gradient(state))
-        stats = {"num_steps": jnp.asarray(max_steps), "grad_norm": grad_norm}
-        return params, result, stats, state
-
-
-def _flat_loss(inner_loss, static_params):
-    """`inner_loss` as `(float_params, (hparams, data)) -> scalar`, the solvers' signature."""
-    return lambda params, args: inner_loss(eqx.combine(params, static_params), *args)
+    def apply(self, loop, init, hparams, data):
+        return loop.unrolled(init, hparams, data, self.checkpoints, self.truncate)
 
 
 def check_checkpoints(checkpoints) -> None:

@@ -11,7 +11,7 @@ a solver's fixed-point residual for a constrained or non-smooth one, or a user's
 - **adjoint** (reverse mode): with $v = J^{-\top} \nabla_w E$, the hypergradient is
   $\nabla_\lambda E(w^*(\lambda), \lambda) = \partial_\lambda E - (\partial_\lambda F)^\top v$.
 
-Both use one Jacobian operator (`jacobian_operator`), applied through JVPs only, and one
+Both use one Jacobian operator (`linearized_optimality`), applied through JVPs only, and one
 checked linear solve (`linear_solve`) that carries the failure policy: a solve that failed
 raises, or (with `throw=False`) returns NaN where its answer is meaningless.
 """
@@ -27,6 +27,7 @@ from jaxtyping import Array, PyTree
 from ._linear_solver import CG
 from ._misc import stop_gradient, tree_isfinite, tree_norm, tree_where_nan
 from ._sharding import linear_operator, sharded_linear_solve
+from ._solution import RESULTS
 
 
 # The Hessian of the inner loss at a minimiser is symmetric positive semidefinite; the tags
@@ -67,14 +68,21 @@ def optimality_for(solver, static_params, inner_loss, hparams, data):
     return SolverOptimality(static_params), (inner_loss, hparams, data, solver), False
 
 
-def jacobian_operator(optimality, params, inputs, *, symmetric: bool) -> lx.AbstractLinearOperator:
-    r"""$J = \partial_w F(w, \text{inputs})$ as a `lineax` operator, linearised once: one
+def linearized_optimality(
+    optimality, params, inputs, *, symmetric: bool
+) -> tuple[PyTree[Array], lx.AbstractLinearOperator]:
+    r"""$F(w, \text{inputs})$ and $J = \partial_w F$ as a `lineax` operator, from one
     `jax.linearize` of $F$, after which each product is a linear pass (for the gradient
-    condition, a Hessian-vector product, forward-over-reverse). It is formed as a matrix only
-    if a dense solver asks for one. Its input structure keeps the type of `params`, sharding
-    included, so that it applies to sharded vectors (see `_sharding.py`)."""
-    _, jvp = jax.linearize(lambda w: optimality(w, inputs), params)
-    return linear_operator(jvp, params, tags=HESSIAN_TAGS if symmetric else ())
+    condition, a Hessian-vector product, forward-over-reverse). $J$ is formed as a matrix
+    only if a dense solver asks for one. Its input structure keeps the type of `params`,
+    sharding included, so that it applies to sharded vectors (see `_sharding.py`)."""
+    residual, jvp = jax.linearize(lambda w: optimality(w, inputs), params)
+    return residual, linear_operator(jvp, params, tags=HESSIAN_TAGS if symmetric else ())
+
+
+def jacobian_operator(optimality, params, inputs, *, symmetric: bool) -> lx.AbstractLinearOperator:
+    r"""$J = \partial_w F(w, \text{inputs})$ alone (see `linearized_optimality`)."""
+    return linearized_optimality(optimality, params, inputs, symmetric=symmetric)[1]
 
 
 def general_solver(linear_solver: lx.AbstractLinearSolver) -> lx.AbstractLinearSolver:
@@ -185,6 +193,46 @@ def _is_not_symmetric(operator, u) -> Array:
     return jnp.abs(left - right) > 1e3 * eps * jnp.maximum(jnp.abs(left), jnp.abs(right))
 
 
+def dtype_floor(params: PyTree[Array]) -> float:
+    """The smallest relative tolerance a linear solve on `params` resolves: $10^{-10}$ in
+    float64, $10^{-5}$ in float32, $10^{-2}$ below."""
+    leaves = jax.tree.leaves(params)
+    bits = max(jnp.finfo(x.dtype).bits for x in leaves) if leaves else 64
+    return 1e-10 if bits >= 64 else 1e-5 if bits >= 32 else 1e-2
+
+
+def default_linear_solver(params: PyTree[Array], tol: Any = None) -> lx.AbstractLinearSolver:
+    r"""The linear solver of every implicit path that is not given one: [`bilevax.CG`][]
+    stopping at $\|r\|_2 \le \mathrm{rtol}\,\|b\|_2$, with
+    $\mathrm{rtol} = \max(\texttt{tol}, \text{floor})$ (the floor is `dtype_floor`).
+
+    `tol` means one thing throughout bilevax: the tolerance to which the solution being
+    differentiated is stationary, $\|F(w^*)\|_2 \le$ `tol`. [`bilevax.inner_solve`][] stops
+    on it, so its solution is that accurate and no more, and its adjoint is made as accurate
+    (`ImplicitAdjoint` passes it here; HOAG's schedule does the same in absolute terms).
+    [`bilevax.implicit_hypergrad`][] and [`bilevax.implicit_diff`][] only check it
+    (`stationarity_tol`) on a solution that may be far more accurate, a closed form: `None`
+    here, and the solve runs at the floor; so do the diagnostics' own solves."""
+    floor = dtype_floor(params)
+    if tol is None:
+        rtol = floor
+    elif isinstance(tol, int | float):
+        rtol = max(float(tol), floor)
+    else:
+        rtol = jnp.maximum(tol, floor)
+    return CG(rtol=rtol, atol=0.0)
+
+
+def stationarity_tol(params: PyTree[Array], tol: Any = None) -> Any:
+    """The stationarity test of a solution given to bilevax: `tol`, or without one the loose
+    test that still catches a point that is not a solution at all: $10^{-6}$ in float64 (the
+    default stopping test of [`bilevax.inner_solve`][]), $10^{-3}$ below."""
+    if tol is not None:
+        return tol
+    lowest = min((jnp.finfo(x.dtype).bits for x in jax.tree.leaves(params)), default=64)
+    return 1e-6 if lowest >= 64 else 1e-3
+
+
 def linear_solve(
     operator: lx.AbstractLinearOperator,
     vector: PyTree[Array],
@@ -194,7 +242,7 @@ def linear_solve(
     options: dict[str, Any] | None = None,
     inner_failed: Array | None = None,
     check_symmetry: bool = False,
-) -> tuple[PyTree[Array], lx.RESULTS, dict[str, Any]]:
+) -> tuple[PyTree[Array], RESULTS, dict[str, Any]]:
     """`lx.linear_solve` under the failure policy.
 
     A non-finite right-hand side or answer is a failure (`lx.CG` returns its zero start on a
@@ -203,7 +251,7 @@ def linear_solve(
     answer; with `check_symmetry`, an operator declared symmetric that is not; an inner solve
     that had failed, `inner_failed`, named first); with `throw=False` the answer is NaN,
     except for a solve cut short at its `max_steps`, whose approximate answer is kept
-    (approximate is not failed) and flagged by the result.
+    (approximate is not failed) and flagged by the result, a [`bilevax.RESULTS`][].
     """
     value, result, stats = sharded_linear_solve(operator, vector, linear_solver, options)
     finite = tree_isfinite(vector) & tree_isfinite(value)
@@ -216,7 +264,7 @@ def linear_solve(
     else:
         meaningless = failed & (result != lx.RESULTS.max_steps_reached)
         value = tree_where_nan(meaningless, value)
-    return value, result, stats
+    return value, RESULTS.promote(result), stats
 
 
 def implicit_solution(
@@ -370,23 +418,19 @@ def _at_a_root(optimality, params_star, inputs, params_tangent, root_tol, throw:
     return jax.tree.map(lambda x: x * factor(x), params_tangent)
 
 
-def adjoint(
-    optimality,
-    params: PyTree[Array],
-    inputs,
+def adjoint_solve(
+    jacobian: lx.AbstractLinearOperator,
     outer_grad: PyTree[Array],
     linear_solver: lx.AbstractLinearSolver,
     *,
-    symmetric: bool,
     throw: bool,
     adjoint_init: PyTree[Array] | None = None,
-) -> tuple[PyTree[Array], lx.RESULTS, dict[str, Any]]:
+) -> tuple[PyTree[Array], RESULTS, dict[str, Any]]:
     r"""The adjoint $v = J^{-\top} \nabla_w E$ by one checked linear solve: what reverse mode
     through `implicit_solution` computes, returned so that it can be inspected, reused as
     a warm start (HOAG), or fed to the diagnostics; `adjoint_init` is the linear solver's
     initial guess (its `y0` option). Returns `(v, result, stats)`."""
-    jacobian = jacobian_operator(optimality, params, inputs, symmetric=symmetric)
-    operator = jacobian if symmetric else jacobian.transpose()
+    operator = jacobian if lx.is_symmetric(jacobian) else jacobian.transpose()
     options = None if adjoint_init is None else {"y0": adjoint_init}
     return linear_solve(operator, outer_grad, linear_solver, throw=throw, options=options)
 

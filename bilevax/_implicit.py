@@ -17,10 +17,9 @@ from ._checks import (
 )
 from ._custom_types import Data, HParams, InnerLoss, OuterLoss, Params
 from ._forward import forward_value_and_grad
-from ._ift import GradientOptimality, adjoint, hparams_vjp, implicit_solution
-from ._linear_solver import default_linear_solver
-from ._misc import tree_subtract
-from .diagnostics._info import HypergradInfo, hypergrad_info
+from ._hypergrad import adjoint_hypergrad
+from ._ift import GradientOptimality, default_linear_solver, implicit_solution, stationarity_tol
+from ._solution import HypergradInfo
 
 
 def implicit_hypergrad(
@@ -36,7 +35,7 @@ def implicit_hypergrad(
     has_aux: bool = False,
     adjoint_init: Params | None = None,
     throw: bool = True,
-    tol=1e-6,
+    tol=None,
 ) -> tuple[jax.Array, HParams] | tuple[jax.Array, HParams, HypergradInfo]:
     r"""Hypergradient of `outer_loss` at a solution of the inner problem, by the implicit
     function theorem (Bengio 2000; Pedregosa 2016; Lorraine et al. 2020):
@@ -59,21 +58,25 @@ def implicit_hypergrad(
     - `inner_data`, `outer_data`: any pytrees passed to the two losses.
     - `linear_solver`: any `lineax` solver, or [`bilevax.Neumann`][]; wrap it in
         [`bilevax.Preconditioned`][] to precondition it. The default is [`bilevax.CG`][] at
-        relative tolerance $10^{-10}$ in float64 ($10^{-5}$ in float32).
+        relative tolerance $10^{-10}$ in float64 ($10^{-5}$ in float32): `tol` is only
+        checked, and `params_star` may be more accurate than it.
     - `mode`: `"reverse"` (one linear solve for the adjoint $v$) or `"forward"` (one solve per
         scalar hyperparameter, batched; the same numbers).
-    - `has_aux`: also return a [`bilevax.diagnostics.HypergradInfo`][]: the result, the inner
-        gradient norm, the linear solve's residual and iterations, and the adjoint $v$ (for
-        a warm start). The Lanczos and error-estimate diagnostics are
-        [`bilevax.diagnostics.hypergrad_info`][], a function of the problem and this adjoint.
+    - `has_aux`: also return a [`bilevax.HypergradInfo`][]: the result, the inner gradient
+        norm, the linear solve's residual and iterations, and the adjoint $v$ (for a warm
+        start). The Lanczos and error-estimate diagnostics are
+        [`bilevax.diagnostics.hypergrad_info`][], a function of the problem and this info.
     - `adjoint_init`: the linear solver's initial guess for $v$ (shaped like the
         floating-point part of `params_star`), typically `info.adjoint` from the previous
         outer step; for solvers with a `y0` option (CG).
     - `throw`: whether a failed linear solve raises (the default) or gives a NaN
         hypergradient (an approximate one for a solve cut short at its `max_steps`) with the
         reason in the info's `result`.
-    - `tol`: the stationarity test of the info: `params_star` is called stationary when
-        $\|\nabla_w L\|_2 \le$ `tol`, the test [`bilevax.inner_solve`][] stops on.
+    - `tol`: the tolerance to which `params_star` is stationary,
+        $\|\nabla_w L\|_2 \le$ `tol` (pass the `tol` of the [`bilevax.inner_solve`][] that
+        found it), which the info checks (`not_stationary`). The default, `None`, checks
+        $10^{-6}$ in float64 (the default of [`bilevax.inner_solve`][]) and $10^{-3}$ below,
+        as [`bilevax.implicit_diff`][] does.
 
     **Returns:**
 
@@ -88,7 +91,8 @@ def implicit_hypergrad(
         check_linear_solver(linear_solver)
     check_bool("has_aux", has_aux)
     check_bool("throw", throw)
-    check_nonnegative("tol", tol)
+    if tol is not None:
+        check_nonnegative("tol", tol)
     hparams = check_hparams(hparams)
     float_params, static_params = split_params(params_star, "params_star")
     check_scalar_loss("inner_loss", inner_loss, params_star, hparams, inner_data, "params_star")
@@ -105,90 +109,32 @@ def implicit_hypergrad(
         inner_loss,
         params_star,
         hparams,
-        inner_data,
-        outer_data,
+        (inner_data, outer_data),
         linear_solver,
         throw=throw,
         adjoint_init=adjoint_init,
+        tol=stationarity_tol(float_params, tol),
     )
     if mode == "reverse":
-        value, hypergrad, v, result, stats = solve_adjoint()
-    else:
-        converted = eqx.filter_closure_convert(inner_loss, params_star, hparams, inner_data)
-        optimality = GradientOptimality(static_params)
-
-        def objective(hparams):
-            params = implicit_solution(
-                float_params,
-                optimality,
-                (converted, hparams, inner_data),
-                linear_solver,
-                symmetric=True,
-                throw=throw,
-            )
-            return outer_loss(eqx.combine(params, static_params), hparams, outer_data)
-
-        value, hypergrad = forward_value_and_grad(objective, hparams)
-        if not has_aux:
-            return value, hypergrad
-        # The info needs the adjoint, which forward mode never forms: one more solve.
-        _, _, v, result, stats = solve_adjoint()
-    if not has_aux:
-        return value, hypergrad
-    info = hypergrad_info(
-        outer_loss,
-        inner_loss,
-        params_star,
-        hparams,
-        inner_data,
-        outer_data,
-        v,
-        tol=tol,
-        solve_result=result,
-        solve_steps=stats.get("num_steps"),
-        hypergrad=hypergrad,
-        lanczos_steps=0,
-        estimate_error=False,
-    )
-    return value, hypergrad, info
-
-
-def adjoint_hypergrad(
-    outer_loss: OuterLoss,
-    inner_loss: InnerLoss,
-    params_star: Params,
-    hparams: HParams,
-    inner_data: Data,
-    outer_data: Data,
-    linear_solver: lx.AbstractLinearSolver,
-    *,
-    throw: bool,
-    adjoint_init: Params | None = None,
-):
-    r"""The reverse-mode hypergradient with its adjoint: `(value, hypergrad, v, result, stats)`
-    with $v = H^{-1}\nabla_w E$ from one checked solve and
-    $\text{hypergrad} = \partial_\lambda E - \partial^2_{\lambda w} L\, v$. The arguments are
-    those of [`bilevax.implicit_hypergrad`][], already checked."""
-    float_params, static_params = eqx.partition(params_star, eqx.is_inexact_array)
-    # Arrays that `inner_loss` closes over become explicit inputs of the optimality condition.
+        value, hypergrad, info = solve_adjoint()
+        return (value, hypergrad, info) if has_aux else (value, hypergrad)
     converted = eqx.filter_closure_convert(inner_loss, params_star, hparams, inner_data)
     optimality = GradientOptimality(static_params)
-    inputs = (converted, hparams, inner_data)
 
-    def outer(x):
-        params, hparams = x
+    def objective(hparams):
+        params = implicit_solution(
+            float_params,
+            optimality,
+            (converted, hparams, inner_data),
+            linear_solver,
+            symmetric=True,
+            throw=throw,
+        )
         return outer_loss(eqx.combine(params, static_params), hparams, outer_data)
 
-    value, (outer_w, outer_lam) = eqx.filter_value_and_grad(outer)((float_params, hparams))
-    v, result, stats = adjoint(
-        optimality,
-        float_params,
-        inputs,
-        outer_w,
-        linear_solver,
-        symmetric=True,
-        throw=throw,
-        adjoint_init=adjoint_init,
-    )
-    hypergrad = tree_subtract(outer_lam, hparams_vjp(optimality, float_params, inputs, v))
-    return value, hypergrad, v, result, stats
+    value, hypergrad = forward_value_and_grad(objective, hparams)
+    if not has_aux:
+        return value, hypergrad
+    # The info needs the adjoint, which forward mode never forms: one more solve.
+    info = solve_adjoint()[2]
+    return value, hypergrad, info

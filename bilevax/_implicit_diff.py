@@ -15,8 +15,7 @@ from ._checks import (
     check_real,
     check_same_structure,
 )
-from ._ift import general_solver, implicit_solution
-from ._linear_solver import default_linear_solver
+from ._ift import default_linear_solver, general_solver, implicit_solution, stationarity_tol
 from ._misc import scalars_as_arrays, stop_gradient
 
 
@@ -56,11 +55,11 @@ def implicit_diff(
         point is the solution (the residual is then $w - T(w)$), as in jaxopt's
         `custom_fixed_point`. Give exactly one of the two.
     - `linear_solver`: any `lineax` solver, or [`bilevax.Neumann`][]. The default is
-        [`bilevax.CG`][] with the default tolerance of the solution's dtype (see
-        [`bilevax.ImplicitAdjoint`][]). CG and `lx.Cholesky` are applied to the normal
-        equations $J^\top J x = J^\top b$ unless `symmetric=True` (jaxopt's default
-        `solve_normal_cg`); `lx.GMRES`, `lx.BiCGStab` and `lx.LU()` solve the general system
-        directly.
+        [`bilevax.CG`][] at the floor of the solution's dtype ($10^{-10}$ in float64,
+        $10^{-5}$ in float32): `tol` is only checked, and the solution may be more
+        accurate. CG and `lx.Cholesky` are applied to the normal equations
+        $J^\top J x = J^\top b$ unless `symmetric=True` (jaxopt's default `solve_normal_cg`);
+        `lx.GMRES`, `lx.BiCGStab` and `lx.LU()` solve the general system directly.
     - `symmetric`: whether $\partial_w F$ is symmetric positive semidefinite, as the Hessian of
         a convex loss is; then CG runs on $J$ itself and reverse mode reuses the same solve.
     - `has_aux`: whether `solve_fn` returns `(solution, aux)`; `aux` is returned as it is, not
@@ -136,18 +135,13 @@ def implicit_diff(
             solver if symmetric else general_solver(solver),
             symmetric=symmetric,
             throw=throw,
-            root_tol=_default_root_tol(float_solution) if tol is None else tol,
+            root_tol=stationarity_tol(float_solution, tol),
             declared_symmetric=symmetric,
         )
         solution = eqx.combine(float_solution, static_solution)
         return (solution, aux) if has_aux else solution
 
     return wrapped
-
-
-def _default_root_tol(solution: PyTree) -> float:
-    lowest = min(jnp.finfo(x.dtype).bits for x in jax.tree.leaves(solution))
-    return 1e-6 if lowest >= 64 else 1e-3
 
 
 def _signature(fn) -> inspect.Signature | None:

@@ -12,6 +12,7 @@ from ._checks import (
     split_params,
 )
 from ._custom_types import Data, HParams, InnerLoss, Params
+from ._iterate import InnerLoop
 from ._misc import scalars_as_arrays
 from ._solution import RESULTS, Solution
 from ._solver import GradientDescent, SolverLike, as_inner_solver
@@ -90,17 +91,8 @@ def inner_solve(
     # Arrays that `inner_loss` closes over become explicit, so the implicit adjoint can
     # differentiate with respect to them too.
     inner_loss = eqx.filter_closure_convert(inner_loss, init, hparams, data)
-    params, result, stats, state = adjoint.solve(
-        inner_loss,
-        float_init,
-        hparams,
-        data,
-        inner_solver,
-        max_steps,
-        tol,
-        static_init,
-        solver_state=solver_state,
-    )
+    loop = InnerLoop(inner_loss, static_init, inner_solver, max_steps, tol, solver_state)
+    params, result, stats, state = adjoint.apply(loop, float_init, hparams, data)
     if throw:
         params = result.error_if(params, result != RESULTS.successful)
     return Solution(

@@ -1,4 +1,8 @@
-"""The two drivers of an inner solver: a `while_loop` to a tolerance, and a fixed-length unroll."""
+"""The loop driver of an inner solver: it owns the iteration (a `while_loop` to a tolerance, or
+a fixed-length unroll that JAX differentiates) and, once, the result and its failure policy.
+An adjoint only chooses which loop runs and how its output is differentiated."""
+
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -6,9 +10,90 @@ import jax.numpy as jnp
 from jaxtyping import Array, PyTree, Scalar
 
 from ._checks import check_same_structure
+from ._custom_types import Data, HParams
+from ._ift import optimality_for
 from ._misc import stop_gradient, tree_isfinite, tree_norm, tree_where_nan
 from ._solution import RESULTS
 from ._solver import AbstractInnerSolver, Loss
+
+
+Outcome = tuple[PyTree[Array], RESULTS, dict[str, Array], PyTree[Array]]
+
+
+class InnerLoop(eqx.Module):
+    """One inner solve, as [`bilevax.inner_solve`][] sets it up, for an adjoint to run.
+
+    Both loops return `(params, result, stats, state)`: the floating-point parameters, a
+    [`bilevax.RESULTS`][], `{"num_steps", "grad_norm"}` and the array part of the final
+    solver state. A loop that went non-finite returns NaN parameters and state, never its
+    last finite iterate (`finish`)."""
+
+    inner_loss: Any  # closure-converted `(params, hparams, data) -> scalar`: a pytree
+    static_params: PyTree
+    solver: AbstractInnerSolver
+    max_steps: int = eqx.field(static=True)
+    tol: Any
+    solver_state: PyTree[Array] | None
+
+    def loss(self, params: PyTree[Array], args) -> Scalar:
+        """The inner loss in the solvers' signature, `(float_params, (hparams, data))`."""
+        return self.inner_loss(eqx.combine(params, self.static_params), *args)
+
+    def optimality(self, hparams: HParams, data: Data):
+        """The optimality condition of the solution, its inputs, and whether its Jacobian is
+        symmetric (see `_ift.optimality_for`)."""
+        return optimality_for(self.solver, self.static_params, self.inner_loss, hparams, data)
+
+    def to_tolerance(self, params: PyTree[Array], hparams: HParams, data: Data) -> Outcome:
+        """Steps until the residual norm is at most `tol`, a non-finite value, or `max_steps`
+        (a `while_loop`: not differentiable in reverse mode)."""
+        args = (hparams, data)
+        params, state, num_steps, final = solve_to_tolerance(
+            self.loss, params, args, self.solver, self.max_steps, self.tol, self.solver_state
+        )
+        return self.finish(params, args, state, num_steps, final)
+
+    def unrolled(
+        self,
+        params: PyTree[Array],
+        hparams: HParams,
+        data: Data,
+        checkpoints: int | None,
+        truncate: int | None,
+    ) -> Outcome:
+        """Exactly `max_steps` steps, differentiable (see `unroll`)."""
+        args = (hparams, data)
+        # A carried state is a warm start, not a function of these hyperparameters.
+        params, state = unroll(
+            self.loss,
+            params,
+            args,
+            self.solver,
+            self.max_steps,
+            checkpoints=checkpoints,
+            truncate=truncate,
+            solver_state=stop_gradient(self.solver_state),
+        )
+        final = jax.value_and_grad(self.loss)(stop_gradient(params), stop_gradient(args))
+        return self.finish(params, args, state, jnp.asarray(self.max_steps), final)
+
+    def finish(self, params, args, state, num_steps, final) -> Outcome:
+        """The result policy of both loops, from the `final` loss and gradient: the result
+        from the final residual, and NaN parameters and state for a loop that went
+        non-finite (its last finite iterate, or a warm start carried from it, would be a
+        plausible wrong answer)."""
+        loss, grad = final
+        residual = self.solver.residual(self.loss, stop_gradient(params), grad, stop_gradient(args))
+        grad_norm = tree_norm(residual)
+        finite = jnp.isfinite(loss) & tree_isfinite(grad)
+        converged = RESULTS.where(
+            grad_norm <= self.tol, RESULTS.successful, RESULTS.max_steps_reached
+        )
+        result = RESULTS.where(finite, converged, RESULTS.nonfinite)
+        failed = result == RESULTS.nonfinite
+        params = tree_where_nan(failed, params)
+        state = tree_where_nan(failed, stop_gradient(state))
+        return params, result, {"num_steps": num_steps, "grad_norm": grad_norm}, state
 
 
 def solve_to_tolerance(
@@ -19,11 +104,11 @@ def solve_to_tolerance(
     max_steps: int,
     tol,
     solver_state: PyTree[Array] | None = None,
-) -> tuple[PyTree[Array], RESULTS, dict[str, Array], PyTree[Array]]:
+) -> tuple[PyTree[Array], PyTree[Array], Array, tuple[Scalar, PyTree[Array]]]:
     """Steps `solver` until `‖residual‖ <= tol` (the gradient, unless the solver has its own
     residual, as a proximal one does), a non-finite value, or `max_steps` steps. Returns
-    `(params, result, stats, state)`, with `state` the array part of the final solver state
-    (see `start_state`).
+    `(params, state, num_steps, (loss, grad))`, with `state` the array part of the final
+    solver state (see `start_state`) and the loss and gradient of the stopping test.
 
     Not differentiable in reverse mode (it is a `while_loop`): callers attach derivatives
     with the implicit function theorem. Under `vmap` each batch element stops on its own
@@ -32,15 +117,11 @@ def solve_to_tolerance(
     dynamic_state, static_state = start_state(solver, fn, params, args, solver_state)
     loss, grad = jax.value_and_grad(fn)(params, args)
 
-    def finite(loss, grad):
-        return jnp.isfinite(loss) & tree_isfinite(grad)
-
-    def residual_norm(params, grad):
-        return tree_norm(solver.residual(fn, params, grad, args))
-
     def cond(carry):
         params, _, loss, grad, num_steps = carry
-        return (num_steps < max_steps) & (residual_norm(params, grad) > tol) & finite(loss, grad)
+        residual_norm = tree_norm(solver.residual(fn, params, grad, args))
+        finite = jnp.isfinite(loss) & tree_isfinite(grad)
+        return (num_steps < max_steps) & (residual_norm > tol) & finite
 
     def body(carry):
         params, dynamic_state, _, grad, num_steps = carry
@@ -54,14 +135,7 @@ def solve_to_tolerance(
     # vmapped over tasks on an `Explicit` mesh; `jnp.asarray(0)` has no mesh and fails there.
     init_carry = (params, dynamic_state, loss, grad, jnp.zeros_like(loss, dtype=int))
     params, dynamic_state, loss, grad, num_steps = jax.lax.while_loop(cond, body, init_carry)
-    grad_norm = residual_norm(params, grad)
-    result = result_from(loss, grad, grad_norm, tol)
-    # The last finite iterate of a diverged solve would be a plausible wrong answer; so would
-    # a warm start carried from it.
-    failed = result == RESULTS.nonfinite
-    params = tree_where_nan(failed, params)
-    dynamic_state = tree_where_nan(failed, dynamic_state)
-    return params, result, {"num_steps": num_steps, "grad_norm": grad_norm}, dynamic_state
+    return params, dynamic_state, num_steps, (loss, grad)
 
 
 def start_state(
@@ -113,12 +187,6 @@ def _check_step_keeps_types(solver, fn, params, state, args) -> None:
                 "shape. Give `init` the dtype of the step (or a step size of `init`'s dtype: "
                 "under x64 a step size computed from float64 data is float64)."
             )
-
-
-def result_from(loss: Scalar, grad: PyTree[Array], grad_norm: Scalar, tol) -> RESULTS:
-    is_finite = jnp.isfinite(loss) & tree_isfinite(grad)
-    converged = RESULTS.where(grad_norm <= tol, RESULTS.successful, RESULTS.max_steps_reached)
-    return RESULTS.where(is_finite, converged, RESULTS.nonfinite)
 
 
 def unroll(

@@ -1,19 +1,32 @@
 import equinox as eqx
-from jaxtyping import Array, PyTree
+import lineax as lx
+from jaxtyping import Array, Int, PyTree, Scalar
 
 from ._custom_types import Params
 
 
-class RESULTS(eqx.Enumeration):
-    """How an inner solve ended; compare with `==`, e.g. `sol.result == bx.RESULTS.successful`."""
+class RESULTS(lx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
+    """How a computation of bilevax ended: an inner solve ([`bilevax.Solution`][]'s `result`),
+    a linear solve of the implicit function theorem, a hypergradient
+    ([`bilevax.HypergradInfo`][]'s `result`) or a stochastic bilevel solver. It extends
+    `lineax.RESULTS`, whose items (`max_steps_reached`, `breakdown`, `singular`, ...) say how a
+    linear solve ended, as optimistix's does. Compare with `==`, e.g.
+    `sol.result == bx.RESULTS.successful`; a linear solve's `lx.RESULTS` becomes one of these
+    with `bx.RESULTS.promote(result)`."""
 
-    successful = ""
-    max_steps_reached = (
-        "The inner solve reached `max_steps` before the gradient norm fell to `tol`. Raise "
-        "`max_steps`, loosen `tol`, or pick a better `solver`."
-    )
     nonfinite = (
-        "The inner loss or its gradient became non-finite (NaN or inf) during the inner solve."
+        "A loss, a gradient or a hypergradient became non-finite (NaN or inf): the data, the "
+        "hyperparameters or the iterates are not finite, or a solve diverged."
+    )
+    not_stationary = (
+        "`params_star` is not stationary: the inner gradient norm is above `tol`, so the "
+        "hypergradient is that of another point. Solve the inner problem further."
+    )
+    not_positive_definite = (
+        "The Hessian of the inner loss at `params_star` is not positive definite (a Ritz value "
+        "is <= 0): `params_star` is not a strict local minimiser, and CG's answer cannot be "
+        "trusted. Solve the inner problem further, or use `lx.GMRES`, "
+        "`lx.Normal(lx.CG(...))` or `bx.Damped(lx.CG(...), damping)`."
     )
 
 
@@ -23,7 +36,8 @@ class Solution(eqx.Module):
     **Attributes:**
 
     - `params`: the approximate minimiser of the inner loss, with the structure of `init`.
-    - `result`: a [`bilevax.RESULTS`][] saying whether the solve converged.
+    - `result`: a [`bilevax.RESULTS`][]: `successful`, `max_steps_reached` (stopped at
+        `max_steps` before the gradient norm fell to `tol`) or `nonfinite`.
     - `stats`: a dict with `"num_steps"` (steps taken) and `"grad_norm"` (the final
         $\\|\\nabla_w L\\|_2$).
     - `state`: the arrays of the solver's final state (a pytree that `lax.scan` can carry),
@@ -35,3 +49,29 @@ class Solution(eqx.Module):
     result: RESULTS
     stats: dict[str, Array]
     state: PyTree[Array] | None = None
+
+
+class HypergradInfo(eqx.Module):
+    r"""What [`bilevax.implicit_hypergrad`][] reports with `has_aux=True`: how the hypergradient
+    was computed, from quantities it had at hand (one more gradient and one more
+    Hessian-vector product). The Lanczos estimates and the error estimate and bound are
+    [`bilevax.diagnostics.hypergrad_info`][], a function of this info.
+
+    **Attributes:**
+
+    - `result`: a [`bilevax.RESULTS`][], in order of precedence: `nonfinite` (the
+        hypergradient, the adjoint or the outer loss is not finite), the linear solve's
+        failure (`max_steps_reached`, `breakdown`, `singular`, ...), `not_stationary`
+        ($\|\nabla_w L\|_2 >$ `tol`), `successful`.
+    - `inner_grad_norm`: $\|\nabla_w L(w, \lambda)\|_2$ at `params_star`.
+    - `residual_norm`: $\|H v - \nabla_w E\|_2$, the linear solve's residual.
+    - `solve_steps`: the linear solver's iterations (0 for a direct solver).
+    - `adjoint`: the solution $v$ of $H v = \nabla_w E$, to pass back as `adjoint_init` at the
+        next outer step (a warm start).
+    """
+
+    result: RESULTS
+    inner_grad_norm: Scalar
+    residual_norm: Scalar
+    solve_steps: Int[Array, ""]
+    adjoint: PyTree[Array]

@@ -8,7 +8,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from helpers import ridge
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -68,21 +67,21 @@ CASES = [
         "decay",
         (0, 1, True, False),
         True,
-        lambda v: bx.contrib.HOAG(optax.sgd(0.1), decay=v),
+        lambda v: bx.contrib.HOAG(decay=v),
     ),
     (
         "HOAG",
         "initial_tol",
         (0, None, True, False),
         True,
-        lambda v: bx.contrib.HOAG(optax.sgd(0.1), initial_tol=v),
+        lambda v: bx.contrib.HOAG(initial_tol=v),
     ),
     (
         "HOAG",
         "final_tol",
         (0, None, True, False),
         True,
-        lambda v: bx.contrib.HOAG(optax.sgd(0.1), final_tol=v),
+        lambda v: bx.contrib.HOAG(final_tol=v),
     ),
     ("SOBA", "inner_lr", (0, None, True, False), True, lambda v: bx.contrib.SOBA(v, 0.1)),
     ("SOBA", "outer_lr", (0, None, True, False), True, lambda v: bx.contrib.SOBA(0.1, v)),

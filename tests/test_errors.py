@@ -93,12 +93,14 @@ def _implicit_diff(problem, **kwargs):
 
 
 def _hoag(problem, **kwargs):
-    optimizer = kwargs.pop("optimizer", optax.sgd(0.1))
-    return bx.contrib.HOAG(optimizer, **kwargs)
+    return bx.contrib.HOAG(**kwargs)
 
 
 def _info(problem, **kwargs):
     adjoint = kwargs.pop("adjoint", jnp.zeros(5))
+    zero = jnp.asarray(0.0)
+    info = bx.HypergradInfo(bx.RESULTS.successful, zero, zero, jnp.asarray(0), adjoint)
+    info = kwargs.pop("info", info)
     return bx.diagnostics.hypergrad_info(
         problem.outer,
         problem.inner,
@@ -106,7 +108,7 @@ def _info(problem, **kwargs):
         problem.hparams,
         problem.inner_data,
         problem.outer_data,
-        adjoint,
+        info,
         **kwargs,
     )
 
@@ -153,12 +155,12 @@ def _linearized(problem, **kwargs):
         (_linearized, dict(fn=3), TypeError, "fn"),
         (_linearized, dict(tangent=jnp.zeros(2)), ValueError, "tangent"),
         # diagnostics
-        (_info, dict(adjoint=jnp.zeros(2)), ValueError, "adjoint"),
+        (_info, dict(adjoint=jnp.zeros(2)), ValueError, "info.adjoint"),
+        (_info, dict(info=jnp.zeros(5)), TypeError, "info"),
         (_info, dict(lanczos_steps=-1), ValueError, "lanczos_steps"),
         (_info, dict(estimate_error="no"), TypeError, "estimate_error"),
-        (_info, dict(tol=None), TypeError, "tol"),
         # HOAG
-        (_hoag, dict(optimizer=optax.adam), TypeError, "optimizer"),
+        (_hoag, dict(solver=optax.adam), TypeError, "solver"),
         (_hoag, dict(max_steps=0), ValueError, "max_steps"),
         (_hoag, dict(initial_tol=-1.0), ValueError, "initial_tol"),
         (_hoag, dict(decay=0.0), ValueError, "decay"),

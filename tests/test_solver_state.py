@@ -272,7 +272,7 @@ def test_the_quasi_newton_preconditioner_gives_the_same_hypergradient(solver):
     preconditioned = bx.Preconditioned(cg, bx.QuasiNewtonPreconditioner(solver, sol.state))
     _, plain, plain_info = _hypergrad(sol.params, lam, train, val, cg)
     _, hypergrad, info = _hypergrad(sol.params, lam, train, val, preconditioned)
-    assert info.result == bx.diagnostics.HypergradResult.successful
+    assert info.result == bx.RESULTS.successful
     # Both stop at ‖H v − ∇_w E‖ ≤ 1e-10 ‖∇_w E‖: the preconditioner changes the path only.
     assert float(info.residual_norm) <= 1e-9 * float(
         jnp.linalg.norm(jax.grad(logistic_outer)(sol.params, lam, val))

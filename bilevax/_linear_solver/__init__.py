@@ -6,5 +6,4 @@ from ._preconditioner import (
     JacobiPreconditioner as JacobiPreconditioner,
     Preconditioned as Preconditioned,
     QuasiNewtonPreconditioner as QuasiNewtonPreconditioner,
-    default_linear_solver as default_linear_solver,
 )

@@ -8,6 +8,7 @@ import lineax as lx
 from jaxtyping import Array, ArrayLike, PyTree
 
 from .._checks import check_int, check_real
+from .._solver import as_inner_solver, check_solver
 
 
 class AbstractPreconditioner(eqx.Module):
@@ -98,9 +99,7 @@ class QuasiNewtonPreconditioner(AbstractPreconditioner):
     state: PyTree[Array]
 
     def __check_init__(self):
-        from .._solver import as_inner_solver
-
-        as_inner_solver(self.solver, None)  # a `TypeError` naming `solver` if it is none
+        check_solver(self.solver)
         if self.state is None:
             raise TypeError(
                 "`state` must be the `state` of a `bx.inner_solve` solution with `solver`, got "
@@ -109,8 +108,6 @@ class QuasiNewtonPreconditioner(AbstractPreconditioner):
 
     def build(self, hessian, key):
         del key
-        from .._solver import as_inner_solver
-
         inner_solver = as_inner_solver(self.solver, None)
         # The state's functions (L-BFGS's two-loop recursion) depend on the parameters'
         # structure only: an initial state at zeros supplies them.
@@ -252,23 +249,3 @@ class Preconditioned(lx.AbstractLinearSolver):
 
     def assume_full_rank(self) -> bool:
         return self.solver.assume_full_rank()
-
-
-def default_linear_solver(params: PyTree[Array], tol: Any = None) -> lx.AbstractLinearSolver:
-    r"""The implicit paths' default: [`bilevax.CG`][] stopping at
-    $\|r\|_2 \le \mathrm{rtol}\,\|b\|_2$, with `rtol` the inner solve's `tol` when there is
-    one (so the adjoint is as accurate as the solution it differentiates), and never below
-    what the parameters' dtype resolves: $10^{-10}$ in float64, $10^{-5}$ in float32,
-    $10^{-2}$ below."""
-    from ._cg import CG
-
-    leaves = jax.tree.leaves(params)
-    bits = max(jnp.finfo(x.dtype).bits for x in leaves) if leaves else 64
-    floor = 1e-10 if bits >= 64 else 1e-5 if bits >= 32 else 1e-2
-    if tol is None:
-        rtol = floor
-    elif isinstance(tol, int | float):
-        rtol = max(float(tol), floor)
-    else:
-        rtol = jnp.maximum(tol, floor)
-    return CG(rtol=rtol, atol=0.0)

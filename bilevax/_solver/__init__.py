@@ -4,6 +4,7 @@ from ._base import (
     Loss as Loss,
     SolverLike as SolverLike,
     as_inner_solver as as_inner_solver,
+    check_solver as check_solver,
 )
 from ._prox import (
     prox_elastic_net as prox_elastic_net,

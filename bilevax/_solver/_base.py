@@ -217,6 +217,15 @@ SolverLike = (
 )
 
 
+def check_solver(solver: SolverLike) -> None:
+    """The checks of `as_inner_solver` that need no hyperparameters, at construction time: a
+    callable `hparams -> solver` is not called (it may need real hyperparameters)."""
+    direct = AbstractInnerSolver | optax.GradientTransformation | optx.AbstractMinimiser
+    learned_step = callable(solver) and not isinstance(solver, type | direct)
+    if not learned_step or _is_factory(solver):
+        as_inner_solver(solver, None)
+
+
 def as_inner_solver(solver: SolverLike, hparams: HParams) -> AbstractInnerSolver:
     """Turns the `solver` argument of the primitives into an [`AbstractInnerSolver`][].
 

@@ -10,8 +10,8 @@ import lineax as lx
 from .._custom_types import Data, HParams, Params
 from .._implicit import implicit_hypergrad
 from .._inner_solve import inner_solve
+from .._solution import HypergradInfo
 from .._solver import GradientDescent, SolverLike
-from ..diagnostics._info import HypergradInfo
 
 
 class PrecisionPolicy(eqx.Module):
@@ -23,7 +23,7 @@ class PrecisionPolicy(eqx.Module):
     Hessians). So `inner_dtype` may be `bfloat16`, `float16` or `float32`, and `solve_dtype`
     `float32` or `float64`. The hypergradient's extra error is that of stopping the inner
     solve at $\|\nabla_w L\| \approx$ the low precision's resolution: first order in it, as
-    [`bilevax.diagnostics.HypergradInfo`][]'s `error_estimate` measures.
+    [`bilevax.diagnostics.HypergradDiagnostics`][]'s `error_estimate` measures.
 
     **Arguments:**
 
@@ -90,7 +90,7 @@ def mixed_precision_hypergrad(
     - `solver`, `max_steps`, `tol`: as for [`bilevax.inner_solve`][] (run in
         `inner_dtype`; a `tol` below that type's resolution ends at `max_steps`).
     - `linear_solver`: as for [`bilevax.implicit_hypergrad`][] (run in `solve_dtype`).
-    - `has_aux`: also return the [`bilevax.diagnostics.HypergradInfo`][] (computed in
+    - `has_aux`: also return the [`bilevax.HypergradInfo`][] (computed in
         `solve_dtype`).
 
     **Returns:**

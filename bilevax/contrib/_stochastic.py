@@ -57,7 +57,14 @@ class Directions(eqx.Module):
 
 
 def _inner_oracles(inner_loss, params, v, hparams, batch):
-    r"""$\nabla_w L$, and $(H v, (\partial^2_{\lambda w} L)\, v)$ from one VJP of it."""
+    r"""$\nabla_w L$, and $(H v, (\partial^2_{\lambda w} L)\, v)$ from one VJP of it.
+
+    Not `_ift`'s statement of the hypergradient (`_hypergrad.hypergrad_from_adjoint`), on
+    purpose: there $H$ comes from a linearisation of $\nabla_w L$ in $w$ and $B^\top v$ from
+    a second pullback in $\lambda$, two passes over the batch; a stochastic step, whose
+    whole cost is its oracles, gets $H v$ and $B^\top v$ from one pullback with respect to
+    $(w, \lambda)$ together. `tests/core/test_stochastic.py` checks that $D_\lambda$ equals
+    `hypergrad_from_adjoint` at any $(w, v)$, not only at the solution."""
     grad_w = lambda w, lam: jax.grad(inner_loss)(w, lam, batch)
     grad, vjp = jax.vjp(grad_w, params, hparams)
     hvp, cross = vjp(v)  # the Hessian is symmetric, so the VJP with v is H v

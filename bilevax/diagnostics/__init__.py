@@ -1,8 +1,9 @@
-"""Diagnostics of a hypergradient: pure functions of the problem and the adjoint, built on the
-same Hessian operator and linear solve as [`bilevax.implicit_hypergrad`][]."""
+"""Diagnostics of a hypergradient: pure functions of the problem and the
+[`bilevax.HypergradInfo`][] of [`bilevax.implicit_hypergrad`][], built on the same Hessian
+operator, linear solve and statement of the hypergradient."""
 
 from ._info import (
-    HypergradInfo as HypergradInfo,
+    HypergradDiagnostics as HypergradDiagnostics,
     HypergradResult as HypergradResult,
     hypergrad_info as hypergrad_info,
 )

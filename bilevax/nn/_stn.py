@@ -28,9 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from .._checks import check_bool
-from .._linearize import linearized_response, skip_zero_products
+from .._linearize import linearized_response
 from ._hyperparameters import HyperParameters
 from ._stn_layers import response_filter
+from ._zero_products import skip_zero_products
 
 
 VARIANTS = ("stn", "centred", "delta")
