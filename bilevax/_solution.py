@@ -5,6 +5,10 @@ from jaxtyping import Array, Int, PyTree, Scalar
 from ._custom_types import Params
 
 
+def _lineax_message(item) -> str:
+    return lx.RESULTS[item]
+
+
 class RESULTS(lx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
     """How a computation of bilevax ended: an inner solve ([`bilevax.Solution`][]'s `result`),
     a linear solve of the implicit function theorem, a hypergradient
@@ -14,6 +18,11 @@ class RESULTS(lx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
     `sol.result == bx.RESULTS.successful`; a linear solve's `lx.RESULTS` becomes one of these
     with `bx.RESULTS.promote(result)`."""
 
+    # lineax's items that bilevax sets itself, restated (with lineax's own messages) so that
+    # type checkers see them as items of this class.
+    successful = ""
+    max_steps_reached = _lineax_message(lx.RESULTS.max_steps_reached)
+    nonfinite_input = _lineax_message(lx.RESULTS.nonfinite_input)
     nonfinite = (
         "A loss, a gradient or a hypergradient became non-finite (NaN or inf): the data, the "
         "hyperparameters or the iterates are not finite, or a solve diverged."

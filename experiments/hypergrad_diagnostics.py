@@ -40,22 +40,19 @@ from . import _cli, _console, _harness, _outputs, problems
 
 
 def _diagnosed(zoo, problem, params, *, tol=1e-6, **kwargs):
-    """`(hypergrad, info)`: the implicit hypergradient at `params`, and
-    `bx.diagnostics.hypergrad_info` (Lanczos, the error estimate and bound) at its adjoint."""
-    _, hgrad, aux = zoo.implicit(problem, params, has_aux=True, tol=tol, **kwargs)
-    info = bx.diagnostics.hypergrad_info(
+    """`(hypergrad, info, diagnostics)`: the implicit hypergradient at `params` with its info,
+    and `bx.diagnostics.hypergrad_info` (Lanczos, the error estimate and bound) from it."""
+    _, hgrad, info = zoo.implicit(problem, params, has_aux=True, tol=tol, **kwargs)
+    diagnostics = bx.diagnostics.hypergrad_info(
         problem.outer,
         problem.inner,
         params,
         problem.hparams,
         problem.inner_data,
         problem.outer_data,
-        aux.adjoint,
-        tol=tol,
-        solve_steps=aux.solve_steps,
-        hypergrad=hgrad,
+        info,
     )
-    return hgrad, info
+    return hgrad, info, diagnostics
 
 
 def error_estimate(zoo, seed: int, quick: bool) -> dict:
@@ -89,51 +86,59 @@ def error_estimate(zoo, seed: int, quick: bool) -> dict:
     rows = []
     tols = [1e-2, 1e-6, 1e-10] if quick else [1e-2, 1e-4, 1e-6, 1e-8, 1e-10]
     for tol in tols:
-        hgrad, info = run(tol, 1e-13)
-        rows.append(_error_row("inner", tol, hgrad, exact, info))
+        rows.append(_error_row("inner", tol, exact, *run(tol, 1e-13)))
     for linear_tol in [1e-2, 1e-4, 1e-6] if quick else [1e-2, 1e-3, 1e-4, 1e-5, 1e-6]:
-        hgrad, info = run_linear(linear_tol)
-        rows.append(_error_row("linear", linear_tol, hgrad, big_exact, info))
+        rows.append(_error_row("linear", linear_tol, big_exact, *run_linear(linear_tol)))
     return {"rows": rows}
 
 
-def _error_row(varied, tol, hgrad, exact, info) -> dict:
+def _error_row(varied, tol, exact, hgrad, info, diagnostics) -> dict:
     error = float(jnp.linalg.norm(hgrad - exact))
     return dict(
         varied=varied,
         tol=tol,
         true_error=error,
-        estimate=float(info.error_estimate),
-        bound=float(info.error_bound),
-        estimate_over_error=float(info.error_estimate) / error,
-        bound_over_error=float(info.error_bound) / error,
+        estimate=float(diagnostics.error_estimate),
+        bound=float(diagnostics.error_bound),
+        estimate_over_error=float(diagnostics.error_estimate) / error,
+        bound_over_error=float(diagnostics.error_bound) / error,
         inner_grad_norm=float(info.inner_grad_norm),
         residual_norm=float(info.residual_norm),
         solve_steps=int(info.solve_steps),
-        hessian_min=float(info.hessian_min),
-        hessian_max=float(info.hessian_max),
-        result=_result_name(info.result),
+        hessian_min=float(diagnostics.hessian_min),
+        hessian_max=float(diagnostics.hessian_max),
+        result=_result_name(diagnostics.result),
     )
 
 
-def _run_hoag(problem, hoag, num_steps):
+def _run_hoag(problem, hoag, optimizer, num_steps):
+    """`num_steps` steps of `optimizer` on HOAG's hypergradients."""
+
     @eqx.filter_jit
     def run(state):
-        def body(state, _):
-            return hoag.step(
+        def body(carry, _):
+            hparams, state, opt_state = carry
+            value, hypergrad, state, stats = hoag.value_and_grad(
                 problem.outer,
                 problem.inner,
+                hparams,
                 state,
-                problem.init,
                 problem.inner_data,
                 problem.outer_data,
             )
+            # Adam's bias correction mixes an int32 count with floats.
+            with jax.numpy_dtype_promotion("standard"):
+                updates, opt_state = optimizer.update(hypergrad, opt_state, hparams)
+            hparams = optax.apply_updates(hparams, updates)
+            return (hparams, state, opt_state), dict(stats, value=value, hypergrad=hypergrad)
 
-        return jax.lax.scan(body, state, length=num_steps)
+        carry = (problem.hparams, state, optimizer.init(problem.hparams))
+        (hparams, _, _), stats = jax.lax.scan(body, carry, length=num_steps)
+        return hparams, stats
 
-    state, stats = run(hoag.init(problem.init, problem.hparams))
+    hparams, stats = run(hoag.init(problem.init, problem.hparams))
     return dict(
-        hparams=np.asarray(state.hparams),
+        hparams=np.asarray(hparams),
         inner_steps=int(jnp.sum(stats["inner_steps"])),
         solve_steps=int(jnp.sum(stats["solve_steps"])),
         cumulative_inner_steps=np.cumsum(np.asarray(stats["inner_steps"])),
@@ -155,10 +160,12 @@ def adaptive_tolerance(zoo, seed: int, quick: bool) -> dict:
         solver = bx.GradientDescent(problem.learning_rate, 0.5)
         common = dict(final_tol=1e-10, max_steps=100_000)
         runs = {
-            "adaptive": bx.contrib.HOAG(optimizer, solver, initial_tol=1e-2, decay=0.9, **common),
-            "fixed": bx.contrib.HOAG(optimizer, solver, initial_tol=1e-10, decay=1.0, **common),
+            "adaptive": bx.contrib.HOAG(solver, initial_tol=1e-2, decay=0.9, **common),
+            "fixed": bx.contrib.HOAG(solver, initial_tol=1e-10, decay=1.0, **common),
         }
-        result = {label: _run_hoag(problem, hoag, num_steps) for label, hoag in runs.items()}
+        result = {
+            label: _run_hoag(problem, hoag, optimizer, num_steps) for label, hoag in runs.items()
+        }
         result["hparams_difference"] = float(
             np.max(np.abs(result["adaptive"]["hparams"] - result["fixed"]["hparams"]))
         )
@@ -174,7 +181,6 @@ def warm_start(zoo, seed: int, quick: bool) -> dict:
     """Fixed tolerance 1e-10, 60 outer SGD steps on a 40-feature ridge problem."""
     problem = zoo.ridge(n=150, d=40, seed=seed)
     kwargs = dict(
-        optimizer=optax.sgd(1.0),
         solver=bx.GradientDescent(problem.learning_rate, 0.5),
         initial_tol=1e-10,
         decay=1.0,
@@ -189,7 +195,7 @@ def warm_start(zoo, seed: int, quick: bool) -> dict:
     }
     out = {}
     for name, extra in variants.items():
-        run = _run_hoag(problem, bx.contrib.HOAG(**kwargs, **extra), 60)
+        run = _run_hoag(problem, bx.contrib.HOAG(**kwargs, **extra), optax.sgd(1.0), 60)
         run.pop("cumulative_inner_steps")
         out[name] = run
     return out
@@ -269,10 +275,10 @@ def _raised(error: Exception) -> str:
     """Which failure of the linear solve an error reports."""
     message = str(error)
     for phrase, name in [
-        ("broke down", "linear_solve_breakdown"),
+        ("broke down", "breakdown"),
         ("non-finite", "nonfinite"),
-        ("did not reach", "linear_solve_failed"),
-        ("singular", "linear_solve_failed"),
+        ("did not reach", "max_steps_reached"),
+        ("singular", "singular"),
     ]:
         if phrase in message:
             return f"raised: {name}"
@@ -281,8 +287,8 @@ def _raised(error: Exception) -> str:
 
 def _mixed_precision(problem, inner_dtype, solve_dtype):
     """`(hypergrad, solution, info)`: `bx.contrib.mixed_precision_hypergrad` with the inner
-    loop in `inner_dtype`, and `bx.diagnostics.hypergrad_info` in `solve_dtype` at its
-    low-precision solution and adjoint (stationary means the inner solve's `tol`, 1e-10).
+    loop in `inner_dtype` (stationary means the inner solve's `tol`, 1e-10), and
+    `bx.diagnostics.hypergrad_info` in `solve_dtype` from its info.
 
     CG runs to 1e-10 in float64 and 1e-6 in float32; in float32 on `bx.CG`'s test (the 2-norm
     of the residual relative to the right-hand side), which float32 can meet: `lx.CG`'s
@@ -317,10 +323,7 @@ def _mixed_precision(problem, inner_dtype, solve_dtype):
             policy.solve(problem.hparams),
             policy.solve(problem.inner_data),
             policy.solve(problem.outer_data),
-            aux.adjoint,
-            tol=1e-10,
-            solve_steps=aux.solve_steps,
-            hypergrad=hgrad,
+            aux,
         )
         return hgrad, sol, info
 
@@ -329,17 +332,21 @@ def _mixed_precision(problem, inner_dtype, solve_dtype):
 
 RESULT_NAMES = (
     "successful",
-    "linear_solve_failed",
-    "linear_solve_breakdown",
+    "max_steps_reached",
+    "breakdown",
+    "singular",
+    "stagnation",
+    "conlim",
+    "nonfinite_input",
+    "nonfinite",
     "not_stationary",
     "not_positive_definite",
-    "nonfinite",
 )
 
 
 def _result_name(result) -> str:
     for name in RESULT_NAMES:
-        if bool(result == getattr(bx.diagnostics.HypergradResult, name)):
+        if bool(result == getattr(bx.RESULTS, name)):
             return name
     return "unknown"
 

@@ -117,6 +117,7 @@ def mixed_precision_hypergrad(
         policy.solve(outer_data),
         linear_solver=linear_solver,
         has_aux=has_aux,
+        tol=tol,
     )
     if has_aux:
         value, hypergrad, info = cast(tuple[Any, Any, HypergradInfo], out)

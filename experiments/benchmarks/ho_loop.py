@@ -269,7 +269,6 @@ def _hoag(counter: Counter | None = None, d: int | None = None):
     its state resumed (HOAG's default) and, a dense BFGS, preconditioning the adjoint CG."""
     solver = _lbfgs() if d is None else _best_solver(d)
     return bx.contrib.HOAG(
-        optax.adam(OUTER_LR),
         solver,
         initial_tol=INITIAL_TOL,
         decay=DECAY,
@@ -344,23 +343,29 @@ def best_loop(num_steps: int, counter: Counter | None = None):
 
 
 def hoag_loop(num_steps: int, counter: Counter | None = None):
-    """(d): `bx.contrib.HOAG`, which does what (c) writes out."""
+    """(d): `bx.contrib.HOAG`'s hypergradients, which do what (c) writes out, followed by
+    the same Adam."""
+    optimizer = optax.adam(OUTER_LR)
     loss = _counted_loss(counter)
 
     def loop(lam, train, val):
         hoag = _hoag(d=train[0].shape[1])
         zeros = jnp.zeros(train[0].shape[1], lam.dtype)
 
-        def step(state, _):
-            state, stats = hoag.step(outer_loss, loss, state, zeros, train, val)
+        def step(carry, _):
+            lam, opt_state, state = carry
+            value, hypergrad, state, stats = hoag.value_and_grad(
+                outer_loss, loss, lam, state, train, val
+            )
             if counter is not None:  # `bx.CG` from a `y0`, the last adjoint: one HVP more
                 jax.debug.callback(counter.add_hvps, stats["solve_steps"] + 1)
-            return state, (stats["value"], stats["inner_steps"])
+            lam, opt_state = _adam_step(optimizer, hypergrad, opt_state, lam)
+            return (lam, opt_state, state), (value, stats["inner_steps"])
 
         # The first state holds the solver's state before any step, as (c)'s first carry.
-        state0 = hoag.init(zeros, lam, loss, train)
-        state, (values, steps) = jax.lax.scan(step, state0, length=num_steps)
-        return state.hparams, values, steps
+        carry = (lam, optimizer.init(lam), hoag.init(zeros, lam, loss, train))
+        (lam, *_), (values, steps) = jax.lax.scan(step, carry, length=num_steps)
+        return lam, values, steps
 
     return loop
 
