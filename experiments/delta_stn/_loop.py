@@ -107,6 +107,37 @@ def _evaluate(task: Task, variant, model, hparams, data):
     return jnp.mean(jax.vmap(task.val_loss)(out, y))
 
 
+def weight_phase_step(task: Task, variant: str, optimizer, model, hparams, w_state, batch, key):
+    """One step of the weight phase on `batch = (x, y)`: `(model, w_state, loss)`.
+
+    `optimizer` is one optax transformation, which steps every weight on the gradients of
+    one `weight_grads` call (`step_order="simultaneous"`), or a pair of them masked to the
+    general and the response weights (`"sequential"`, the authors' code): $w_0$ is stepped
+    first, and the response's gradient is taken at the new $w_0$."""
+    x, y = batch
+    grads_of = lambda model, part: bnn.weight_grads(
+        variant,
+        task.apply,
+        task.train_loss,
+        model,
+        hparams,
+        x,
+        y,
+        key,
+        general=task.general,
+        part=part,
+    )
+    if isinstance(optimizer, optax.GradientTransformation):  # (a NamedTuple: test it first)
+        loss, grads = grads_of(model, "both")
+        model, w_state = optax_step(optimizer, grads, w_state, model)
+        return model, w_state, loss
+    loss, grads = grads_of(model, "general")
+    model, general_state = optax_step(optimizer[0], grads, w_state[0], model)
+    _, grads = grads_of(model, "response")
+    model, response_state = optax_step(optimizer[1], grads, w_state[1], model)
+    return model, (general_state, response_state), loss
+
+
 def self_tuning(
     task: Task, variant: str, seed: int, run: _harness.Run, name: str | None = None
 ) -> dict:
@@ -169,27 +200,12 @@ def self_tuning(
         def weight_step(carry, inputs):
             model, hparams, w_state, h_state = carry
             idx, key = inputs
-            grads_of = lambda model, part: bnn.weight_grads(
-                variant,
-                task.apply,
-                task.train_loss,
-                model,
-                hparams,
-                xtr[idx],
-                ytr[idx],
-                key,
-                general=task.general,
-                part=part,
+            optimizer = w_opts if sequential else w_opt
+            batch = (xtr[idx], ytr[idx])
+            model, w_state, loss = weight_phase_step(
+                task, variant, optimizer, model, hparams, w_state, batch, key
             )
-            if not sequential:
-                loss, grads = grads_of(model, "both")
-                model, w_state = optax_step(w_opt, grads, w_state, model)
-                return (model, hparams, w_state, h_state), loss
-            loss, grads = grads_of(model, "general")
-            model, general_state = optax_step(w_opts[0], grads, w_state[0], model)
-            _, grads = grads_of(model, "response")
-            model, response_state = optax_step(w_opts[1], grads, w_state[1], model)
-            return (model, hparams, (general_state, response_state), h_state), loss
+            return (model, hparams, w_state, h_state), loss
 
         def hyper_step(carry, inputs):
             model, hparams, w_state, h_state = carry
