@@ -38,7 +38,7 @@ from jaxtyping import Array, Float
 
 import bilevax as bx
 
-from . import _cli, _console, _harness, _outputs, _search, problems
+from . import _cli, _console, _harness, _optuna, _outputs, problems
 from ._optax import optax_step
 from .problems import mse as outer_loss, ridge_loss as inner_loss
 
@@ -276,11 +276,11 @@ def optuna_search(problem: Ridge, budget: int, method: str, seed: int, run: _har
         value = float(_train_and_validate(lam, problem))
         return value, dict(log_lam=np.asarray(lam))
 
-    state = _search.search(
+    state = _optuna.search(
         run,
         method,
         budget,
-        _search.sampler(method, seed),
+        _optuna.sampler(method, seed),
         distributions,
         objective,
         description=METHODS[method],

@@ -11,7 +11,7 @@ import pytest
 
 import bilevax.nn as bnn
 from experiments import _checkpoint, _harness
-from experiments.delta_stn import _search, stability
+from experiments.delta_stn import _baselines, stability
 from experiments.delta_stn.__main__ import main
 from experiments.delta_stn._loop import applied_values
 from experiments.delta_stn._tasks import (
@@ -72,9 +72,9 @@ def test_resume_continues_a_killed_run(tmp_path, monkeypatch):
         main([*args, "--out", str(tmp_path / "killed")])
     monkeypatch.setattr(_checkpoint.Checkpoints, "save", original)
     trials = []
-    plain_training = _search.plain_training
+    plain_training = _baselines.plain_training
     monkeypatch.setattr(
-        _search, "plain_training", lambda *a: trials.append(1) or plain_training(*a)
+        _baselines, "plain_training", lambda *a: trials.append(1) or plain_training(*a)
     )
     resumed = main([*args, "--out", str(tmp_path / "killed"), "--resume"])
     # Δ-STN was done, random search had run 1 of its 2 trials (4 epochs, 2 per trial).

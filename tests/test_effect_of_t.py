@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import bilevax as bx
-from experiments import _cli, _harness, effect_of_t as E
+from experiments import _cli, _harness, unroll_length as E
 from experiments.data import DEFAULT_DATA
 
 
@@ -145,7 +145,7 @@ def test_quick_run(tmp_path):
 
 
 def _run(path, *argv):
-    args = _cli.parser("effect_of_t", "").parse_args(["--out", str(path), *argv])
+    args = _cli.parser("unroll_length", "").parse_args(["--out", str(path), *argv])
     return _harness.start(args)
 
 

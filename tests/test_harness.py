@@ -21,7 +21,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import _atomic, _checkpoint, _cli, _harness, _optax, _outputs, _search
+from experiments import _atomic, _checkpoint, _cli, _harness, _optax, _optuna, _outputs
 from experiments.data import data_dir
 
 
@@ -263,7 +263,7 @@ def test_stage_is_computed_once(tmp_path):
 
 
 def test_search_resumes_with_the_trials_it_would_have_drawn(tmp_path):
-    FloatDistribution = _search.optuna.distributions.FloatDistribution
+    FloatDistribution = _optuna.optuna.distributions.FloatDistribution
     distributions = {f"x{i}": FloatDistribution(-1.0, 1.0) for i in range(2)}
     calls = []
 
@@ -275,8 +275,8 @@ def test_search_resumes_with_the_trials_it_would_have_drawn(tmp_path):
             return sum(v**2 for v in params.values()), {}
 
         run = _harness.start(_args(out, *argv))
-        sampler = _search.sampler("tpe", 0, startup=2)
-        return _search.search(run, "tpe", 6, sampler, distributions, objective)["trials"]
+        sampler = _optuna.sampler("tpe", 0, startup=2)
+        return _optuna.search(run, "tpe", 6, sampler, distributions, objective)["trials"]
 
     whole = search(tmp_path / "whole")
     calls.clear()
@@ -294,9 +294,9 @@ def test_search_on_a_budget_of_seconds_stops_and_resumes_where_it_stopped(tmp_pa
     # A fake clock that only the objective advances, one second per trial: the count of trials
     # is then exact, not a matter of the machine's speed.
     clock = [0.0]
-    monkeypatch.setattr(_search.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(_optuna.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(_harness.time, "perf_counter", lambda: clock[0])
-    distributions = {"x": _search.optuna.distributions.FloatDistribution(-1.0, 1.0)}
+    distributions = {"x": _optuna.optuna.distributions.FloatDistribution(-1.0, 1.0)}
     calls = []
 
     def search(*argv, budget):
@@ -306,8 +306,8 @@ def test_search_on_a_budget_of_seconds_stops_and_resumes_where_it_stopped(tmp_pa
             return params["x"] ** 2, {}
 
         run = _harness.start(_args(tmp_path, *argv))
-        sampler = _search.sampler("random", 0)
-        return _search.search(
+        sampler = _optuna.sampler("random", 0)
+        return _optuna.search(
             run, "rs", 1000, sampler, distributions, objective, budget_seconds=budget
         )
 
@@ -361,7 +361,7 @@ def test_data_dir_takes_the_first_that_is_set(tmp_path, monkeypatch):
 EXPERIMENTS = [
     "ridge_l2",
     "hyper_cleaning",
-    "effect_of_t",
+    "unroll_length",
     "lasso_ho",
     "stochastic_bilevel",
     "meta_ho",

@@ -499,11 +499,11 @@ def test_quick_run_of_another_head_reaches_its_floor(tmp_path, restore_x64, head
 @pytest.mark.slow
 def test_effect_of_t_study_runs_each_variant_once(tmp_path, restore_x64):
     from experiments._harness import RunError
-    from experiments.hyper_representation import effect_of_t
+    from experiments.hyper_representation import unrolled_vs_implicit
 
     argv = ["--ts", "1", "2", "--meta-steps", "2", "--eval-every", "2", "--val-episodes", "4",
             "--test-episodes", "4", "--out", str(tmp_path)]  # fmt: skip
-    first = effect_of_t.main(argv)
+    first = unrolled_vs_implicit.main(argv)
     labels = ["T=1", "T=2", "implicit", "ProtoNet"]
     for label in labels:
         assert 0 <= first[label]["test_acc"] <= 100 and first[label]["meta_steps"] == 2
@@ -511,10 +511,10 @@ def test_effect_of_t_study_runs_each_variant_once(tmp_path, restore_x64):
         assert first["timing"][label]["ms_per_step"] > 0
     assert (tmp_path / "effect_of_t.png").stat().st_size > 0
     # Resumed, every variant is read back, none retrained; other T's are refused.
-    again = effect_of_t.main([*argv, "--resume"])
+    again = unrolled_vs_implicit.main([*argv, "--resume"])
     assert all(again["run"]["progress"][f"{label}_done"]["from"] == 1 for label in labels)
     assert [again[label]["test_acc"] for label in labels] == [
         first[label]["test_acc"] for label in labels
     ]
     with pytest.raises(RunError, match="ts"):
-        effect_of_t.main([*argv[:1], "1", "3", *argv[3:], "--resume"])
+        unrolled_vs_implicit.main([*argv[:1], "1", "3", *argv[3:], "--resume"])

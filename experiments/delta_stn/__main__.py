@@ -16,8 +16,8 @@ import numpy as np
 from .. import _atomic, _cli, _console, _distributed, _harness
 from ..data import data_dir
 from . import _plots
+from ._baselines import search
 from ._loop import self_tuning
-from ._search import search
 from ._tasks import (
     METHODS,
     TASKS,

@@ -26,8 +26,8 @@ import scipy.stats
 
 from .. import _atomic, _cli, _distributed, _harness, _outputs
 from ..data import data_dir
+from ._baselines import search
 from ._loop import self_tuning
-from ._search import search
 from ._tasks import METHODS, TASKS, add_method_options, make_task, method_options
 
 

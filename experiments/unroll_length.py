@@ -21,7 +21,7 @@ an upper bound on the inner Hessian (the softmax Hessian is at most $\tfrac12$),
 descent is stable however large $H$ grows. It is recomputed from the current $H$ and held
 constant in the derivative (`stop_gradient`), as a tuning rule, not a learned hyperparameter.
 
-    python -m experiments.effect_of_t [--quick] [--out DIR] [--data-dir DIR] [--seed S]
+    python -m experiments.unroll_length [--quick] [--out DIR] [--data-dir DIR] [--seed S]
         [--resume | --overwrite]
 """
 
@@ -356,7 +356,7 @@ def memory_comparison(
 
 
 def main(argv=None) -> dict:
-    p = _cli.parser("effect_of_t", __doc__.splitlines()[0])
+    p = _cli.parser("unroll_length", __doc__.splitlines()[0])
     p.add_argument("--features", type=int, default=FEATURES, help="d, the width of H")
     p.add_argument("--hyper-steps", type=int, default=None, help="Adam steps on H per T")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate on H")

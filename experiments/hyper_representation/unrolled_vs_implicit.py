@@ -16,8 +16,9 @@ over the whole training and, on one fixed meta-batch, interleaved across variant
 initialisation so that load on the machine falls on all alike) and XLA's compiled scratch
 memory for one meta-step, and plots accuracy and time against $T$.
 
-    python -m experiments.hyper_representation.effect_of_t [--budget quick|full] [--ts 1 3 5]
-        [--heads linear implicit prototypes] [--out DIR] [--seed S] [--resume | --overwrite]
+    python -m experiments.hyper_representation.unrolled_vs_implicit [--budget quick|full]
+        [--ts 1 3 5] [--heads linear implicit prototypes] [--out DIR] [--seed S]
+        [--resume | --overwrite]
 """
 
 import statistics
@@ -161,7 +162,7 @@ def plot(results: dict, variant_list, path):
 
 
 def build_parser():
-    p = _cli.parser("hyper_representation.effect_of_t", DESCRIPTION)
+    p = _cli.parser("hyper_representation.unrolled_vs_implicit", DESCRIPTION)
     p.add_argument("--budget", choices=["quick", "full"], default="quick")
     p.add_argument("--setting", choices=list(SETTINGS), default="5w1s")
     p.add_argument("--ts", type=int, nargs="+", default=TS, help=f"(default {TS})")

@@ -5,7 +5,7 @@ hyperparameters."""
 import numpy as np
 import optuna
 
-from .. import _harness, _search
+from .. import _harness, _optuna
 from ._loop import Task, forget_compiled, plain_training
 
 
@@ -25,7 +25,7 @@ def search(
     """Random search or TPE over `task.search`: `task.epochs // task.trial_epochs` trials of
     `method` (`"random"` or `"tpe"`), or, given `budget_seconds`, as many trials as start
     within that many seconds (compilation included); each trial checkpointed (a resumed run
-    replays the finished trials to the sampler, see `experiments._search`).
+    replays the finished trials to the sampler, see `experiments._optuna`).
 
     **Returns:**
 
@@ -45,7 +45,7 @@ def search(
     # budgets: a third of the trials, at least 2.
     if startup is None:
         startup = min(10, max(2, trials // 3))
-    sampler = _search.sampler(method, seed + (10_000 if method == "tpe" else 0), startup)
+    sampler = _optuna.sampler(method, seed + (10_000 if method == "tpe" else 0), startup)
 
     def objective(k, params):
         lam = [
@@ -57,7 +57,7 @@ def search(
         return told, dict(hparams=lam, val_loss=val, test_loss=test, curve=curve)
 
     description = f"{task.name} {method} s{seed}"
-    done = _search.search(
+    done = _optuna.search(
         run,
         f"{method}_{seed}",
         trials,
