@@ -43,7 +43,7 @@ import bilevax as bx
 
 from .. import _cli, _outputs
 from ..problems import relerr
-from . import implicit_vs_jaxopt as logistic
+from . import _problems
 from ._calls import time_calls
 from ._timing import block, compile_fn, finish, format_table, outputs, parser
 
@@ -105,23 +105,23 @@ def run_logistic(quick: bool, repeats: int, device, log) -> list[dict]:
     import torch
 
     rows = []
-    for name, train, val, lam, per_feature in logistic.make_cases(quick):
+    for name, train, val, lam, per_feature in _problems.make_cases(quick):
         d = train[0].shape[1]
         label = f"{name}/{'per-feature' if per_feature else 'scalar'} λ"
-        w, grad_norm = logistic.newton_cg(jnp.zeros(d), lam, train)
+        w, grad_norm = _problems.newton_cg(jnp.zeros(d), lam, train)
         w = block(w)
-        steps = logistic.lineax_steps(lx.CG(1e-10, 1e-10), w, lam, train, val)
+        steps = _problems.lineax_steps(lx.CG(1e-10, 1e-10), w, lam, train, val)
         cg = lx.CG(rtol=0.0, atol=0.0, max_steps=steps)
         args = (w, lam, train, val)
-        jitted, compile_s = compile_fn(logistic.bilevax_hypergrad(cg), *args)
+        jitted, compile_s = compile_fn(_problems.bilevax_hypergrad(cg), *args)
         out_b = block(jitted(*args))
         torch_fn, as_t = torchopt_implicit(train, val, w, steps, device)
         lam_t = as_t(lam)
         out_t = torch_fn(lam_t)
         agree = relerr(out_t[1].cpu().numpy(), out_b[1])
         err_b = math.nan
-        if d <= logistic.DENSE_MAX_D:
-            err_b = relerr(out_b[1], jax.jit(logistic.dense_reference)(*args)[1])
+        if d <= _problems.DENSE_MAX_D:
+            err_b = relerr(out_b[1], jax.jit(_problems.dense_reference)(*args)[1])
         if not (agree <= 1e-6 and (math.isnan(err_b) or err_b <= 1e-6)):
             raise AssertionError(f"[{label}] torchopt {agree:.1e}, bilevax vs dense {err_b:.1e}")
 

@@ -27,8 +27,8 @@ import bilevax as bx
 
 from .. import _cli
 from ..problems import logistic_loss as inner_loss, logistic_outer as outer_loss, relerr
+from ._problems import breast_cancer
 from ._timing import finish, format_table, outputs, parser
-from .implicit_vs_jaxopt import breast_cancer
 
 
 jax.config.update("jax_enable_x64", True)

@@ -66,8 +66,8 @@ import bilevax as bx
 
 from .. import _cli
 from ..problems import logistic_loss as inner_loss, logistic_outer as outer_loss, relerr
+from ._problems import breast_cancer, newton_cg, synthetic
 from ._timing import Timing, block, compile_fn, finish, format_table, outputs, parser
-from .implicit_vs_jaxopt import breast_cancer, newton_cg, synthetic
 
 
 jax.config.update("jax_enable_x64", True)

@@ -34,23 +34,25 @@ timed inside a loop (the linearised HVP each CG step applies), and
 `run time / (HVP count × HVP time)` says how close each is to the cost of its HVPs alone.
 """
 
-import functools
 import math
 import time
 
 import jax
 import jax.numpy as jnp
 import lineax as lx
-import numpy as np
 
 import bilevax as bx
 
 from .. import _cli
-from ..problems import (
-    log_loss as log_loss,
-    logistic_loss as inner_loss,
-    logistic_outer as outer_loss,
-    relerr,
+from ..problems import logistic_loss as inner_loss, logistic_outer as outer_loss, relerr
+from ._problems import (
+    DENSE_MAX_D,
+    bilevax_hypergrad,
+    dense_reference,
+    hessian_operator,
+    lineax_steps,
+    make_cases,
+    newton_cg,
 )
 from ._timing import (
     bar_ratio_plot,
@@ -69,95 +71,11 @@ jax.config.update("jax_enable_x64", True)
 NAME = "implicit_vs_jaxopt"
 RATIO_GOAL = 0.67  # bilevax run time / jaxopt run time
 HVP_GOAL = 1.2  # run time / (HVP count × HVP time)
-DENSE_MAX_D = 2_000  # dense-Hessian reference up to this size
 # lineax's CG recomputes the residual from scratch every `stabilise_every` steps (an HVP).
 STABILISE_EVERY = lx.CG(0.0, 0.0, max_steps=1).stabilise_every
 
 
-# -- the problem -------------------------------------------------------------------------------
-
-
-def breast_cancer(seed: int = 0):
-    from sklearn.datasets import load_breast_cancer
-
-    X, y = load_breast_cancer(return_X_y=True)
-    order = np.random.default_rng(seed).permutation(len(y))
-    X, y = X[order], y[order].astype(np.float64)
-    n_train = int(0.6 * len(y))
-    mean, std = X[:n_train].mean(0), X[:n_train].std(0)
-    X = (X - mean) / std
-    return (X[:n_train], y[:n_train]), (X[n_train:], y[n_train:])
-
-
-def synthetic(n_train: int, n_val: int, d: int, seed: int = 0):
-    """Gaussian features scaled so that E‖x‖² = 10, labels from a noisy linear teacher."""
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n_train + n_val, d)) * np.sqrt(10.0 / d)
-    teacher = rng.standard_normal(d)
-    logits = X @ teacher / np.sqrt(10.0) * 3.0 + 0.5 * rng.standard_normal(n_train + n_val)
-    y = (logits > 0).astype(np.float64)
-    return (X[:n_train], y[:n_train]), (X[n_train:], y[n_train:])
-
-
-def make_cases(quick: bool):
-    """(name, train, val, log-strength, per_feature) for every problem size."""
-    sizes = [("breast_cancer", breast_cancer(), 1e-2)]
-    sizes.append(("synthetic_d2000", synthetic(1_000, 500, 2_000), 1e-3))
-    if not quick:
-        # 400 x 100,000 float64 is 320 MB: one HVP reads it twice, ~0.1 s on 2 cores.
-        sizes.append(("synthetic_d100000", synthetic(400, 200, 100_000), 1e-3))
-    cases = []
-    for name, (train, val), strength in sizes:
-        d = train[0].shape[1]
-        train = tuple(jnp.asarray(a) for a in train)
-        val = tuple(jnp.asarray(a) for a in val)
-        scalar = jnp.log(jnp.asarray(strength))
-        spread = np.random.default_rng(1).uniform(-1.0, 1.0, d)
-        per_feature = jnp.asarray(np.log(strength) + spread)
-        cases.append((name, train, val, scalar, False))
-        cases.append((name, train, val, per_feature, True))
-    return cases
-
-
-# -- an independent inner solver and reference ---------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames="iterations")
-def newton_cg(w, lam, data, iterations: int = 30):
-    """Damped Newton with a tight CG solve for the step and a backtracking choice among eight
-    step sizes: plain JAX, shared by neither contender."""
-    grad = lambda w: jax.grad(inner_loss)(w, lam, data)
-
-    def step(w, _):
-        g, hvp = jax.linearize(grad, w)
-        direction, _ = jax.scipy.sparse.linalg.cg(hvp, -g, tol=1e-13, maxiter=4 * w.size)
-        sizes = 0.5 ** jnp.arange(8.0)
-        losses = jax.vmap(lambda t: inner_loss(w + t * direction, lam, data))(sizes)
-        losses = jnp.where(jnp.isfinite(losses), losses, jnp.inf)
-        return w + sizes[jnp.argmin(losses)] * direction, None
-
-    w, _ = jax.lax.scan(step, w, None, length=iterations)
-    return w, jnp.linalg.norm(grad(w))
-
-
-def dense_reference(w, lam, train, val):
-    """The implicit hypergradient with a dense Hessian and a direct solve."""
-    H = jax.hessian(inner_loss)(w, lam, train)
-    v = jnp.linalg.solve(H, jax.grad(outer_loss)(w, lam, val))
-    mixed = jax.grad(lambda lam: jnp.vdot(jax.grad(inner_loss)(w, lam, train), v))(lam)
-    return outer_loss(w, lam, val), jax.grad(outer_loss, argnums=1)(w, lam, val) - mixed
-
-
-# -- the contenders ------------------------------------------------------------------------------
-
-
-def bilevax_hypergrad(linear_solver):
-    def fn(w, lam, train, val):
-        return bx.implicit_hypergrad(
-            outer_loss, inner_loss, w, lam, train, val, linear_solver=linear_solver
-        )
-
-    return fn
+# -- the contenders (the problems, `w*`, the dense reference and bilevax's: `_problems`) --------
 
 
 def jaxopt_hypergrad(cg_kwargs, count=None):
@@ -188,26 +106,6 @@ def jaxopt_hypergrad(cg_kwargs, count=None):
         return jax.value_and_grad(objective)(lam)
 
     return fn
-
-
-def hessian_operator(w, lam, train):
-    grad = lambda w, args: jax.grad(inner_loss)(w, *args)
-    return lx.JacobianLinearOperator(
-        grad, w, (lam, train), tags=(lx.symmetric_tag, lx.positive_semidefinite_tag)
-    )
-
-
-def lineax_steps(linear_solver, w, lam, train, val) -> int:
-    """CG iterations lineax takes on the system bilevax solves in reverse mode,
-    H x = ∇_w E (the transposed solve; H is symmetric)."""
-
-    @jax.jit
-    def steps(w, lam, train, val):
-        rhs = jax.grad(outer_loss)(w, lam, val)
-        sol = lx.linear_solve(hessian_operator(w, lam, train), rhs, linear_solver, throw=False)
-        return sol.stats["num_steps"]
-
-    return int(steps(w, lam, train, val))
 
 
 def lineax_hvps(steps: int) -> int:

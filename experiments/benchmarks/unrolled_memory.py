@@ -30,8 +30,8 @@ import numpy as np
 import bilevax as bx
 
 from .. import _cli, _outputs
-from ..problems import relerr
-from ._logistic import inner_loss as inner_loss, log_loss as log_loss, outer_loss as outer_loss
+from ..problems import log_loss as log_loss, logistic_outer as outer_loss, relerr
+from ._problems import grouped_inner_loss as inner_loss
 from ._timing import compare, finish, format_table, log_axes, outputs, parser
 
 
