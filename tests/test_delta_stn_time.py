@@ -20,8 +20,11 @@ def test_best_by_takes_only_what_ended_in_time():
     assert time_budget.best_by(seconds, val, test, 100.0) == (0.1, 0.05)
 
 
-def _timeline(seconds, val):
-    return dict(seconds=seconds, val=val, test=[2 * v for v in val], hparams=[0.1, 0.2])
+def _timeline(seconds, val, sigma=None):
+    out = dict(seconds=seconds, val=val, test=[2 * v for v in val], hparams=[0.1, 0.2])
+    if sigma is not None:  # a self-tuning run: its scales and applied rates
+        out |= dict(sigma=[sigma, 2 * sigma], applied=[0.1 + sigma, 0.2 + sigma])
+    return out
 
 
 def test_summary_reads_each_fraction_of_each_seeds_budget():
@@ -31,10 +34,10 @@ def test_summary_reads_each_fraction_of_each_seeds_budget():
     for budget, shift in ((10.0, 0.0), (20.0, 0.1)):
         scale = budget / 10
         seed = {
-            m: _timeline([scale * 4.0, scale * 8.0], [0.4 + shift, 0.3 + shift])
+            m: _timeline([scale * 4.0, scale * 8.0], [0.4 + shift, 0.3 + shift], scale)
             for m in ("delta", "centred")
         }
-        seed["stn"] = _timeline([scale * 2.0], [0.9 + shift])
+        seed["stn"] = _timeline([scale * 2.0], [0.9 + shift], scale)
         seed["random"] = _timeline([scale * 6.0, scale * 9.0], [0.35 + shift, 0.25 + 2 * shift])
         seed["tpe"] = _timeline([scale * 11.0], [0.1])  # ends after the budget: never counts
         seed["budget"] = budget
@@ -52,6 +55,14 @@ def test_summary_reads_each_fraction_of_each_seeds_budget():
     assert paired["wins"] == 1  # 0.25 < 0.3 on the first seed, 0.45 > 0.4 on the second
     assert summary["random"]["evaluations"] == [2, 2]
     assert summary["random"]["hparams"] == [0.1, 0.2]
+    # σ and the applied rates, averaged over the seeds (σ = 1 and 2), for the self-tuning
+    # runs only, and in the table.
+    np.testing.assert_allclose(summary["delta"]["sigma"], [1.5, 3.0])
+    np.testing.assert_allclose(summary["delta"]["applied"], [1.6, 1.7])
+    assert "sigma" not in summary["random"]
+    table = time_budget.markdown_table(summary, [10.0, 20.0])
+    assert "| σ | applied |" in table
+    assert "| 1.5, 3 | 1.6, 1.7 |" in table
 
 
 def test_paired_statistics_are_those_of_the_differences():

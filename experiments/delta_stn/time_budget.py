@@ -51,8 +51,9 @@ def _best_by(timeline: dict, t: float) -> tuple[float, float]:
 
 
 def timeline(task, method: str, seed: int, run: _harness.Run, budget: float | None, startup):
-    """`seconds`, `val` and `test` per epoch of a self-tuning run, or per trial of a search,
-    and `hparams`: the self-tuning run's at its end, or the best trial's."""
+    r"""`seconds`, `val` and `test` per epoch of a self-tuning run, or per trial of a search,
+    and `hparams`: the self-tuning run's at its end (with its perturbation scales `sigma` and
+    the `applied` rates $E[\operatorname{constrain}(u + \sigma z)]$), or the best trial's."""
     if method in SELF_TUNING:
         r = self_tuning(task, method, seed, run)
         return dict(
@@ -60,6 +61,8 @@ def timeline(task, method: str, seed: int, run: _harness.Run, budget: float | No
             val=list(r["val_curve"]),
             test=list(r["test_curve"]),
             hparams=np.asarray(r["final_hparams"]).tolist(),
+            sigma=np.asarray(r["final_sigma"]).tolist(),
+            applied=np.asarray(r["final_applied"]).tolist(),
         )
     r = search(task, method, seed, run, budget_seconds=budget, startup=startup)
     trials = r["trials"]
@@ -102,10 +105,12 @@ def summarise(per_seed: list[dict], fractions=FRACTIONS) -> dict:
         evaluations = [len(s[method]["seconds"]) for s in per_seed]
         # The first epoch or trial's end: mostly compilation at CPU sizes.
         first = [s[method]["seconds"][0] / s["budget"] for s in per_seed]
-        hparams = np.mean([s[method]["hparams"] for s in per_seed], axis=0).tolist()
+        mean = lambda key: np.mean([s[method][key] for s in per_seed], axis=0).tolist()
         summary[method] = dict(
-            by_fraction=by_fraction, evaluations=evaluations, first=first, hparams=hparams
+            by_fraction=by_fraction, evaluations=evaluations, first=first, hparams=mean("hparams")
         )
+        if method in SELF_TUNING:
+            summary[method] |= dict(sigma=mean("sigma"), applied=mean("applied"))
     reference = summary["delta"]["by_fraction"]
     for method in METHODS:
         if method == "delta":
@@ -160,18 +165,22 @@ def markdown_table(summary: dict, budgets: list[float], paired_at=(1.0,)) -> str
         f"Budget per seed: {', '.join(f'{b:.0f}' for b in budgets)} s.",
         "",
         "| method | first result at | best val loss by 25 % | by 50 % "
-        "| by 100 % of the budget | test loss at it | epochs or trials | hyperparameters |",
-        "|---|---|---|---|---|---|---|---|",
+        "| by 100 % of the budget | test loss at it | epochs or trials | hyperparameters "
+        "| σ | applied |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    values = lambda xs: ", ".join(f"{x:.3g}" for x in xs)
     for method, label in METHODS.items():
         s = summary[method]
         end = s["by_fraction"]["1"]
         test = f"{end['test_mean']:.4f}" if np.isfinite(end["test_mean"]) else "–"
+        # The searches train at their rates: no perturbation, applied = reported.
+        sigma, applied = (values(s[k]) if k in s else "–" for k in ("sigma", "applied"))
         lines.append(
             f"| {label} | {np.mean(s['first']):.0%} | {_cell(s['by_fraction']['0.25'])} "
             f"| {_cell(s['by_fraction']['0.5'])} "
             f"| {_cell(end)} | {test} | {', '.join(map(str, s['evaluations']))} "
-            f"| {', '.join(f'{h:.3g}' for h in s['hparams'])} |"
+            f"| {values(s['hparams'])} | {sigma} | {applied} |"
         )
     lines += [
         "",
