@@ -34,9 +34,8 @@ from ._tasks import TASKS, add_method_options, make_task, method_options
 
 def hypergradient(task, model, hparams, draws: int, seed: int) -> np.ndarray:
     """Δ-STN's λ-gradient of the validation loss (no entropy term), averaged over draws."""
-    x, y = task.val
 
-    def loss(values, key):
+    def loss(values, key, model, hparams, x, y):
         hp = eqx.tree_at(lambda h: h.values, hparams, values)
         return bnn.hyper_loss(
             "delta",
@@ -52,7 +51,11 @@ def hypergradient(task, model, hparams, draws: int, seed: int) -> np.ndarray:
         )
 
     keys = jax.random.split(jax.random.key(seed + 100), draws)
-    grads = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(hparams.values, keys)
+    # The model and the data are arguments, not constants XLA would try to fold.
+    per_draw = eqx.filter_jit(
+        eqx.filter_vmap(eqx.filter_grad(loss), in_axes=(None, 0, None, None, None, None))
+    )
+    grads = per_draw(hparams.values, keys, model, hparams, *task.val)
     return np.asarray(grads.mean(0))
 
 
