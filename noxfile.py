@@ -32,34 +32,27 @@ def _pytest(session: nox.Session, *args: str) -> None:
     session.run("pytest", "-n", "auto", "--dist", "loadfile", *args, *session.posargs, env=env)
 
 
+def _with_contract(session: nox.Session, *paths: str) -> list[str]:
+    """`paths` and the shared contract tests (`../shared/contract`) where they are."""
+    if CONTRACT.is_dir():
+        return [*paths, str(CONTRACT)]
+    session.warn(f"{CONTRACT} not found: running the project's own tests only.")
+    return list(paths)
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The default test suite and the shared contract tests (`../shared/contract`)."""
+    """The default test suite (`tests/core`, the library's; `tests/experiments`, the
+    experiments') and the shared contract tests (`../shared/contract`)."""
     session.install("-e", ".[test,experiments]")
-    paths = ["tests"]
-    if CONTRACT.is_dir():
-        paths.append(str(CONTRACT))
-    else:
-        session.warn(f"{CONTRACT} not found: running the project's own tests only.")
-    # The slowest tests are printed, so that a slow one is seen and moved to `slow`.
-    _pytest(session, "-q", "-ra", "--durations=15", *paths)
-
-
-# The tests of the library's core, run by `lowest` against the lowest versions allowed.
-CORE_TESTS = [
-    "tests/test_inner_solve.py",
-    "tests/test_implicit.py",
-    "tests/test_unrolled.py",
-    "tests/test_errors.py",
-    "tests/test_failures.py",
-    "tests/test_linearize.py",
-]
+    # The slowest tests are printed, so that a slow one is seen and marked `slow`.
+    _pytest(session, "-q", "-ra", "--durations=15", *_with_contract(session, "tests"))
 
 
 @nox.session(python="3.11")
 def lowest(session: nox.Session) -> None:
-    """The core tests against the lower bounds in `pyproject.toml` (uv's lowest-direct
-    resolution), so that the floors there are true."""
+    """The library's tests (`tests/core`) against the lower bounds in `pyproject.toml` (uv's
+    lowest-direct resolution), so that the floors there are true."""
     if session.venv_backend != "uv":
         session.skip("the lowest-direct resolution needs nox's uv backend (`pip install uv`).")
     session.install("--resolution", "lowest-direct", "-e", ".[test]")
@@ -71,13 +64,13 @@ def lowest(session: nox.Session) -> None:
         "'lineax', lineax.__version__, 'optimistix', optimistix.__version__, "
         "'optax', optax.__version__, 'numpy', numpy.__version__)",
     )
-    paths = [*CORE_TESTS, str(CONTRACT)] if CONTRACT.is_dir() else CORE_TESTS
-    _pytest(session, "-q", "-ra", *paths)
+    _pytest(session, "-q", "-ra", *_with_contract(session, "tests/core"))
 
 
 @nox.session
 def slow(session: nox.Session) -> None:
-    """Tests marked `@pytest.mark.slow`: the experiments' `--quick` runs with accuracy targets."""
+    """Tests marked `@pytest.mark.slow`: the experiments' `--quick` runs with accuracy targets,
+    multi-device runs and the slowest variants of the library's tests."""
     session.install("-e", ".[test,experiments]")
     _pytest(session, "-q", "-ra", "-m", "slow", "tests")
 

@@ -1,8 +1,8 @@
 r"""Trustworthy hypergradients: the figures of docs/trustworthy-hypergradients.md.
 
-Five measurements on the problem zoo (`experiments/problems.py`, which the tests also use:
-ridge with a closed-form
-hypergradient, logistic regression, an ill-conditioned quadratic, a tiny MLP):
+Five measurements on the problem zoo of `experiments/problems.py` (ridge with a closed-form
+hypergradient, logistic regression, an ill-conditioned quadratic, a tiny MLP; the tests hold
+the same problems in `tests/helpers.py`):
 
 1. `error_estimate`: the error estimate and bound of `bx.diagnostics.hypergrad_info`, at the
    adjoint that `implicit_hypergrad(..., has_aux=True)` returns, against the true error

@@ -1,6 +1,7 @@
-"""Problems the experiments, benchmarks and tests share: the ridge and logistic losses, the
-diabetes split, a relative error, and the problem zoo that the tests parametrise over (and
-`experiments.hypergrad_diagnostics` measures). The tests import this module, never the reverse.
+"""Problems the experiments and benchmarks share: the ridge and logistic losses, the diabetes
+split, a relative error, and the problem zoo that `experiments.hypergrad_diagnostics` measures.
+The tests keep their own zoo (`tests/helpers.py`, the same problems and more), so that the
+library's tests need nothing from `experiments/`; nothing here imports the tests.
 
 Every zoo problem has an inner loss `L(w, λ, inner_data)`, an outer loss `E(w, λ, outer_data)`,
 a starting point, a safe gradient-descent step size, and where one exists a closed form for the
@@ -16,7 +17,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.flatten_util import ravel_pytree
 
 import bilevax as bx
@@ -190,61 +190,6 @@ def ridge(n=60, d=5, seed=0) -> Problem:
     )
 
 
-def biased_ridge(n=60, d=4, seed=5) -> Problem:
-    """Per-feature L2 with an unpenalised intercept, the parameters a dict `{"w", "b"}`:
-    L = ½‖Xw + b − y‖²/n + ½ Σ exp(λ_i) w_i², E the validation half-MSE. The bias's
-    optimality condition does not depend on λ (every real network has such leaves), yet it
-    moves with λ through its coupling to w. Closed forms through the augmented system
-    A(λ) = ZᵀZ/n + diag(e^λ, 0) with Z = [X, 1]."""
-    rng = np.random.default_rng(seed)
-    X = rng.normal(size=(n + 40, d))
-    y = X @ rng.normal(size=d) + 1.5 + 0.3 * rng.normal(size=n + 40)
-    train = (jnp.asarray(X[:n]), jnp.asarray(y[:n]))
-    val = (jnp.asarray(X[n:]), jnp.asarray(y[n:]))
-    augment = lambda X: jnp.concatenate([X, jnp.ones((X.shape[0], 1))], axis=1)
-
-    def inner(params, lam, data):
-        X, y = data
-        residual = X @ params["w"] + params["b"] - y
-        return 0.5 * jnp.mean(residual**2) + 0.5 * jnp.sum(jnp.exp(lam) * params["w"] ** 2)
-
-    def outer(params, lam, data):
-        del lam
-        X, y = data
-        return 0.5 * jnp.mean((X @ params["w"] + params["b"] - y) ** 2)
-
-    def system(lam):
-        Z, yt = augment(train[0]), train[1]
-        penalty = jnp.concatenate([jnp.exp(lam), jnp.zeros(1)])
-        return Z.T @ Z / n + jnp.diag(penalty), Z.T @ yt / n
-
-    def exact_params(lam):
-        theta = jnp.linalg.solve(*system(lam))
-        return {"w": theta[:d], "b": theta[d]}
-
-    def exact_hypergrad(lam):
-        A, _ = system(lam)
-        params = exact_params(lam)
-        Zv, yv = augment(val[0]), val[1]
-        theta = jnp.concatenate([params["w"], params["b"][None]])
-        g = Zv.T @ (Zv @ theta - yv) / Zv.shape[0]
-        return -jnp.linalg.solve(A, g)[:d] * jnp.exp(lam) * params["w"]
-
-    lmax = float(np.linalg.eigvalsh(np.asarray(augment(train[0])).T @ augment(train[0]) / n)[-1])
-    return Problem(
-        "biased_ridge",
-        inner,
-        outer,
-        {"w": jnp.zeros(d), "b": jnp.zeros(())},
-        jnp.log(jnp.linspace(0.2, 1.0, d)),
-        train,
-        val,
-        1.0 / (lmax + 1.0),
-        exact_params,
-        exact_hypergrad,
-    )
-
-
 def logistic(n=80, d=6, seed=1) -> Problem:
     """L2-regularised binary logistic regression, λ = log of the L2 strength; the outer loss is
     the validation log-loss. No closed form: references come from `reference_solution`."""
@@ -359,35 +304,6 @@ def scaled_ridge(d=30, n=120, seed=0):
     return ridge_loss, half_mse, w_star, lam, train, val, exact, A
 
 
-def saddle(d=5, seed=4) -> Problem:
-    """An indefinite inner problem: L = ½ wᵀ diag(c) w − λᵀw with c of both signs, so
-    w* = λ / c is a saddle point (H = diag(c) is not positive definite) and CG must not be
-    trusted there; E = ½‖w − 1‖²."""
-    rng = np.random.default_rng(seed)
-    curvature = jnp.asarray(rng.uniform(0.5, 2.0, d) * np.where(np.arange(d) % 2, -1.0, 1.0))
-
-    def inner(w, lam, data):
-        return 0.5 * jnp.sum(data * w**2) - jnp.vdot(lam, w)
-
-    def outer(w, lam, data):
-        del lam, data
-        return 0.5 * jnp.sum((w - 1.0) ** 2)
-
-    return Problem(
-        name="saddle",
-        inner=inner,
-        outer=outer,
-        init=jnp.zeros(d),
-        hparams=jnp.asarray(rng.normal(size=d)),
-        inner_data=curvature,
-        outer_data=None,
-        learning_rate=0.1,
-        exact_params=lambda lam: lam / curvature,
-        exact_hypergrad=lambda lam: (lam / curvature - 1.0) / curvature,
-        strongly_convex=False,
-    )
-
-
 def reference_solution(problem: Problem, hparams=None, start=None):
     """w*(λ) by Newton's method on the flattened parameters (dense Hessian, plain JAX) from
     `start` (default `problem.init`): an implementation independent of bilevax's solvers,
@@ -421,14 +337,6 @@ def reference_hypergrad(problem: Problem, hparams=None, params_star=None):
     return jax.grad(E, argnums=1)(flat, hparams) - mixed_vjp
 
 
-def solve(problem: Problem, **kwargs):
-    """`bx.inner_solve` on a zoo problem (Adam to ‖∇L‖ ≤ 1e-5 unless told otherwise)."""
-    kwargs = {"solver": optax.adam(1e-2), "max_steps": 20_000, "tol": 1e-5, **kwargs}
-    return bx.inner_solve(
-        problem.inner, problem.init, problem.hparams, problem.inner_data, **kwargs
-    )
-
-
 def implicit(problem: Problem, params_star, **kwargs):
     """`bx.implicit_hypergrad` on a zoo problem at `params_star`."""
     return bx.implicit_hypergrad(
@@ -442,5 +350,4 @@ def implicit(problem: Problem, params_star, **kwargs):
     )
 
 
-CONVEX = [ridge, logistic, quadratic]
 ALL = [ridge, logistic, quadratic, mlp]

@@ -1,33 +1,81 @@
-"""Comparison helpers for the tests, and the problem zoo they parametrise over.
+"""The problem zoo the tests parametrise over, and comparison helpers.
 
-The zoo (and `relerr`) live in `experiments/problems.py`, which the experiments share: the tests
-import it from there (re-exported here), and nothing under `experiments/` imports the tests.
+Every zoo problem has an inner loss `L(w, λ, inner_data)`, an outer loss `E(w, λ, outer_data)`,
+a starting point, a safe gradient-descent step size, and where one exists a closed form for the
+solution and the hypergradient. References are float64. λ is a log strength throughout: the
+penalty is `e^λ`.
+
+The tests own this module: it imports only the library, never `experiments/` (whose
+`experiments/problems.py` keeps the problems the experiments use), so `tests/core` tests the
+library alone. `pyproject.toml` puts `tests/` on `sys.path` (`pythonpath`), so both
+`tests/core` and `tests/experiments` import it as `helpers`.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
 
-from experiments.problems import (  # noqa: F401  (re-exported for the tests)
-    ALL as ALL,
-    CONVEX as CONVEX,
-    Problem as Problem,
-    biased_ridge as biased_ridge,
-    implicit as implicit,
-    logistic as logistic,
-    mlp as mlp,
-    quadratic as quadratic,
-    reference_hypergrad as reference_hypergrad,
-    reference_solution as reference_solution,
-    relerr as relerr,
-    ridge as ridge,
-    saddle as saddle,
-    scaled_ridge as scaled_ridge,
-    solve as solve,
-)
+import bilevax as bx
+
+
+# -- losses ------------------------------------------------------------------------------------
+
+
+def half_mse(w, hparams, data):
+    """Half the mean squared error (`hparams` unused)."""
+    del hparams
+    X, y = data
+    return 0.5 * jnp.mean((X @ w - y) ** 2)
+
+
+def ridge_loss(w, log_l2, data):
+    """Per-feature ridge: `½ mean((Xw − y)²) + ½ Σ_i e^{log_l2_i} w_i²`."""
+    X, y = data
+    return 0.5 * jnp.mean((X @ w - y) ** 2) + 0.5 * jnp.sum(jnp.exp(log_l2) * w**2)
+
+
+def log_loss(w, data):
+    """Mean binary log-loss of the linear model `w` on `data = (X, y)`, labels in {0, 1}."""
+    X, y = data
+    z = X @ w
+    return jnp.mean(jnp.logaddexp(0.0, z) - y * z)
+
+
+def logistic_outer(w, hparams, data):
+    """`log_loss` as an outer loss (`hparams` unused)."""
+    del hparams
+    return log_loss(w, data)
+
+
+def logistic_loss(w, log_l2, data):
+    """Per-feature L2-regularised logistic regression: `log_loss + ½ Σ_i e^{log_l2_i} w_i²`."""
+    return log_loss(w, data) + 0.5 * jnp.sum(jnp.exp(log_l2) * w**2)
+
+
+# -- comparison --------------------------------------------------------------------------------
+
+
+def relerr(a, b):
+    """‖a − b‖ / ‖b‖, the 2-norms over all leaves of two pytrees of one structure: a float
+    computed in float64 NumPy, or inside a trace (`jax.jit`, `jax.vmap`) a JAX scalar."""
+    a_leaves, b_leaves = jax.tree.leaves(a), jax.tree.leaves(b)
+    if any(isinstance(x, jax.core.Tracer) for x in (*a_leaves, *b_leaves)):
+        flat = lambda leaves: jnp.concatenate([jnp.ravel(x) for x in leaves])
+        if len(b_leaves) == 1:  # one array: exactly `norm(a - b) / norm(b)`
+            a_flat, b_flat = a_leaves[0], b_leaves[0]
+        else:
+            a_flat, b_flat = flat(a_leaves), flat(b_leaves)
+        return jnp.linalg.norm(a_flat - b_flat) / jnp.linalg.norm(b_flat)
+    flat = lambda leaves: np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
+    a_flat, b_flat = flat(a_leaves), flat(b_leaves)
+    return float(np.linalg.norm(a_flat - b_flat) / max(np.linalg.norm(b_flat), 1e-300))
 
 
 def tree_allclose(a, b, rtol=1e-8, atol=1e-12) -> bool:
@@ -60,3 +108,316 @@ def directional(grad, direction) -> float:
     return float(
         sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
     )
+
+
+# -- the zoo -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    name: str
+    inner: Callable
+    outer: Callable
+    init: Any
+    hparams: Any
+    inner_data: Any
+    outer_data: Any
+    learning_rate: float
+    exact_params: Callable | None = None  # hparams -> w*(λ)
+    exact_hypergrad: Callable | None = None  # hparams -> dE(w*(λ), λ)/dλ
+    strongly_convex: bool = True
+
+
+def ridge(n=60, d=5, seed=0) -> Problem:
+    """Per-feature L2: L = ½‖Xw − y‖²/n + ½ Σ exp(λ_i) w_i², E = ½‖X_v w − y_v‖²/n_v."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n + 40, d))
+    y = X @ rng.normal(size=d) + 0.3 * rng.normal(size=n + 40)
+    train = (jnp.asarray(X[:n]), jnp.asarray(y[:n]))
+    val = (jnp.asarray(X[n:]), jnp.asarray(y[n:]))
+
+    def system(lam):
+        Xt, yt = train
+        return Xt.T @ Xt / n + jnp.diag(jnp.exp(lam)), Xt.T @ yt / n
+
+    def exact_params(lam):
+        A, b = system(lam)
+        return jnp.linalg.solve(A, b)
+
+    def exact_hypergrad(lam):
+        A, _ = system(lam)
+        w = exact_params(lam)
+        Xv, yv = val
+        g = Xv.T @ (Xv @ w - yv) / Xv.shape[0]
+        return -jnp.linalg.solve(A, g) * jnp.exp(lam) * w
+
+    lam = jnp.log(jnp.linspace(0.1, 1.0, d))
+    lmax = float(np.linalg.eigvalsh(X[:n].T @ X[:n] / n).max()) + 1.0
+    return Problem(
+        "ridge",
+        ridge_loss,
+        half_mse,
+        jnp.zeros(d),
+        lam,
+        train,
+        val,
+        1.0 / lmax,
+        exact_params,
+        exact_hypergrad,
+    )
+
+
+def biased_ridge(n=60, d=4, seed=5) -> Problem:
+    """Per-feature L2 with an unpenalised intercept, the parameters a dict `{"w", "b"}`:
+    L = ½‖Xw + b − y‖²/n + ½ Σ exp(λ_i) w_i², E the validation half-MSE. The bias's
+    optimality condition does not depend on λ (every real network has such leaves), yet it
+    moves with λ through its coupling to w. Closed forms through the augmented system
+    A(λ) = ZᵀZ/n + diag(e^λ, 0) with Z = [X, 1]."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n + 40, d))
+    y = X @ rng.normal(size=d) + 1.5 + 0.3 * rng.normal(size=n + 40)
+    train = (jnp.asarray(X[:n]), jnp.asarray(y[:n]))
+    val = (jnp.asarray(X[n:]), jnp.asarray(y[n:]))
+    augment = lambda X: jnp.concatenate([X, jnp.ones((X.shape[0], 1))], axis=1)
+
+    def inner(params, lam, data):
+        X, y = data
+        residual = X @ params["w"] + params["b"] - y
+        return 0.5 * jnp.mean(residual**2) + 0.5 * jnp.sum(jnp.exp(lam) * params["w"] ** 2)
+
+    def outer(params, lam, data):
+        del lam
+        X, y = data
+        return 0.5 * jnp.mean((X @ params["w"] + params["b"] - y) ** 2)
+
+    def system(lam):
+        Z, yt = augment(train[0]), train[1]
+        penalty = jnp.concatenate([jnp.exp(lam), jnp.zeros(1)])
+        return Z.T @ Z / n + jnp.diag(penalty), Z.T @ yt / n
+
+    def exact_params(lam):
+        theta = jnp.linalg.solve(*system(lam))
+        return {"w": theta[:d], "b": theta[d]}
+
+    def exact_hypergrad(lam):
+        A, _ = system(lam)
+        params = exact_params(lam)
+        Zv, yv = augment(val[0]), val[1]
+        theta = jnp.concatenate([params["w"], params["b"][None]])
+        g = Zv.T @ (Zv @ theta - yv) / Zv.shape[0]
+        return -jnp.linalg.solve(A, g)[:d] * jnp.exp(lam) * params["w"]
+
+    lmax = float(np.linalg.eigvalsh(np.asarray(augment(train[0])).T @ augment(train[0]) / n)[-1])
+    return Problem(
+        "biased_ridge",
+        inner,
+        outer,
+        {"w": jnp.zeros(d), "b": jnp.zeros(())},
+        jnp.log(jnp.linspace(0.2, 1.0, d)),
+        train,
+        val,
+        1.0 / (lmax + 1.0),
+        exact_params,
+        exact_hypergrad,
+    )
+
+
+def logistic(n=80, d=6, seed=1) -> Problem:
+    """L2-regularised binary logistic regression, λ = log of the L2 strength; the outer loss is
+    the validation log-loss. No closed form: references come from `reference_solution`."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n + 50, d))
+    y = (X @ rng.normal(size=d) + 0.5 * rng.normal(size=n + 50) > 0).astype(np.float64)
+    train = (jnp.asarray(X[:n]), jnp.asarray(y[:n]))
+    val = (jnp.asarray(X[n:]), jnp.asarray(y[n:]))
+
+    def inner(w, lam, data):
+        return log_loss(w, data) + 0.5 * jnp.exp(lam) * jnp.sum(w**2)
+
+    lmax = float(np.linalg.eigvalsh(X[:n].T @ X[:n] / n).max()) / 4 + 1.0
+    return Problem(
+        "logistic",
+        inner,
+        logistic_outer,
+        jnp.zeros(d),
+        jnp.log(jnp.asarray(0.1)),
+        train,
+        val,
+        1.0 / lmax,
+    )
+
+
+def quadratic(d=8, condition=1e3, seed=2) -> Problem:
+    """Ill-conditioned quadratic: L = ½ wᵀAw − (Bλ)ᵀw with cond(A) = `condition`;
+    E = ½‖w − c‖² + ½‖λ‖²·0.01, so w* = A⁻¹Bλ and dE/dλ = BᵀA⁻¹(w* − c) + 0.01 λ."""
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    A = jnp.asarray(Q @ np.diag(np.geomspace(1.0, condition, d)) @ Q.T)
+    A = (A + A.T) / 2
+    B = jnp.asarray(rng.normal(size=(d, 3)))
+    c = jnp.asarray(rng.normal(size=d))
+
+    def inner(w, lam, data):
+        A, B = data
+        return 0.5 * w @ A @ w - (B @ lam) @ w
+
+    def outer(w, lam, c):
+        return 0.5 * jnp.sum((w - c) ** 2) + 0.005 * jnp.sum(lam**2)
+
+    def exact_params(lam):
+        return jnp.linalg.solve(A, B @ lam)
+
+    def exact_hypergrad(lam):
+        return B.T @ jnp.linalg.solve(A, exact_params(lam) - c) + 0.01 * lam
+
+    return Problem(
+        "quadratic",
+        inner,
+        outer,
+        jnp.zeros(d),
+        jnp.asarray([1.0, -0.5, 0.3]),
+        (A, B),
+        c,
+        1.0 / condition,
+        exact_params,
+        exact_hypergrad,
+    )
+
+
+def mlp(seed=3) -> Problem:
+    """A tiny tanh MLP (an Equinox module as the parameters) with per-layer-free L2 strength
+    exp(λ); non-convex, so only finite differences and independent loops are references."""
+    key_data, key_model = jax.random.split(jax.random.key(seed))
+    X = jax.random.normal(key_data, (40, 2))
+    y = jnp.sin(X[:, :1] * 2) + X[:, 1:] ** 2
+    model = eqx.nn.MLP(2, 1, width_size=6, depth=1, activation=jnp.tanh, key=key_model)
+
+    def inner(model, lam, data):
+        X, y = data
+        params = eqx.filter(model, eqx.is_inexact_array)
+        l2 = sum(jnp.sum(p**2) for p in jax.tree.leaves(params))
+        return jnp.mean((jax.vmap(model)(X) - y) ** 2) + 0.5 * jnp.exp(lam) * l2
+
+    def outer(model, lam, data):
+        del lam
+        X, y = data
+        return jnp.mean((jax.vmap(model)(X) - y) ** 2)
+
+    return Problem(
+        "mlp",
+        inner,
+        outer,
+        model,
+        jnp.log(jnp.asarray(1e-2)),
+        (X[:25], y[:25]),
+        (X[25:], y[25:]),
+        0.2,
+        strongly_convex=False,
+    )
+
+
+def scaled_ridge(d=30, n=120, seed=0):
+    """Ridge regression whose features span three decades of scale: H is badly conditioned
+    because of its diagonal, which Jacobi preconditioning undoes."""
+    rng = np.random.default_rng(seed)
+    scales = np.geomspace(1.0, 1e3, d)
+    X = rng.normal(size=(n + 40, d)) * scales
+    y = X @ (rng.normal(size=d) / scales) + 0.3 * rng.normal(size=n + 40)
+    train = (jnp.asarray(X[:n]), jnp.asarray(y[:n]))
+    val = (jnp.asarray(X[n:]), jnp.asarray(y[n:]))
+    lam = jnp.full(d, -2.0)
+
+    Xt, yt = train
+    A = Xt.T @ Xt / n + jnp.diag(jnp.exp(lam))
+    w_star = jnp.linalg.solve(A, Xt.T @ yt / n)
+    Xv, yv = val
+    g = Xv.T @ (Xv @ w_star - yv) / Xv.shape[0]
+    exact = -jnp.linalg.solve(A, g) * jnp.exp(lam) * w_star
+    return ridge_loss, half_mse, w_star, lam, train, val, exact, A
+
+
+def saddle(d=5, seed=4) -> Problem:
+    """An indefinite inner problem: L = ½ wᵀ diag(c) w − λᵀw with c of both signs, so
+    w* = λ / c is a saddle point (H = diag(c) is not positive definite) and CG must not be
+    trusted there; E = ½‖w − 1‖²."""
+    rng = np.random.default_rng(seed)
+    curvature = jnp.asarray(rng.uniform(0.5, 2.0, d) * np.where(np.arange(d) % 2, -1.0, 1.0))
+
+    def inner(w, lam, data):
+        return 0.5 * jnp.sum(data * w**2) - jnp.vdot(lam, w)
+
+    def outer(w, lam, data):
+        del lam, data
+        return 0.5 * jnp.sum((w - 1.0) ** 2)
+
+    return Problem(
+        name="saddle",
+        inner=inner,
+        outer=outer,
+        init=jnp.zeros(d),
+        hparams=jnp.asarray(rng.normal(size=d)),
+        inner_data=curvature,
+        outer_data=None,
+        learning_rate=0.1,
+        exact_params=lambda lam: lam / curvature,
+        exact_hypergrad=lambda lam: (lam / curvature - 1.0) / curvature,
+        strongly_convex=False,
+    )
+
+
+def reference_solution(problem: Problem, hparams=None, start=None):
+    """w*(λ) by Newton's method on the flattened parameters (dense Hessian, plain JAX) from
+    `start` (default `problem.init`): an implementation independent of bilevax's solvers,
+    for problems without closed forms."""
+    hparams = problem.hparams if hparams is None else hparams
+    if problem.exact_params is not None:
+        return problem.exact_params(hparams)
+    start = problem.init if start is None else start
+    float_start, static = eqx.partition(start, eqx.is_inexact_array)
+    flat, unravel = ravel_pytree(float_start)
+    f = lambda v: problem.inner(eqx.combine(unravel(v), static), hparams, problem.inner_data)
+    for _ in range(30):
+        flat = flat - jnp.linalg.solve(jax.hessian(f)(flat), jax.grad(f)(flat))
+    return eqx.combine(unravel(flat), static)
+
+
+def reference_hypergrad(problem: Problem, hparams=None, params_star=None):
+    """The implicit hypergradient with a dense Hessian and a direct solve (plain JAX), at
+    `params_star` (default: `reference_solution`)."""
+    hparams = problem.hparams if hparams is None else hparams
+    if problem.exact_hypergrad is not None and params_star is None:
+        return problem.exact_hypergrad(hparams)
+    w = reference_solution(problem, hparams) if params_star is None else params_star
+    float_w, static = eqx.partition(w, eqx.is_inexact_array)
+    flat, unravel = ravel_pytree(float_w)
+    L = lambda v, h: problem.inner(eqx.combine(unravel(v), static), h, problem.inner_data)
+    E = lambda v, h: problem.outer(eqx.combine(unravel(v), static), h, problem.outer_data)
+    H = jax.hessian(L)(flat, hparams)
+    v = jnp.linalg.solve(H, jax.grad(E)(flat, hparams))
+    mixed_vjp = jax.grad(lambda h: jnp.vdot(jax.grad(L)(flat, h), v))(hparams)
+    return jax.grad(E, argnums=1)(flat, hparams) - mixed_vjp
+
+
+def solve(problem: Problem, **kwargs):
+    """`bx.inner_solve` on a zoo problem (Adam to ‖∇L‖ ≤ 1e-5 unless told otherwise)."""
+    kwargs = {"solver": optax.adam(1e-2), "max_steps": 20_000, "tol": 1e-5, **kwargs}
+    return bx.inner_solve(
+        problem.inner, problem.init, problem.hparams, problem.inner_data, **kwargs
+    )
+
+
+def implicit(problem: Problem, params_star, **kwargs):
+    """`bx.implicit_hypergrad` on a zoo problem at `params_star`."""
+    return bx.implicit_hypergrad(
+        problem.outer,
+        problem.inner,
+        params_star,
+        problem.hparams,
+        problem.inner_data,
+        problem.outer_data,
+        **kwargs,
+    )
+
+
+CONVEX = [ridge, logistic, quadratic]
+ALL = [ridge, logistic, quadratic, mlp]
