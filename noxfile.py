@@ -43,7 +43,7 @@ def _with_contract(session: nox.Session, *paths: str) -> list[str]:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The default test suite (`tests/core`, the library's; `tests/experiments`, the
-    experiments') and the shared contract tests (`../shared/contract`)."""
+    experiments' and the documentation's) and the shared contract tests (`../shared/contract`)."""
     session.install("-e", ".[test,experiments]")
     # The slowest tests are printed, so that a slow one is seen and marked `slow`.
     _pytest(session, "-q", "-ra", "--durations=15", *_with_contract(session, "tests"))

@@ -76,6 +76,7 @@ def test_core_tests_import_nothing_from_experiments():
 @pytest.mark.parametrize(
     "package, forbidden",
     [("bilevax", {"experiments", *TEST_MODULES}), ("experiments", TEST_MODULES)],
+    ids=["bilevax", "experiments"],
 )
 def test_nothing_imports_upward(package, forbidden):
     paths = sorted((ROOT / package).rglob("*.py"))
