@@ -4,8 +4,9 @@ One checked linear solve gives the adjoint $v = H^{-1}\nabla_w E$ (`_ift.adjoint
 the hypergradient is $\partial_\lambda E - (\partial_\lambda \nabla_w L)^\top v$
 (`hypergrad_from_adjoint`). The info comes from what that computation has at hand: the inner
 gradient (the primal of the linearisation that gives $H$) and one more product $H v$ for the
-residual, which a caller that does not read it (under `jit`) does not pay. [`bilevax.implicit_hypergrad`][] and HOAG call `adjoint_hypergrad`; the diagnostics
-call `hypergrad_from_adjoint` to differentiate the same statement with respect to $w$.
+residual, which a caller that does not read it (under `jit`) does not pay.
+[`bilevax.implicit_hypergrad`][] and HOAG call `adjoint_hypergrad`; the diagnostics call
+`hypergrad_from_adjoint` to differentiate the same statement with respect to $w$.
 """
 
 from typing import Any
