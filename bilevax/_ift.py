@@ -27,7 +27,7 @@ from jaxtyping import Array, PyTree
 from ._linear_solver import CG
 from ._misc import stop_gradient, tree_isfinite, tree_norm, tree_where_nan
 from ._sharding import linear_operator, sharded_linear_solve
-from ._solution import RESULTS
+from ._solution import RESULTS, promote_linear_result
 
 
 # The Hessian of the inner loss at a minimiser is symmetric positive semidefinite; the tags
@@ -264,7 +264,7 @@ def linear_solve(
     else:
         meaningless = failed & (result != lx.RESULTS.max_steps_reached)
         value = tree_where_nan(meaningless, value)
-    return value, RESULTS.promote(result), stats
+    return value, promote_linear_result(result), stats
 
 
 def implicit_solution(

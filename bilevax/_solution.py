@@ -39,6 +39,20 @@ class RESULTS(lx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
     )
 
 
+def promote_linear_result(result: lx.RESULTS) -> RESULTS:
+    """`RESULTS.promote(result)`, item by item.
+
+    equinox's `promote` looks the code up in a table: a gather, which a batch of codes sharded
+    over an explicit mesh refuses ("out sharding could not be resolved"), and which inside a
+    `shard_map` is dispatched eagerly and fails. `RESULTS` has every item of `lineax.RESULTS`
+    under the same name, and a `where` per item is elementwise: the codes keep their sharding."""
+    promoted = RESULTS.successful
+    # equinox lists an enumeration's items only in this mapping.
+    for name, item in lx.RESULTS._name_to_item.items():  # pyright: ignore[reportAttributeAccessIssue]
+        promoted = RESULTS.where(result == item, getattr(RESULTS, name), promoted)
+    return promoted
+
+
 class Solution(eqx.Module):
     """The result of [`bilevax.inner_solve`][].
 

@@ -368,3 +368,24 @@ def test_diverging_unroll_is_nan():
     value, hgrad = unrolled(PROBLEM.inner_data, PROBLEM.outer_data, learning_rate=1e3)
     assert np.isnan(float(value))
     assert np.isnan(np.asarray(hgrad)).all()
+
+
+def test_linear_results_promote_to_the_item_of_the_same_message():
+    """Every code a linear solve returns becomes the bilevax code with lineax's message, for a
+    batch of codes under `jit` (the path of `vmap`ped and sharded tasks), as equinox's
+    `promote` would give it."""
+    from bilevax._solution import promote_linear_result
+
+    items = list(lx.RESULTS._name_to_item.values())
+
+    def promote_item(index):
+        result = lx.RESULTS.successful
+        for i, item in enumerate(items):
+            result = lx.RESULTS.where(index == i, item, result)
+        return promote_linear_result(result)
+
+    promoted = jax.jit(jax.vmap(promote_item))(jnp.arange(len(items)))
+    for i, item in enumerate(items):
+        expected = RESULTS.promote(item)
+        assert int(promoted._value[i]) == int(expected._value)
+        assert RESULTS[expected] == lx.RESULTS[item]
