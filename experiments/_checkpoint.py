@@ -1,19 +1,29 @@
-"""Data-only checkpoints: a state's arrays in a `.npz` and its structure as JSON, never pickles,
-so that opening a run directory someone shared runs no code. Each carries the id of the run
-that wrote it, and another run's is refused. Every file is written atomically.
+"""Checkpoints in orbax-checkpoint's format, data only: arrays in TensorStore files, the state's
+structure as JSON in orbax's step metadata (`_CHECKPOINT_METADATA`), never pickles, so that
+opening a run directory someone shared runs no code. Each carries the id of the run that wrote
+it, and another run's is refused.
+
+`checkpoints/<name>/<n>/` is the `n`-th save of `name`. orbax writes it under a temporary name
+and renames it when complete, and the save before it is deleted only then, so a run killed at
+any instant (`kill -9` included) leaves a complete checkpoint to resume from. With several
+processes each writes the shards of the arrays it holds; none gathers the others'.
+
+orbax alone would not give back the state that was saved: it restores tuples as lists, NumPy
+scalars as Python numbers, and neither Python integers beyond 64 bits nor the Equinox modules
+and optax states that a fresh state rebuilds; and its cost is per array (a millisecond or more
+each, where a run's history holds thousands). So the structure is ours (`_encode`), and the
+arrays go to orbax packed, one flat array per dtype.
 """
 
-import io
 import json
+import math
 import pathlib
-import zipfile
+import shutil
 from typing import Any
 
 import jax
 import numpy as np
 
-from . import _distributed
-from ._atomic import atomic_write
 from ._distributed import is_main_process
 
 
@@ -26,31 +36,58 @@ class CheckpointError(ValueError):
 
 
 _FORMAT = "bilevax-experiments-checkpoint"
-_VERSION = 1
-_STRUCTURE = "__structure__"
+_VERSION = 2  # 1: a `.npz` with the structure inside, from before orbax (read, never written)
 _SCALARS = (bool, int, float, str, type(None))
+
+
+def _orbax():
+    # Imported when a checkpoint is first saved or read: it adds about a second to the start of
+    # every experiment, benchmark and test otherwise.
+    import orbax.checkpoint as ocp
+
+    return ocp
 
 
 def _is_array(x) -> bool:
     return isinstance(x, jax.Array | np.ndarray | np.generic)
 
 
-def _encode(x, arrays: dict, where: str):
+class _Arrays:
+    """A state's arrays as they go to orbax. An array that this process holds whole (NumPy, or
+    JAX on this process's devices) is appended to the one flat array of its dtype; a global
+    array spanning several processes (`--distributed`) goes as it is, so that every process
+    writes its own shards (orbax writes each shard once, from the replica it picks)."""
+
+    def __init__(self):
+        self.flat: dict[str, list[np.ndarray]] = {}
+        self.sizes: dict[str, int] = {}
+        self.spanning: dict[str, jax.Array] = {}
+
+    def add(self, x, where: str) -> dict:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            name = f"spanning{len(self.spanning)}"
+            self.spanning[name] = x
+            return {"$array": name}
+        a = np.asarray(x)
+        if a.dtype.kind == "O":
+            raise TypeError(f"{where}: an object array cannot be checkpointed.")
+        dtype, at = a.dtype.name, self.sizes.get(a.dtype.name, 0)
+        self.flat.setdefault(dtype, []).append(a.reshape(-1))
+        self.sizes[dtype] = at + a.size
+        return {"$array": dtype, "at": at, "shape": list(a.shape)}
+
+    def tree(self) -> dict:
+        return {**{k: np.concatenate(v) for k, v in self.flat.items()}, **self.spanning}
+
+
+def _encode(x, arrays: _Arrays, where: str):
     if type(x) in _SCALARS:
         return x
     if _is_array(x):
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             key = _encode(jax.random.key_data(x), arrays, where)
             return {"$key": key, "impl": str(jax.random.key_impl(x))}
-        a = np.asarray(x)
-        name = f"a{len(arrays)}"
-        if a.dtype.kind == "O":
-            raise TypeError(f"{where}: an object array cannot be checkpointed.")
-        if a.dtype.isbuiltin == 1:  # a NumPy type: stored as is
-            arrays[name] = a
-            return {"$array": name}
-        arrays[name] = a.view(f"u{a.dtype.itemsize}")  # bfloat16 and the like: their bits
-        return {"$array": name, "dtype": a.dtype.name}
+        return arrays.add(x, where)
     if type(x) is dict:
         if not all(isinstance(k, str) for k in x):
             raise TypeError(f"{where}: checkpointed dicts need string keys.")
@@ -97,7 +134,10 @@ def _decode(node, arrays, like, where: str, path: pathlib.Path):
         )
     if "$array" in node:
         a = arrays[node["$array"]]
-        if "dtype" in node:
+        if "at" in node:
+            shape = tuple(node["shape"])
+            a = a[node["at"] : node["at"] + math.prod(shape)].reshape(shape)
+        if "dtype" in node:  # version 1: bfloat16 and the like as their bits
             a = a.view(jax.numpy.dtype(node["dtype"]))
         if _is_array(like) and (np.shape(like) != a.shape or like.dtype != a.dtype):
             fail(
@@ -126,32 +166,58 @@ def _decode(node, arrays, like, where: str, path: pathlib.Path):
 
 
 def save_tree(path: pathlib.Path, tree: Any, *, run_id: str | None = None) -> None:
-    """Writes `tree` atomically as data only: a `.npz` of its arrays, with its structure as
-    JSON inside. Dicts (string keys), lists, tuples, arrays, `None`, booleans, numbers and
-    strings are stored as such; any other pytree node (an Equinox module, an optax state) by
-    its leaves, and rebuilt by `load_tree` from a fresh state of the same shape.
+    """Writes `tree` as one orbax checkpoint, the directory `path` (which must not exist yet),
+    atomically and as data only. Dicts (string keys), lists, tuples, arrays, `None`, booleans,
+    numbers and strings are stored as such; any other pytree node (an Equinox module, an optax
+    state) by its leaves, and rebuilt by `load_tree` from a fresh state of the same shape.
+
+    With several processes, every one calls it with the same state: each writes the shards it
+    holds of the arrays that span processes, process 0 the rest.
 
     `run_id` (the run's id from `run.json`) is stored beside the structure, so that a
     checkpoint copied into another run's directory is recognised there (see `load_tree`)."""
-    arrays: dict[str, np.ndarray] = {}
+    ocp = _orbax()
+    arrays = _Arrays()
     structure = {"format": _FORMAT, "version": _VERSION, "tree": _encode(tree, arrays, "")}
+    items = arrays.tree()
+    structure["arrays"] = list(items)
     if run_id is not None:
         structure["run_id"] = run_id
-    text = json.dumps(structure, allow_nan=True).encode()
-    buffer = io.BytesIO()
-    np.savez(buffer, **{_STRUCTURE: np.frombuffer(text, np.uint8)}, **arrays)
-    atomic_write(path, buffer.getvalue())
+    # orbax refuses to save no arrays, and a stage's results may be Python numbers alone.
+    items = items or {"none": np.zeros((), np.uint8)}
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    checkpointer.save(pathlib.Path(path).absolute(), items, custom_metadata=structure)
+
+
+def _read(path: pathlib.Path) -> tuple[Any, dict]:
+    """The structure and the arrays of the checkpoint at `path`, as NumPy arrays on every
+    process, whichever sharding they were saved with (`Run.loop`'s `prepare` puts them on
+    devices)."""
+    if path.suffix == ".npz":  # version 1
+        with np.load(path, allow_pickle=False) as z:
+            structure = json.loads(bytes(z["__structure__"]).decode())
+            return structure, {k: z[k] for k in z.files if k != "__structure__"}
+    ocp = _orbax()
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    structure = checkpointer.metadata(path.absolute()).custom_metadata
+    names = structure.get("arrays") if isinstance(structure, dict) else None
+    if not names:
+        return structure, {}
+    restore_args = {name: ocp.RestoreArgs(restore_type=np.ndarray) for name in names}
+    args = ocp.args.PyTreeRestore(restore_args=restore_args)
+    return structure, checkpointer.restore(path.absolute(), args=args)
 
 
 def load_tree(
     path: pathlib.Path, like: Any = None, *, run_id: str | None = None, unmarked: bool = True
 ) -> Any:
-    """Reads what `save_tree` wrote. Pytree nodes other than dicts, lists and tuples are rebuilt
-    from `like` (the fresh state) at the same place, whose array shapes and dtypes must match.
+    """Reads what `save_tree` wrote (or a `.npz` of version 1). Pytree nodes other than dicts,
+    lists and tuples are rebuilt from `like` (the fresh state) at the same place, whose array
+    shapes and dtypes must match.
 
     **Arguments:**
 
-    - `path`: the file.
+    - `path`: the checkpoint's directory (or `.npz` file).
     - `like`: the fresh state.
     - `run_id`: the id of the run reading it; a checkpoint that another run wrote is refused
         (`None`: not checked).
@@ -164,17 +230,15 @@ def load_tree(
     """
     path = pathlib.Path(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            structure = json.loads(bytes(z[_STRUCTURE]).decode())
-            arrays = {k: z[k] for k in z.files if k != _STRUCTURE}
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        structure, arrays = _read(path)
+    except Exception as error:  # orbax, TensorStore and zipfile raise many kinds for damage
         raise CheckpointError(
             f"{path}: not a readable checkpoint ({type(error).__name__}: {error}). It may be "
             "truncated or corrupt; delete it, or start afresh with --overwrite."
         ) from error
     if not isinstance(structure, dict) or structure.get("format") != _FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this format.")
-    if structure.get("version") != _VERSION:
+    if structure.get("version") not in (1, _VERSION):
         raise CheckpointError(f"{path}: checkpoint format version {structure.get('version')}.")
     if run_id is not None:
         _check_owner(path, structure.get("run_id"), run_id, unmarked)
@@ -195,10 +259,23 @@ def _check_owner(path: pathlib.Path, owner: Any, run_id: str, unmarked: bool) ->
     )
 
 
+def _last_save(folder: pathlib.Path) -> int:
+    """The number of the last complete save in `folder`, 0 if none. Every process gets process
+    0's answer: they must all read and write the same save, and a shared file system may list
+    a folder to one host as it was a moment ago."""
+    numbers = [int(p.name) for p in folder.glob("*") if p.name.isascii() and p.name.isdigit()]
+    last = max(numbers, default=0)
+    if jax.process_count() == 1:
+        return last
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(last)))
+
+
 class Checkpoints:
     """Named states under `<out>/checkpoints/`, in the data-only format of `save_tree`.
 
-    JAX arrays are stored as NumPy arrays, so a checkpoint loads without a device and feeds
+    Arrays are read back as NumPy arrays, so a checkpoint loads without a device and feeds
     back into jitted code unchanged (same dtypes, same values, hence the same trajectory).
     """
 
@@ -211,28 +288,42 @@ class Checkpoints:
         self.unmarked = unmarked
 
     def path(self, name: str) -> pathlib.Path:
-        return self.directory / f"{name}.npz"
+        """The folder of `name`'s saves."""
+        return self.directory / name
 
     def save(self, name: str, state: Any) -> None:
-        """Stores `state` under `name` (process 0 only: with several processes the state is
-        replicated, and every process loads process 0's copy on `--resume`)."""
-        state = _distributed.to_host(state)
+        """Stores `state` under `name` as a new save; the ones before it, and what a killed
+        save left, are deleted once it is complete. Every process calls it (see
+        `save_tree`)."""
+        folder = self.path(name)
+        number = _last_save(folder) + 1
+        save_tree(folder / str(number), state, run_id=self.run_id)
         if is_main_process():
-            save_tree(self.path(name), state, run_id=self.run_id)
+            for old in folder.iterdir():
+                if old.name != str(number):
+                    # Left behind if it cannot be deleted: loading takes the last save anyway.
+                    shutil.rmtree(old, ignore_errors=True)
+            (self.directory / f"{name}.npz").unlink(missing_ok=True)  # version 1, now stale
 
     def load(self, name: str, like: Any = None) -> Any:
-        """The state saved under `name`, or `None` if there is none. `like` is a fresh state,
-        the template for what is not a dict, list or tuple (see `load_tree`).
+        """The state saved last under `name`, or `None` if there is none. `like` is a fresh
+        state, the template for what is not a dict, list or tuple (see `load_tree`). A `.npz`
+        checkpoint of version 1 (before orbax) is read too.
 
         **Raises:**
 
-        `CheckpointError` for an unreadable file, for another run's (copied here), and for a
-        pickle left by an older version (pickles can run code, so they are never opened).
+        `CheckpointError` for an unreadable checkpoint, for another run's (copied here), and
+        for a pickle left by an older version (pickles can run code, so they are never
+        opened).
         """
-        path = self.path(name)
-        if path.exists():
+        number = _last_save(self.path(name))
+        if number:
+            path = self.path(name) / str(number)
+        else:
+            path = self.directory / f"{name}.npz"
+        if number or path.exists():
             return load_tree(path, like, run_id=self.run_id, unmarked=self.unmarked)
-        legacy = path.with_suffix(".pkl")
+        legacy = self.directory / f"{name}.pkl"
         if legacy.exists():
             raise CheckpointError(
                 f"{legacy}: a pickled checkpoint from an older version of the experiments. "

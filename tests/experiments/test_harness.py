@@ -1,6 +1,6 @@
-"""The run harness (`experiments/_harness.py`, `_checkpoint.py`, `_cli.py`): data-only
-checkpoints (round trip, refusal of pickles and of corrupt or mismatched files, atomic writes),
-the output directory rules (refused without `--resume` or `--overwrite`, a new directory by
+"""The run harness (`experiments/_harness.py`, `_cli.py`; checkpoints themselves are
+`test_checkpoint.py`'s): atomic writes, a checkpoint copied from another run refused, the
+output directory rules (refused without `--resume` or `--overwrite`, a new directory by
 default), the configuration check on `--resume` (every experiment refuses a mismatch), resumable
 loops that count the steps they run, results that describe themselves, and the data directory."""
 
@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,98 +24,7 @@ from experiments import _atomic, _checkpoint, _cli, _harness, _optax, _optuna, _
 from experiments.data import data_dir
 
 
-# -- checkpoints -------------------------------------------------------------------------------
-
-
-def _state():
-    model = eqx.nn.MLP(2, 1, 3, 1, key=jax.random.key(0))
-    opt_state = optax.inject_hyperparams(optax.adam)(learning_rate=0.1).init(jnp.zeros(3))
-    return dict(
-        model=model,
-        opt_state=opt_state,
-        pair=(1, "two"),
-        history=dict(loss=[1.5, float("nan"), float("inf")], flags=[True, None]),
-        arrays=[np.arange(3, dtype=np.int32), jnp.ones((2, 2), jnp.bfloat16), np.float32(2.5)],
-        key=jax.random.key(3),
-        big=2**100,
-    )
-
-
-def _assert_same(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            x, y = jax.random.key_data(x), jax.random.key_data(y)
-        if isinstance(x, float) and np.isnan(x):
-            assert np.isnan(y)
-        elif hasattr(x, "dtype") or hasattr(y, "dtype"):
-            assert np.asarray(x).dtype == np.asarray(y).dtype
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-        else:
-            assert x == y and type(x) is type(y)
-
-
-def test_checkpoint_round_trip(tmp_path):
-    state = _state()
-    path = tmp_path / "state.npz"
-    _checkpoint.save_tree(path, state)
-    _assert_same(_checkpoint.load_tree(path, like=_state()), state)
-    # Data only: a zip of .npy arrays and a JSON structure, which NumPy reads without pickle.
-    with np.load(path, allow_pickle=False) as z:
-        structure = json.loads(bytes(z["__structure__"]).decode())
-    assert structure["format"] == "bilevax-experiments-checkpoint"
-
-
-def test_checkpoint_feeds_back_into_jit(tmp_path):
-    optimizer = optax.adam(0.1)
-    params = jnp.linspace(0.0, 1.0, 4)
-    state = optimizer.init(params)
-    step = jax.jit(lambda p, s: _optax.optax_step(optimizer, p, s, p))
-    for _ in range(3):
-        params, state = step(params, state)
-    _checkpoint.save_tree(tmp_path / "s.npz", dict(params=params, state=state))
-    loaded = _checkpoint.load_tree(tmp_path / "s.npz", like=dict(params=params, state=state))
-    np.testing.assert_array_equal(step(params, state)[0], step(*loaded.values())[0])
-
-
-def test_checkpoint_needs_the_fresh_state_for_modules(tmp_path):
-    _checkpoint.save_tree(tmp_path / "s.npz", _state())
-    with pytest.raises(_checkpoint.CheckpointError, match="s.npz.*model.*nothing to match"):
-        _checkpoint.load_tree(tmp_path / "s.npz")
-    # An array of another shape than this run's (a run with other options) is refused too.
-    other = dict(_state(), opt_state=optax.inject_hyperparams(optax.adam)(0.1).init(jnp.zeros(5)))
-    with pytest.raises(
-        _checkpoint.CheckpointError,
-        match=r"s\.npz: opt_state<7> is float64\[3\] where this run has float64\[5\]",
-    ):
-        _checkpoint.load_tree(tmp_path / "s.npz", like=other)
-
-
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
-def test_corrupt_checkpoint_names_the_file(tmp_path, damage):
-    checkpoints = _checkpoint.Checkpoints(tmp_path)
-    checkpoints.save("loop", dict(step=3, x=np.arange(1000.0)))
-    path = checkpoints.path("loop")
-    data = path.read_bytes()
-    path.write_bytes(
-        {"truncate": data[: len(data) // 2], "garbage": b"x" * 100, "empty": b""}[damage]
-    )
-    with pytest.raises(_checkpoint.CheckpointError, match=str(path)):
-        checkpoints.load("loop")
-
-
-def test_pickles_and_object_arrays_are_refused(tmp_path):
-    checkpoints = _checkpoint.Checkpoints(tmp_path)
-    checkpoints.directory.mkdir()
-    pickled = checkpoints.directory / "loop.pkl"
-    pickled.write_bytes(b"\x80\x04K\x01.")  # pickle.dumps(1): never opened
-    with pytest.raises(_checkpoint.CheckpointError, match="loop.pkl.*not opened"):
-        checkpoints.load("loop")
-    # An .npz with an object array (which only a pickle can hold) is refused, naming the file.
-    np.savez(checkpoints.path("other"), __structure__=np.frombuffer(b"{}", np.uint8),
-             a0=np.array([{"x": 1}], dtype=object))  # fmt: skip
-    with pytest.raises(_checkpoint.CheckpointError, match="other.npz"):
-        checkpoints.load("other")
+# -- atomic writes -------------------------------------------------------------------------------
 
 
 def test_atomic_write_leaves_no_temporary_file(tmp_path, monkeypatch):
@@ -243,7 +151,8 @@ def test_results_describe_themselves(tmp_path):
     _toy(tmp_path, "--lr", "0.25")
     path = tmp_path / "results.json"
     assert stat.S_IMODE(path.stat().st_mode) == _atomic.FILE_MODE
-    assert stat.S_IMODE((tmp_path / "checkpoints" / "x.npz").stat().st_mode) == _atomic.FILE_MODE
+    saved = [p for p in (tmp_path / "checkpoints" / "x").rglob("*") if p.is_file()]
+    assert saved and {stat.S_IMODE(p.stat().st_mode) for p in saved} == {_atomic.FILE_MODE}
     run = json.loads(path.read_text())["run"]
     assert run["experiment"] == "toy"
     assert run["config"] == {"quick": False, "seed": 0, "steps": 3, "lr": 0.25}
@@ -505,14 +414,15 @@ def test_checkpoint_copied_from_another_run_is_refused(tmp_path):
         json.loads((tmp_path / s / "run.json").read_text())["run_id"] for s in ("seed0", "seed1")
     ]
     assert ids[0] != ids[1]
-    copied = tmp_path / "seed1" / "checkpoints" / "x.npz"
-    shutil.copy(tmp_path / "seed0" / "checkpoints" / "x.npz", copied)
-    with pytest.raises(_checkpoint.CheckpointError, match=f"{copied} belongs to another run"):
+    copied = tmp_path / "seed1" / "checkpoints" / "x"
+    shutil.rmtree(copied)
+    shutil.copytree(tmp_path / "seed0" / "checkpoints" / "x", copied)
+    with pytest.raises(_checkpoint.CheckpointError, match=f"{copied}/3 belongs to another run"):
         _toy(tmp_path / "seed1", "--seed", "1", "--resume")
     # A run from before run ids (none in run.json, nor in its checkpoints) still resumes, and
     # goes on accepting its old checkpoints once it has an id ...
     legacy = tmp_path / "legacy"
-    _checkpoint.save_tree(legacy / "checkpoints" / "s.npz", dict(value=1))
+    _checkpoint.save_tree(legacy / "checkpoints" / "s" / "1", dict(value=1))
     config = {"quick": False, "seed": 0, "steps": 3, "lr": 0.5}
     (legacy / "run.json").write_text(json.dumps({"config": config}))
     for _ in range(2):
@@ -520,10 +430,10 @@ def test_checkpoint_copied_from_another_run_is_refused(tmp_path):
         assert run.stage("s", lambda: dict(value=2)) == dict(value=1)
     assert run.run_id == json.loads((legacy / "run.json").read_text())["run_id"]
     # ... while a run that had its id from the start refuses a checkpoint without one.
-    copied = tmp_path / "seed0" / "checkpoints" / "s.npz"
-    shutil.copy(legacy / "checkpoints" / "s.npz", copied)
+    copied = tmp_path / "seed0" / "checkpoints" / "s"
+    shutil.copytree(legacy / "checkpoints" / "s", copied)
     run = _harness.start(_args(tmp_path / "seed0", "--resume"))
     with pytest.raises(
-        _checkpoint.CheckpointError, match=f"{copied} belongs to another run: it ca"
+        _checkpoint.CheckpointError, match=f"{copied}/1 belongs to another run: it ca"
     ):
         run.stage("s", lambda: dict(value=2))
