@@ -114,10 +114,11 @@ def test_meta_gradients_match_closed_form(one_process, two_processes):
 
 
 def test_only_process_zero_writes(two_processes):
+    # Checkpoints aside: each process writes its shards of them (see `test_checkpoint.py`).
     out, _, outputs = two_processes
     assert (out / "results.json").is_file()
     assert (out / "meta_ho.png").is_file()
-    assert (out / "checkpoints" / "meta_ho.npz").is_file()
+    assert [p.name for p in (out / "checkpoints" / "meta_ho").iterdir()] == ["3"]
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["num_processes"] == NUM_PROCESSES
     (_, _, stderr0), (_, _, stderr1) = outputs
@@ -151,6 +152,29 @@ def test_resume_continues_the_same_trajectory(one_process, tmp_path):
         jax.tree.leaves(resumed["opt_state"]), jax.tree.leaves(one_process["opt_state"])
     ):
         np.testing.assert_array_equal(got, want)
+
+
+def test_two_processes_resume_the_same_trajectory(two_processes, tmp_path):
+    """Two processes stopped after 2 meta-steps and resumed to 3 (each loading the
+    checkpoint, which both wrote, and putting it back on the mesh) end where the uninterrupted
+    pair ends, bit for bit, having taken only the third step."""
+    _, whole, _ = two_processes
+    script = Path(__file__).with_name("_distributed_meta_ho.py")
+    command = [sys.executable, str(script), str(tmp_path), "--distributed", "--out", str(tmp_path)]
+    for steps, resume in (("2", []), ("3", ["--resume"])):
+        args = [*ARGS, *resume]
+        args[args.index("--steps") + 1] = steps
+        outputs = _distributed.launch_local(
+            [*command, *args], NUM_PROCESSES, timeout=TIMEOUT, env=_subprocess_env()
+        )
+        for i, (rc, stdout, stderr) in enumerate(outputs):
+            assert rc == 0, f"process {i} failed (rc {rc}):\n{stdout[-3000:]}\n{stderr[-5000:]}"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["run"]["progress"]["meta_ho"] == {"from": 2, "to": 3}
+    for i in range(NUM_PROCESSES):
+        resumed = json.loads((tmp_path / f"state_{i}.json").read_text())
+        for key in ("lam", "opt_state", "meta_grad", "val_loss"):
+            assert resumed[key] == whole[i][key], (i, key)
 
 
 SLEEP_UNLESS_FAILING = (
