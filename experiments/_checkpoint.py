@@ -38,6 +38,7 @@ class CheckpointError(ValueError):
 _FORMAT = "bilevax-experiments-checkpoint"
 _VERSION = 2  # 1: a `.npz` with the structure inside, from before orbax (read, never written)
 _SCALARS = (bool, int, float, str, type(None))
+_STEP_METADATA = "_CHECKPOINT_METADATA"
 
 
 def _orbax():
@@ -197,12 +198,14 @@ def _read(path: pathlib.Path) -> tuple[Any, dict]:
         with np.load(path, allow_pickle=False) as z:
             structure = json.loads(bytes(z["__structure__"]).decode())
             return structure, {k: z[k] for k in z.files if k != "__structure__"}
-    ocp = _orbax()
-    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-    structure = checkpointer.metadata(path.absolute()).custom_metadata
+    # The structure is in orbax's step metadata, read as the file it is (the same in orbax 0.11
+    # and 0.12): what `Checkpointer.metadata` returns changed between them.
+    structure = json.loads((path / _STEP_METADATA).read_text())["custom_metadata"]
     names = structure.get("arrays") if isinstance(structure, dict) else None
     if not names:
         return structure, {}
+    ocp = _orbax()
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
     restore_args = {name: ocp.RestoreArgs(restore_type=np.ndarray) for name in names}
     args = ocp.args.PyTreeRestore(restore_args=restore_args)
     return structure, checkpointer.restore(path.absolute(), args=args)
