@@ -13,17 +13,29 @@ from ._distributed import is_main_process
 console = rich.console.Console(stderr=True)
 
 
-def print_table(title: str, columns, rows, *, stdout: bool = True) -> None:
+def print_table(
+    title: str, columns, rows, *, stdout: bool = True, caption: str | None = None
+) -> None:
     """Prints a table (the first column left-aligned, the others right-aligned) of `rows`, each
-    a sequence of strings: to stdout, as a run's result, or with `stdout=False` to stderr."""
+    a sequence of strings: to stdout, as a run's result, or with `stdout=False` to stderr.
+
+    The table is as wide as the terminal (`$COLUMNS`, else 80 columns when the output is not a
+    terminal): rich wraps a cell only between words, so a table whose widest words fit keeps
+    every number whole."""
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=title, caption=caption, caption_justify="left")
     for i, column in enumerate(columns):
         table.add_column(column, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
-    (rich.console.Console(width=120) if stdout else console).print(table)
+    (stdout_console() if stdout else console).print(table)
+
+
+def stdout_console() -> rich.console.Console:
+    """A console on stdout as wide as the terminal, made when called (so that it writes to the
+    `sys.stdout` of the moment)."""
+    return rich.console.Console()
 
 
 @contextlib.contextmanager

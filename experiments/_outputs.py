@@ -43,9 +43,11 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: pathlib.Path, dpi: int = 120) -> pathlib.Path:
-    """Lays out `fig`, writes it as a PNG atomically (on process 0 only), and closes it."""
-    fig.tight_layout()
+def save_figure(fig, path: pathlib.Path, dpi: int = 120, rect=(0.0, 0.0, 1.0, 1.0)) -> pathlib.Path:
+    """Lays out `fig` within `rect` (left, bottom, right, top, as fractions of the figure: room
+    left outside it for a note), writes it as a PNG atomically (on process 0 only), and closes
+    it."""
+    fig.tight_layout(rect=rect)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     pyplot().close(fig)

@@ -27,6 +27,8 @@ Every method's state is checkpointed as it goes (`--resume` continues a killed r
                                    [--resume | --overwrite]
 """
 
+import textwrap
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -340,29 +342,88 @@ def summarise(history: dict, problem: Ridge) -> dict:
     return summary
 
 
+def on_bounds(log_lam, atol: float = 1e-6) -> tuple[list[int], list[int]]:
+    """The features whose `log_lam` sits on the search box's lower and upper bounds."""
+    log_lam = np.asarray(log_lam)
+    return (
+        [int(i) for i in np.flatnonzero(np.abs(log_lam - LOWER) <= atol)],
+        [int(i) for i in np.flatnonzero(np.abs(log_lam - UPPER) <= atol)],
+    )
+
+
+def bounds_note(results: dict) -> str:
+    """A note on the closed-form optimum's coordinates that sit on the box's bounds (empty when
+    none do): an optimum over the box sits on a bound only where the CV loss does not rise past
+    it, so there the box, not the data, sets the value."""
+    lower, upper = on_bounds(results["closed_form"]["log_lam"])
+    if not lower and not upper:
+        return ""
+    names = lambda features: ", ".join(FEATURES[i] for i in features)
+    parts = []
+    if lower:
+        parts.append(f"log λ = {LOWER:+.0f}, the lower bound, on {names(lower)} (left unpenalised)")
+    if upper:
+        parts.append(f"log λ = {UPPER:+.0f}, the upper bound, on {names(upper)} (switched off)")
+    return (
+        f"The closed-form optimum sits on the search box [{LOWER:g}, {UPPER:g}]: "
+        + "; ".join(parts)
+        + ". The CV loss does not rise past these bounds: the box, not the data, sets these values."
+    )
+
+
+def run_label(results: dict) -> str:
+    """The run's budget, saying `--quick` when it was one."""
+    config = results.get("config", {})
+    budget = results["hgd_implicit"]["cross_validations"]
+    quick = "--quick run: " if config.get("quick") else ""
+    return f"{quick}{budget} cross-validations per method, seed {config.get('seed', '?')}"
+
+
 def plot(results: dict, path):
     plt = _outputs.pyplot()
-    fig, (best, gap, accuracy, learned) = plt.subplots(1, 4, figsize=(20, 4.2))
+    fig, ((best, gap), (accuracy, learned)) = plt.subplots(2, 2, figsize=(13, 9))
+    fig.suptitle(f"Per-feature L2 for ridge on diabetes, 5-fold CV ({run_label(results)})")
     optimum = results["closed_form"]["cv_loss"]
+    # The implicit and unrolled runs coincide to plotting accuracy: a thick line under a thin
+    # dashed one, with markers at alternate points, shows both.
+    styles = {
+        "hgd_implicit": dict(lw=3.5, alpha=0.55, marker="o", ms=6),
+        "hgd_unrolled": dict(lw=1.2, ls="--", marker="x", ms=7),
+    }
     for name, label in METHODS.items():
         curve = np.asarray(results[name]["best_so_far"])
         evaluations = np.arange(1, len(curve) + 1)
-        # The two hypergradient runs coincide to plotting accuracy: dash one to show both.
-        style = dict(label=label, ls="--" if name == "hgd_unrolled" else "-")
+        every = max(len(curve) // 10, 1)
+        offset = every // 2 if name == "hgd_unrolled" else 0
+        style = dict(
+            label=label, color=COLORS[name], markevery=(offset, every), **styles.get(name, {})
+        )
         best.plot(evaluations, curve, **style)
         # The optimiser's optimum can sit a hair above a visited point: floor the gap.
         gap.semilogy(evaluations, np.maximum(curve - optimum, 1e-8), **style)
         if "hypergrad_relerr" in results[name]:
-            accuracy.semilogy(results[name]["hypergrad_relerr"], **style)
-    for name, label in [*METHODS.items(), ("closed_form", "closed-form optimum")]:
-        log_lam = np.asarray(results[name]["log_lam"])
-        marker = "k*" if name == "closed_form" else "o"
-        learned.plot(np.arange(len(log_lam)), log_lam, marker, label=label, alpha=0.8)
-    best.axhline(optimum, color="k", ls="--", lw=1, label="closed-form optimum")
+            relerr = np.asarray(results[name]["hypergrad_relerr"])
+            accuracy.semilogy(relerr, **dict(style, markevery=(offset, every)))
+    same = np.max(
+        np.abs(
+            np.asarray(results["hgd_implicit"]["best_so_far"])
+            - np.asarray(results["hgd_unrolled"]["best_so_far"])
+        )
+    )
+    gap.text(
+        0.98,
+        0.97,
+        f"implicit and unrolled coincide:\nlargest difference {same:.0e}",
+        transform=gap.transAxes,
+        ha="right",
+        va="top",
+        fontsize="small",
+    )
+    best.axhline(optimum, color="k", ls=":", lw=1, label="closed-form optimum")
     best.set(
         xlabel="cross-validations (K inner trainings each)",
         ylabel="best CV MSE so far",
-        title="Per-feature L2 on diabetes, K-fold CV",
+        title="Best CV loss so far",
         ylim=(optimum - 0.005, optimum + 0.05),
     )
     best.legend()
@@ -377,15 +438,65 @@ def plot(results: dict, path):
         title="Hypergradient accuracy along the run",
     )
     accuracy.legend()
+    # Each method's points side by side around its feature (hypergradient descent to the left,
+    # the searches to the right), the optimum's star on the feature.
+    shifts = dict(zip(METHODS, (-0.36, -0.22, 0.16, 0.28, 0.4)), closed_form=0.0)
+    for name, label in [*METHODS.items(), ("closed_form", "closed-form optimum")]:
+        log_lam = np.asarray(results[name]["log_lam"])
+        shift = shifts[name]
+        marker = dict(marker="*", ms=13, zorder=3) if name == "closed_form" else {}
+        learned.plot(
+            np.arange(len(log_lam)) + shift,
+            log_lam,
+            ls="none",
+            color=COLORS[name],
+            **(marker or dict(marker="x" if name == "hgd_unrolled" else "o", ms=6)),
+            label=label,
+        )
+    for bound in (LOWER, UPPER):
+        learned.axhline(bound, color="0.4", ls=":", lw=1)
+    learned.text(
+        -0.45, UPPER + 0.2, f"search box bound ({UPPER:+g})", fontsize="small", va="bottom"
+    )
+    learned.text(-0.45, LOWER - 0.2, f"search box bound ({LOWER:+g})", fontsize="small", va="top")
+    lower, upper = on_bounds(results["closed_form"]["log_lam"])
+    for i in lower + upper:
+        learned.annotate(
+            "optimum\non bound",
+            (i, LOWER if i in lower else UPPER),
+            xytext=(0, 14 if i in upper else -14),
+            textcoords="offset points",
+            ha="center",
+            va="bottom" if i in upper else "top",
+            fontsize="x-small",
+        )
     learned.set(
         xlabel="feature",
         ylabel="log λ at the best CV loss",
         title="Learned L2 strength per feature",
-        xticks=np.arange(len(results["closed_form"]["log_lam"])),
+        xticks=np.arange(len(FEATURES)),
+        xticklabels=FEATURES,
+        yticks=np.arange(LOWER, UPPER + 1, 2),
+        ylim=(LOWER - 6.5, UPPER + 2.5),
     )
-    learned.legend(fontsize="small")
-    return _outputs.save_figure(fig, path)
+    learned.legend(fontsize="small", ncol=3, loc="lower center")
+    note = bounds_note(results)
+    if note:
+        note = textwrap.fill(note, 130)
+        fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize="small")
+    return _outputs.save_figure(fig, path, rect=(0, 0.05 if note else 0, 1, 1))
 
+
+COLORS = {
+    "hgd_implicit": "C0",
+    "hgd_unrolled": "k",
+    "grid": "C1",
+    "random": "C2",
+    "tpe": "C3",
+    "closed_form": "k",
+}
+# The diabetes data's ten features, in scikit-learn's order (s1–s6: blood serum measurements).
+FEATURES = ("age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6")
 
 METHODS = {
     "hgd_implicit": "HGD, implicit",
@@ -452,14 +563,14 @@ def main(argv=None) -> dict:
 
 
 def print_table(results: dict) -> None:
+    """The results as two tables that fit an 80-column terminal (the losses per method; the
+    learned log λ, a row per feature) and the note on the box's bounds."""
+    relerr = lambda r, key: f"{r[key]:.1e}" if key in r else ""
     rows = []
-    for name, label in [*METHODS.items(), ("closed_form", "closed-form optimum")]:
+    # Labels of at most 13 characters keep the table within 80 columns without wrapping.
+    labels = dict(METHODS, grid="grid, one λ", closed_form="closed-form\noptimum")
+    for name, label in labels.items():
         r = results[name]
-        relerr = (
-            f"{r['hypergrad_relerr_initial']:.1e} / {r['hypergrad_relerr_max']:.1e}"
-            if "hypergrad_relerr_initial" in r
-            else ""
-        )
         rows.append(
             (
                 label,
@@ -467,16 +578,40 @@ def print_table(results: dict) -> None:
                 f"{r.get('gap_to_optimum', 0.0):.5f}",
                 f"{r['test_loss']:.5f}",
                 str(r["inner_trainings"]),
-                " ".join(f"{v:+.1f}" for v in np.asarray(r["log_lam"])),
-                relerr,
+                relerr(r, "hypergrad_relerr_initial"),
+                relerr(r, "hypergrad_relerr_max"),
             )
         )
     _console.print_table(
-        "Per-feature L2 for ridge regression on diabetes by K-fold CV (MSE, standardised y)",
-        ("method", "best CV loss", "gap to optimum", "test loss", "inner trainings",
-         "learned log λ per feature", "hypergrad relerr (start / max)"),
+        f"Per-feature L2 for ridge on diabetes by K-fold CV ({run_label(results)})",
+        ("method", "best CV\nloss", "gap to\noptimum", "test\nloss", "inner\ntrainings",
+         "relerr\nstart", "relerr\nmax"),
         rows,
+        caption="Losses: MSE on standardised y. relerr: the hypergradient's relative error "
+        "against the closed form.",
     )  # fmt: skip
+    entries = [*METHODS, "closed_form"]
+    marked = lambda v: f"{v:+.1f}" + ("*" if v <= LOWER + 1e-6 or v >= UPPER - 1e-6 else " ")
+    lams = [np.asarray(results[name]["log_lam"]) for name in entries]
+    _console.print_table(
+        "Learned log λ per feature (the penalty is e^λ)",
+        ("feature", *(SHORT_LABELS[name] for name in entries)),
+        [(feature, *(marked(lam[i]) for lam in lams)) for i, feature in enumerate(FEATURES)],
+        caption=f"* on the search box's bound ({LOWER:+g} or {UPPER:+g}).",
+    )
+    note = bounds_note(results)
+    if note:
+        _console.stdout_console().print(note)
+
+
+SHORT_LABELS = {
+    "hgd_implicit": "HGD implicit",
+    "hgd_unrolled": "HGD unrolled",
+    "grid": "grid",
+    "random": "random",
+    "tpe": "TPE",
+    "closed_form": "optimum",
+}
 
 
 if __name__ == "__main__":
