@@ -9,6 +9,7 @@ import lineax as lx
 import numpy as np
 from jaxtyping import PyTree
 
+from ._flax import check_flax_params, close_over_variables, state_update_error
 from ._misc import scalars_as_arrays
 
 
@@ -119,6 +120,7 @@ def check_mode(mode) -> None:
 
 def split_params(params: PyTree, name: str) -> tuple[PyTree, PyTree]:
     """Splits parameters into the floating-point arrays that are optimised and the rest."""
+    check_flax_params(name, params)
     float_params, static_params = eqx.partition(params, eqx.is_inexact_array)
     if not jax.tree.leaves(float_params):
         raise TypeError(
@@ -130,15 +132,26 @@ def split_params(params: PyTree, name: str) -> tuple[PyTree, PyTree]:
 
 def check_scalar_loss(name: str, loss, params, hparams, data, params_name: str) -> None:
     """Traces `loss(params, hparams, data)` once (no FLOPs) and checks it returns a float
-    scalar, re-raising a failure inside it with the arguments named."""
+    scalar, re-raising a failure inside it with the arguments named. Flax variables among
+    the arguments are closed over, so that Flax refuses a loss that updates them."""
+    args = (params, hparams, data)
+    closed, others = close_over_variables(loss, args)
     try:
-        out = eqx.filter_eval_shape(loss, params, hparams, data)
+        out = eqx.filter_eval_shape(closed, others)
     except Exception as error:
-        raise type(error)(
+        flax_error = state_update_error(error, name, args, (params_name, "hparams", "data"))
+        if flax_error is not None:
+            raise flax_error from error
+        message = (
             f"calling `{name}({params_name}, hparams, data)` failed; check that `{params_name}`, "
             f"`hparams` and the data have the structure and shapes `{name}` expects. The error "
             f"was: {error}"
-        ) from error
+        )
+        try:
+            wrapped = type(error)(message)
+        except Exception:  # an error class with other arguments (Flax's, for one)
+            wrapped = TypeError(message)
+        raise wrapped from error
     if not (
         isinstance(out, jax.ShapeDtypeStruct)
         and out.shape == ()

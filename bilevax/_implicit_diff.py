@@ -15,6 +15,7 @@ from ._checks import (
     check_real,
     check_same_structure,
 )
+from ._flax import check_flax_params
 from ._ift import default_linear_solver, general_solver, implicit_solution, stationarity_tol
 from ._misc import scalars_as_arrays, stop_gradient
 
@@ -119,6 +120,7 @@ def implicit_diff(
         args = scalars_as_arrays(args)
         out = solve_fn(stop_gradient(init), *stop_gradient(args))
         solution, aux = out if has_aux else (out, None)
+        check_flax_params("solution", solution)
         float_solution, static_solution = eqx.partition(solution, eqx.is_inexact_array)
         if not jax.tree.leaves(float_solution):
             raise TypeError("`solve_fn` must return a pytree of floating-point arrays.")
