@@ -5,7 +5,9 @@ JAX's multi-controller SPMD runs the same program in every process (one per host
 GPU); after `initialize`, `jax.devices()` lists the devices of all processes, and a `jax.jit`
 computation on arrays sharded over them runs on all of them at once, its reductions across
 processes compiled into the program (NCCL on GPUs, gloo on CPUs). Every process holds the same
-replicated outer state and takes the same optimiser step; only process 0 writes files.
+replicated outer state and takes the same optimiser step; only process 0 writes files, but for
+checkpoints, where each process writes its part of the arrays split over processes
+(`experiments/_checkpoint.py`).
 
     python -m experiments.meta_ho --distributed            # SLURM / Open MPI: auto-detected
     python -m experiments.meta_ho --distributed --coordinator-address HOST:PORT \\
@@ -118,7 +120,8 @@ def initialize_from_args(args: argparse.Namespace) -> bool:
 
 
 def is_main_process() -> bool:
-    """Whether this is process 0, the one that writes results, logs and checkpoints."""
+    """Whether this is process 0, the one that writes results and logs (and of a checkpoint,
+    all but the other processes' parts of the arrays split over processes)."""
     return jax.process_index() == 0
 
 
