@@ -70,8 +70,8 @@ class _Arrays:
             self.spanning[name] = x
             return {"$array": name}
         a = np.asarray(x)
-        if a.dtype.kind == "O":
-            raise TypeError(f"{where}: an object array cannot be checkpointed.")
+        if a.dtype.kind in "OUS":  # TensorStore holds numbers and booleans only
+            raise TypeError(f"{where}: an array of {a.dtype} cannot be checkpointed.")
         dtype, at = a.dtype.name, self.sizes.get(a.dtype.name, 0)
         self.flat.setdefault(dtype, []).append(a.reshape(-1))
         self.sizes[dtype] = at + a.size
