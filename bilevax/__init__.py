@@ -1,6 +1,6 @@
-import importlib.metadata as _metadata
+import importlib as _importlib
+import typing as _typing
 
-from . import contrib as contrib, diagnostics as diagnostics, nn as nn
 from ._adjoint import (
     AbstractAdjoint as AbstractAdjoint,
     ImplicitAdjoint as ImplicitAdjoint,
@@ -37,4 +37,28 @@ from ._solver import (
 from ._unrolled import unrolled_hypergrad as unrolled_hypergrad
 
 
-__version__ = _metadata.version("bilevax")
+if _typing.TYPE_CHECKING:
+    from . import contrib as contrib, diagnostics as diagnostics, nn as nn
+
+    __version__: str
+
+# The optional layers on the core (`bx.contrib`, `bx.diagnostics`, `bx.nn`) are imported on
+# first use, as is the version (`importlib.metadata` is slow to import): `import bilevax`
+# loads only what the primitives need.
+_SUBMODULES = ("contrib", "diagnostics", "nn")
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return _importlib.import_module(f"{__name__}.{name}")  # sets it on the package too
+    if name == "__version__":
+        import importlib.metadata
+
+        version = importlib.metadata.version("bilevax")
+        globals()["__version__"] = version
+        return version
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBMODULES, "__version__"})

@@ -1,19 +1,36 @@
 import abc
 import dataclasses
 import inspect
+import sys
 from collections.abc import Callable
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeGuard, TypeVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
-import optax
-import optimistix as optx
 from jaxtyping import Array, ArrayLike, PyTree, Scalar
 
 from .._checks import check_real
 from .._custom_types import HParams
+
+
+# optax and optimistix are imported by the user who passes their solvers, never by
+# `import bilevax` (they take a tenth of its import time): an optax or optimistix object can only
+# exist once its package is imported, so `sys.modules` tells whether a solver may be one.
+if TYPE_CHECKING:
+    import optax
+    import optimistix as optx
+
+
+def _is_optax(solver) -> TypeGuard["optax.GradientTransformation"]:
+    optax = sys.modules.get("optax")
+    return optax is not None and isinstance(solver, optax.GradientTransformation)
+
+
+def _is_optimistix(solver) -> TypeGuard["optx.AbstractMinimiser"]:
+    optx = sys.modules.get("optimistix")
+    return optx is not None and isinstance(solver, optx.AbstractMinimiser)
 
 
 _State = TypeVar("_State")
@@ -123,10 +140,10 @@ class GradientDescent(AbstractInnerSolver[PyTree[Array]]):
         return params, velocity
 
 
-class _OptaxSolver(AbstractInnerSolver[optax.OptState]):
+class _OptaxSolver(AbstractInnerSolver[Any]):
     """Any `optax.GradientTransformation`, stepped on the driver's gradient."""
 
-    optimizer: optax.GradientTransformation
+    optimizer: "optax.GradientTransformation"
 
     def init(self, fn, params, args):
         del fn, args
@@ -138,7 +155,7 @@ class _OptaxSolver(AbstractInnerSolver[optax.OptState]):
         # floats, which a user's `jax_numpy_dtype_promotion="strict"` would refuse.
         with jax.numpy_dtype_promotion("standard"):
             updates, state = self.optimizer.update(grad, state, params)
-        return optax.apply_updates(params, updates), state
+        return sys.modules["optax"].apply_updates(params, updates), state
 
 
 class _OptimistixSolver(AbstractInnerSolver[Any]):
@@ -148,7 +165,7 @@ class _OptimistixSolver(AbstractInnerSolver[Any]):
     that every solver stops on the same criterion.
     """
 
-    minimiser: optx.AbstractMinimiser
+    minimiser: "optx.AbstractMinimiser"
 
     def init(self, fn, params, args):
         # `filter_eval_shape`, not `jax.eval_shape`: the latter turns Python numbers in `args`
@@ -168,6 +185,7 @@ class _OptimistixSolver(AbstractInnerSolver[Any]):
         # which is the best guess at the new one's. Everything else starts afresh: the loss
         # and gradient in `f_info` are the old problem's, and `first_step` makes the first
         # step accept the new starting point without comparing it with the old loss.
+        optx = sys.modules["optimistix"]
         fresh = self.init(fn, params, args)
         if not isinstance(self.minimiser, optx.AbstractQuasiNewton):
             return fresh
@@ -185,6 +203,7 @@ class _OptimistixSolver(AbstractInnerSolver[Any]):
     def inverse_hessian(self, state):
         # Only a quasi-Newton minimiser that approximates the inverse (`use_inverse=True`, the
         # default) has one to apply; one that approximates the Hessian would need a solve.
+        optx = sys.modules["optimistix"]
         if not isinstance(self.minimiser, optx.AbstractQuasiNewton):
             return None
         info = state.f_info
@@ -209,19 +228,22 @@ def _with_aux(fn: Loss):
     return lambda params, args: (fn(params, args), None)
 
 
-SolverLike = (
-    AbstractInnerSolver
-    | optax.GradientTransformation
-    | optx.AbstractMinimiser
-    | Callable[[HParams], Any]
-)
+if TYPE_CHECKING:
+    SolverLike = (
+        AbstractInnerSolver
+        | optax.GradientTransformation
+        | optx.AbstractMinimiser
+        | Callable[[HParams], Any]
+    )
+else:  # the same at run time, without importing optax and optimistix to say so
+    SolverLike = AbstractInnerSolver | Callable[[HParams], Any]
 
 
 def check_solver(solver: SolverLike) -> None:
     """The checks of `as_inner_solver` that need no hyperparameters, at construction time: a
     callable `hparams -> solver` is not called (it may need real hyperparameters)."""
-    direct = AbstractInnerSolver | optax.GradientTransformation | optx.AbstractMinimiser
-    learned_step = callable(solver) and not isinstance(solver, type | direct)
+    direct = isinstance(solver, AbstractInnerSolver) or _is_optax(solver) or _is_optimistix(solver)
+    learned_step = callable(solver) and not (isinstance(solver, type) or direct)
     if not learned_step or _is_factory(solver):
         as_inner_solver(solver, None)
 
@@ -244,14 +266,14 @@ def as_inner_solver(solver: SolverLike, hparams: HParams) -> AbstractInnerSolver
             f"`solver` is the factory `{solver.__module__}.{name}`, not an optimiser: call it "
             f"(e.g. `optax.{name}(1e-2)`). A learned step size is a `lambda hparams: ...`."
         )
-    if not isinstance(solver, AbstractInnerSolver | optax.GradientTransformation):
-        if not isinstance(solver, optx.AbstractMinimiser) and callable(solver):
+    if not isinstance(solver, AbstractInnerSolver) and not _is_optax(solver):
+        if not _is_optimistix(solver) and callable(solver):
             solver = solver(hparams)
     if isinstance(solver, AbstractInnerSolver):
         return solver
-    if isinstance(solver, optx.AbstractMinimiser):
+    if _is_optimistix(solver):
         return _OptimistixSolver(solver)
-    if isinstance(solver, optax.GradientTransformation):
+    if _is_optax(solver):
         return _OptaxSolver(solver)
     raise TypeError(
         "`solver` must be a `bilevax.GradientDescent` (or another `bilevax.AbstractInnerSolver`), "
