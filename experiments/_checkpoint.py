@@ -8,11 +8,12 @@ and renames it when complete, and the save before it is deleted only then, so a 
 any instant (`kill -9` included) leaves a complete checkpoint to resume from. With several
 processes each writes the shards of the arrays it holds; none gathers the others'.
 
-orbax alone would not give back the state that was saved: it restores tuples as lists, NumPy
-scalars as Python numbers, and neither Python integers beyond 64 bits nor the Equinox modules
-and optax states that a fresh state rebuilds; and its cost is per array (a millisecond or more
-each, where a run's history holds thousands). So the structure is ours (`_encode`), and the
-arrays go to orbax packed, one flat array per dtype.
+Why not orbax's own handling of pytrees: restored without a target, a state comes back with
+its tuples as lists, NumPy scalars as Python numbers, Equinox modules and optax states as dicts
+and lists, and integers beyond 64 bits are refused; a fresh state cannot be the target, since a
+run's histories grow; and orbax costs a millisecond or more per array, where a history holds
+thousands. So the structure is ours (`_encode`, as JSON), and the arrays go to orbax packed,
+one flat array per dtype.
 """
 
 import json
