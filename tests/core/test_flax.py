@@ -30,6 +30,9 @@ from flax import linen, nnx  # noqa: E402
 f64 = jnp.float64
 SOLVE = dict(solver=bx.GradientDescent(0.5), max_steps=3000, tol=1e-11)
 UNROLL = dict(solver=bx.GradientDescent(0.3), num_steps=12)
+UNROLLED = dict(
+    solver=UNROLL["solver"], max_steps=UNROLL["num_steps"], tol=0.0, adjoint=bx.UnrolledAdjoint()
+)
 CG = lx.CG(rtol=1e-12, atol=1e-12)
 
 
@@ -177,10 +180,7 @@ def solve_value_and_grad(flavour: str, adjoint: str):
     if adjoint == "implicit":
         options = dict(SOLVE, adjoint=bx.ImplicitAdjoint(CG))
     else:
-        options = dict(
-            solver=UNROLL["solver"], max_steps=UNROLL["num_steps"], tol=0.0,
-            adjoint=bx.UnrolledAdjoint(),
-        )  # fmt: skip
+        options = UNROLLED
 
     def objective(hparams, train=TRAIN):
         solution = bx.inner_solve(inner, init, hparams, train, **options)
@@ -427,3 +427,118 @@ def test_statistics_and_rng_state_partitioned_out():
     assert all(
         bool(jnp.all(a == b)) for a, b in zip(jax.tree.leaves(rest), jax.tree.leaves(before))
     )
+
+
+def test_refuses_non_parameters_in_the_optimised_pytree():
+    """The whole state of `nnx.split(model)` as the parameters: its batch statistics are
+    floating-point and would be optimised as weights, its RNG state kept fixed. Every
+    primitive that takes parameters refuses it at trace time, naming the leaves."""
+    graphdef, state = nnx.split(NnxNormed(nnx.Rngs(0)))
+
+    def inner(state, hparams, data):
+        kernels = {k: state[k]["kernel"][...] for k in ("l1", "l2")}
+        return _mse(nnx.merge(graphdef, state)(data[0]), data) + _decay(hparams, kernels)
+
+    outer = lambda state, hparams, data: _mse(nnx.merge(graphdef, state)(data[0]), data)
+    named = r"`{0}\['bn'\]\['mean'\]` \(BatchStat\), `{0}\['bn'\]\['var'\]` \(BatchStat\), "
+    named += r"`{0}\['drop'\]\['rngs'\]\['count'\]` \(RngCount\), "
+    named += r"`{0}\['drop'\]\['rngs'\]\['key'\]` \(RngKey\)"
+    with pytest.raises(TypeError, match=named.format("init")):
+        bx.inner_solve(inner, state, HPARAMS, TRAIN)
+    with pytest.raises(TypeError, match=named.format("init")):
+        bx.unrolled_hypergrad(outer, inner, state, HPARAMS, TRAIN, VAL, mode="forward")
+    with pytest.raises(TypeError, match=named.format("params_star")):
+        bx.implicit_hypergrad(outer, inner, state, HPARAMS, TRAIN, VAL)
+    solve = bx.implicit_diff(lambda init, hparams, data: init, jax.grad(inner))
+    with pytest.raises(TypeError, match=named.format("solution")):
+        solve(state, HPARAMS, TRAIN)
+    # The same model split as the pattern says is accepted: only `Param`s to optimise.
+    _, params, rest = nnx.split(NnxNormed(nnx.Rngs(0)), nnx.Param, ...)
+    inner = _normed_losses(graphdef, False, rest)[0]
+    solution = jax.eval_shape(lambda: bx.inner_solve(inner, params, HPARAMS, TRAIN).params)
+    assert jax.tree.structure(solution) == jax.tree.structure(params)
+
+
+@pytest.mark.parametrize("rest_in_data", [False, True])
+def test_refuses_a_loss_that_updates_batch_statistics(rest_in_data):
+    """BatchNorm in training mode updates its running statistics inside the loss: an update
+    bilevax would drop at every step. Refused at trace time, whether the statistics are
+    closed over or passed in the data (where they are named)."""
+    graphdef, params, rest = nnx.split(NnxNormed(nnx.Rngs(0), train=True), nnx.Param, ...)
+    inner, outer = _normed_losses(graphdef, rest_in_data, rest)
+    train, val = ((rest, *TRAIN), (rest, *VAL)) if rest_in_data else (TRAIN, VAL)
+    named = r"data\[0\]\['bn'\]\['mean'\]`, `data\[0\]\['bn'\]\['var'\]" if rest_in_data else (
+        "closes over them"
+    )  # fmt: skip
+    # Flax computes batch statistics in at least float32 through a promotion that the
+    # suite's strict mode refuses.
+    with jax.numpy_dtype_promotion("standard"):
+        with pytest.raises(TypeError, match=f"updates a Flax `BatchStat`.*{named}"):
+            bx.inner_solve(inner, params, HPARAMS, train)
+        with pytest.raises(TypeError, match="`inner_loss` updates a Flax `BatchStat`"):
+            bx.implicit_hypergrad(outer, inner, params, HPARAMS, train, val)
+        with pytest.raises(TypeError, match="updates a Flax `BatchStat`"):
+            jax.jit(
+                lambda h: bx.unrolled_hypergrad(outer, inner, params, h, train, val)
+            )(HPARAMS)  # fmt: skip
+    assert float(rest["bn"]["mean"][0]) == 0.1  # and nothing was updated
+
+
+def test_refuses_a_loss_that_draws_from_an_rngs_stream():
+    """Dropout drawing from the model's own `nnx.Rngs` advances the stream's count inside
+    the loss: every step would see the same mask. Refused, naming the count."""
+    model = NnxNormed(nnx.Rngs(0))
+    model.drop.deterministic = False
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    inner, _ = _normed_losses(graphdef, True)
+    match = r"updates a Flax `RngCount`.*`data\[0\]\['drop'\]\['rngs'\]\['count'\]`"
+    with pytest.raises(TypeError, match=match):
+        bx.inner_solve(inner, params, HPARAMS, (rest, *TRAIN))
+
+
+@pytest.mark.slow
+def test_dropout_with_a_key_in_the_data():
+    """Randomness as data: the key is an argument, so the loss is a pure function, and the
+    hypergradient through 12 steps is that of the network with that fixed dropout mask,
+    written in plain JAX with the mask Flax draws from the same key."""
+    model = NnxNormed(nnx.Rngs(0))
+    model.drop.deterministic = False
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    key = jax.random.key(7)
+
+    def inner(params, hparams, data):
+        key, X, y = data
+        net = nnx.merge(graphdef, params, rest)
+        kernels = {k: params[k]["kernel"][...] for k in ("l1", "l2")}
+        return _mse(net(X, rngs=key), (X, y)) + _decay(hparams, kernels)
+
+    @jax.jit
+    @jax.value_and_grad
+    def objective(hparams):
+        solution = bx.inner_solve(inner, params, hparams, (key, *TRAIN), **UNROLLED)
+        net = nnx.merge(graphdef, solution.params, rest)
+        net.eval()  # no dropout on validation
+        return _mse(net(VAL[0]), VAL)
+
+    ones = jnp.ones((TRAIN[0].shape[0], 4), f64)
+    mask = nnx.Dropout(0.5, deterministic=False)(ones, rngs=key)  # the kept units, as 2.0
+    assert 0 < float(jnp.sum(mask == 0)) < mask.size
+    bn = (rest["bn"]["mean"][...], rest["bn"]["var"][...])
+
+    def plain_model(p, X, mask):
+        h = (X @ p["l1"]["kernel"] - bn[0]) / jnp.sqrt(bn[1] + 1e-5) + p["bn"]["bias"]
+        return ((jnp.tanh(h) * mask) @ p["l2"]["kernel"] + p["l2"]["bias"])[..., 0]
+
+    def plain_inner(p, hparams, data):
+        kernels = {k: p[k]["kernel"] for k in ("l1", "l2")}
+        return _mse(plain_model(p, data[0], mask), data) + _decay(hparams, kernels)
+
+    @jax.jit
+    @jax.value_and_grad
+    def plain_objective(hparams):
+        solution = bx.inner_solve(plain_inner, nnx.to_pure_dict(params), hparams, TRAIN, **UNROLLED)
+        return _mse(plain_model(solution.params, VAL[0], 1.0), VAL)
+
+    value, hgrad = objective(HPARAMS)
+    assert_same((value, hgrad), plain_objective(HPARAMS))
+    assert_matches_fd(objective, hgrad, rtol=1e-7)
