@@ -50,68 +50,61 @@ class HOAGState(eqx.Module):
 
 class HOAG(eqx.Module):
     r"""The hypergradient oracle of HOAG (Pedregosa 2016): hypergradients whose accuracy grows
-        from one outer step to the next, for any `optax` optimiser to follow.
+    from one outer step to the next, for any `optax` optimiser to follow.
 
-        Call $k$ solves the inner problem to $\|
-    abla_w L\| \le \epsilon_k$ and the adjoint
-        system $Hv =
-    abla_w E$ to $\|Hv -
-    abla_w E\| \le \epsilon_k
-        \max(1, \|
-    abla_w E\|)$, with
+    Call $k$ solves the inner problem to $\|\nabla_w L\| \le \epsilon_k$ and the adjoint
+    system $Hv = \nabla_w E$ to $\|Hv - \nabla_w E\| \le \epsilon_k
+    \max(1, \|\nabla_w E\|)$, with
 
-        $$\epsilon_k = \max(\epsilon_0 \,
-    ho^k, \epsilon_{\min}),$$
+    $$\epsilon_k = \max(\epsilon_0 \,\rho^k, \epsilon_{\min}),$$
 
-        so early steps, far from the optimum, are cheap, and the hypergradient error (which is
-        $O(\epsilon_k)$, see [`bilevax.diagnostics.hypergrad_info`][]) shrinks as the steps do;
-        Pedregosa shows the iterates converge when $\sum_k \epsilon_k < \infty$. `decay=1` gives
-        the usual fixed-tolerance loop. Each call starts the inner solver at the previous inner
-        solution, resuming its state (a quasi-Newton minimiser's Hessian approximation, see
-        [`bilevax.inner_solve`][]'s `solver_state`), and [`bilevax.CG`][] at the previous
-        adjoint, all carried in the [`bilevax.contrib.HOAGState`][]. With a dense `optx.BFGS`
-        inner solver, `precondition=True` also preconditions CG with BFGS's inverse-Hessian
-        approximation ([`bilevax.QuasiNewtonPreconditioner`][]).
+    so early steps, far from the optimum, are cheap, and the hypergradient error (which is
+    $O(\epsilon_k)$, see [`bilevax.diagnostics.hypergrad_info`][]) shrinks as the steps do;
+    Pedregosa shows the iterates converge when $\sum_k \epsilon_k < \infty$. `decay=1` gives
+    the usual fixed-tolerance loop. Each call starts the inner solver at the previous inner
+    solution, resuming its state (a quasi-Newton minimiser's Hessian approximation, see
+    [`bilevax.inner_solve`][]'s `solver_state`), and [`bilevax.CG`][] at the previous
+    adjoint, all carried in the [`bilevax.contrib.HOAGState`][]. With a dense `optx.BFGS`
+    inner solver, `precondition=True` also preconditions CG with BFGS's inverse-Hessian
+    approximation ([`bilevax.QuasiNewtonPreconditioner`][]).
 
-        ```python
-        hoag = bx.contrib.HOAG(optx.BFGS(rtol=1e-8, atol=1e-8), precondition=True)
-        optimizer = optax.adam(0.05)
+    ```python
+    hoag = bx.contrib.HOAG(optx.BFGS(rtol=1e-8, atol=1e-8), precondition=True)
+    optimizer = optax.adam(0.05)
 
-        def outer_step(carry, _):
-            hparams, state, opt_state = carry
-            value, hypergrad, state, stats = hoag.value_and_grad(
-                outer_loss, inner_loss, hparams, state, inner_data, outer_data
-            )
-            updates, opt_state = optimizer.update(hypergrad, opt_state, hparams)
-            return (optax.apply_updates(hparams, updates), state, opt_state), value
+    def outer_step(carry, _):
+        hparams, state, opt_state = carry
+        value, hypergrad, state, stats = hoag.value_and_grad(
+            outer_loss, inner_loss, hparams, state, inner_data, outer_data
+        )
+        updates, opt_state = optimizer.update(hypergrad, opt_state, hparams)
+        return (optax.apply_updates(hparams, updates), state, opt_state), value
 
-        carry = (hparams, hoag.init(init, hparams, inner_loss, inner_data), optimizer.init(hparams))
-        carry, values = jax.lax.scan(outer_step, carry, length=100)
-        ```
+    carry = (hparams, hoag.init(init, hparams, inner_loss, inner_data), optimizer.init(hparams))
+    carry, values = jax.lax.scan(outer_step, carry, length=100)
+    ```
 
-        **Arguments:**
+    **Arguments:**
 
-        - `solver`: the inner solver (anything [`bilevax.inner_solve`][] accepts).
-        - `initial_tol`, `decay`, `final_tol`: $\epsilon_0$, $
-    ho$ and $\epsilon_{\min}$. CG's
-            tolerance is $\epsilon_k$ too, absolute as in Pedregosa (2016) and relative when
-            $\|
-    abla_w E\| > 1$, never below what the parameters' dtype resolves ($10^{-10}$ in
-            float64, $10^{-5}$ in float32), as for [`bilevax.ImplicitAdjoint`][].
-        - `max_steps`: the inner solver's step limit per call.
-        - `linear_max_steps`: CG's step limit (default: ten times the number of parameters).
-        - `warm_start_params`, `warm_start_adjoint`: start the inner solve (the linear solve)
-            where the previous one ended, instead of at `init` (at zero).
-        - `resume_solver_state`: resume the inner solver's state from the previous call
-            (`inner_solve(..., solver_state=...)`). It changes nothing for solvers that keep no
-            curvature (gradient descent, optax); a quasi-Newton one then needs `inner_loss` in
-            `init`.
-        - `precondition`: precondition CG with the inner solver's inverse-Hessian approximation
-            ([`bilevax.QuasiNewtonPreconditioner`][]); the solver must keep one (`optx.BFGS`,
-            `optx.LBFGS`). It pays with a dense BFGS, hardly with L-BFGS's few curvature pairs.
-        - `throw`: whether a failed linear solve raises (the default), or makes the
-            hypergradient NaN (an approximation for a solve cut short at its `max_steps`), with
-            `"solve_result"` saying why.
+    - `solver`: the inner solver (anything [`bilevax.inner_solve`][] accepts).
+    - `initial_tol`, `decay`, `final_tol`: $\epsilon_0$, $\rho$ and $\epsilon_{\min}$. CG's
+        tolerance is $\epsilon_k$ too, absolute as in Pedregosa (2016) and relative when
+        $\|\nabla_w E\| > 1$, never below what the parameters' dtype resolves ($10^{-10}$ in
+        float64, $10^{-5}$ in float32), as for [`bilevax.ImplicitAdjoint`][].
+    - `max_steps`: the inner solver's step limit per call.
+    - `linear_max_steps`: CG's step limit (default: ten times the number of parameters).
+    - `warm_start_params`, `warm_start_adjoint`: start the inner solve (the linear solve)
+        where the previous one ended, instead of at `init` (at zero).
+    - `resume_solver_state`: resume the inner solver's state from the previous call
+        (`inner_solve(..., solver_state=...)`). It changes nothing for solvers that keep no
+        curvature (gradient descent, optax); a quasi-Newton one then needs `inner_loss` in
+        `init`.
+    - `precondition`: precondition CG with the inner solver's inverse-Hessian approximation
+        ([`bilevax.QuasiNewtonPreconditioner`][]); the solver must keep one (`optx.BFGS`,
+        `optx.LBFGS`). It pays with a dense BFGS, hardly with L-BFGS's few curvature pairs.
+    - `throw`: whether a failed linear solve raises (the default), or makes the
+        hypergradient NaN (an approximation for a solve cut short at its `max_steps`), with
+        `"solve_result"` saying why.
     """
 
     solver: SolverLike = GradientDescent(0.1)
