@@ -12,8 +12,8 @@ directory holds:
     path in the data directory with its SHA-256), the versions, git commit and devices;
     written when the run starts, and as it reads data.
 - `run.lock`: the file a live run holds a lock on (see `experiments/_claim.py`).
-- `checkpoints/<name>.npz`: the state of each loop and stage, with the run id (see
-    `experiments/_checkpoint.py`).
+- `checkpoints/<name>/<n>/`: the state of each loop and stage, with the run id, as an
+    orbax-checkpoint save (the last complete save is kept; see `experiments/_checkpoint.py`).
 - `results.json` and the figures, when the run ends. `results.json` repeats the run id,
     configuration, data files and environment under `"run"`, with `"progress"`: for each
     loop, the step this invocation started from and the step it ended at.
@@ -46,8 +46,9 @@ The rules:
     `--resume`, allowed changes included, so a run continued for more steps keeps loading its
     own checkpoints. (A run from before run ids gets one on its next `--resume`, and its
     earlier checkpoints, which carry none, are still loaded.)
-- Checkpoints hold data only: arrays in a `.npz` and the structure as JSON, never pickles, so
-    opening a run directory someone shared runs no code. Every file is written atomically.
+- Checkpoints hold data only: arrays written by orbax-checkpoint (TensorStore) and the
+    structure as JSON, never pickles, so opening a run directory someone shared runs no code.
+    Every file and every save is written atomically.
 
 Every written file gets the usual mode (0644 under the usual umask).
 """
