@@ -48,6 +48,19 @@ def check_flax_params(name: str, params: PyTree) -> None:
     counts would be left as they are, so that a Dropout inside the loss drew the same mask
     at every step. Both are refused, naming the leaves."""
     nnx = _nnx()
+    if nnx is None:
+        return
+    is_module = lambda x: isinstance(x, nnx.Module)
+    modules = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_module)[0]
+    modules = [name + jax.tree_util.keystr(p) for p, x in modules if is_module(x)]
+    if modules:
+        # A module is a pytree in recent Flax, but its gradients do not keep its structure
+        # (the implicit adjoint's linear solve would fail on them, saying nothing of Flax).
+        raise TypeError(
+            f"`{name}` holds a Flax NNX module (`{modules[0]}`); pass its state instead: "
+            "`graphdef, params, rest = nnx.split(model, nnx.Param, ...)`, `params` to bilevax, "
+            "and `nnx.merge(graphdef, params, rest)` inside the loss."
+        )
     others = [(path, x) for path, x in _variables(params, name) if not isinstance(x, nnx.Param)]
     if others:
         listed = ", ".join(f"`{path}` ({type(x).__name__})" for path, x in others[:6])

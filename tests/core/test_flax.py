@@ -452,6 +452,14 @@ def test_refuses_non_parameters_in_the_optimised_pytree():
     solve = bx.implicit_diff(lambda init, hparams, data: init, jax.grad(inner))
     with pytest.raises(TypeError, match=named.format("solution")):
         solve(state, HPARAMS, TRAIN)
+    # The module itself, a pytree in recent Flax, is refused too: its gradients lose its
+    # structure, and the implicit adjoint would fail on them with an error about lineax.
+    module = NnxMLP(nnx.Rngs(0))
+    module_loss = lambda m, hparams, data: _mse(m(data[0]), data)
+    with pytest.raises(TypeError, match=r"`init` holds a Flax NNX module .*nnx\.split"):
+        bx.inner_solve(module_loss, module, HPARAMS, TRAIN)
+    with pytest.raises(TypeError, match=r"`init\['net'\]` holds|module \(`init\['net'\]`\)"):
+        bx.inner_solve(lambda p, h, d: module_loss(p["net"], h, d), {"net": module}, HPARAMS, TRAIN)
     # The same model split as the pattern says is accepted: only `Param`s to optimise.
     _, params, rest = nnx.split(NnxNormed(nnx.Rngs(0)), nnx.Param, ...)
     inner = _normed_losses(graphdef, False, rest)[0]
