@@ -550,3 +550,42 @@ def test_dropout_with_a_key_in_the_data():
     value, hgrad = objective(HPARAMS)
     assert_same((value, hgrad), plain_objective(HPARAMS))
     assert_matches_fd(objective, hgrad, rtol=1e-7)
+
+
+def test_linen_refuses_to_update_batch_statistics():
+    """Linen is functional: `apply` with BatchNorm in training mode and its `batch_stats`
+    immutable raises Flax's own error, naming the variable and the collection; bilevax hands
+    it on at trace time as a `TypeError` that keeps Flax's message (its error class takes
+    other arguments than a message)."""
+
+    class Normed(linen.Module):
+        train: bool
+
+        @linen.compact
+        def __call__(self, x):
+            h = linen.Dense(4, param_dtype=f64)(x)
+            h = linen.BatchNorm(use_running_average=not self.train, param_dtype=f64, dtype=f64)(h)
+            return linen.Dense(1, param_dtype=f64)(jnp.tanh(h))[..., 0]
+
+    with jax.numpy_dtype_promotion("standard"):  # Linen's float32 statistics, at init
+        variables = Normed(train=False).init(jax.random.key(0), TRAIN[0])
+    stats = jax.tree.map(lambda x: x.astype(f64), variables["batch_stats"])  # Flax: float32
+
+    def inner(train):
+        def loss(params, hparams, data):
+            pred = Normed(train=train).apply({"params": params, "batch_stats": stats}, data[0])
+            return _mse(pred, data) + jnp.exp(hparams["l1"]) * jnp.sum(
+                params["Dense_0"]["kernel"] ** 2
+            )
+
+        return loss
+
+    with jax.numpy_dtype_promotion("standard"):
+        match = r'Cannot update variable "mean" in "/BatchNorm_0" because collection "batch_stats"'
+        with pytest.raises(TypeError, match=match):
+            bx.inner_solve(inner(True), variables["params"], HPARAMS, TRAIN)
+    # In evaluation mode the same loss is accepted (its statistics are constants).
+    shapes = jax.eval_shape(
+        lambda: bx.inner_solve(inner(False), variables["params"], HPARAMS, TRAIN)
+    )
+    assert jax.tree.structure(shapes.params) == jax.tree.structure(variables["params"])
