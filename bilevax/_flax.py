@@ -42,7 +42,8 @@ def _variables(tree: PyTree, prefix: str) -> list[tuple[str, Any]]:
 
 
 def check_flax_params(name: str, params: PyTree) -> None:
-    """Refuses Flax variables that are not parameters in the pytree bilevax optimises.
+    """Refuses Flax variables that are not parameters in the pytree bilevax optimises, and
+    an NNX module in place of its state.
 
     Batch statistics are floating-point and would be optimised as weights; RNG keys and
     counts would be left as they are, so that a Dropout inside the loss drew the same mask
