@@ -21,8 +21,8 @@ With `--distributed`, every process samples and holds only its share of each met
 $k$ of step $t$ comes from the seed $(s, t, k)$, so the tasks do not depend on how many
 processes there are), the mean over tasks is reduced across processes inside the compiled
 step, and $\lambda$ and Adam's state are replicated: every process takes the same step. Only
-process 0 writes results and progress; every process writes its part of each checkpoint. In `results.json`, `log_lam` fields hold
-the log strengths $\lambda$.
+process 0 writes results and progress; every process writes its part of each checkpoint. In
+`results.json`, `log_lam` fields hold the log strengths $\lambda$.
 
     python -m experiments.meta_ho [--quick] [--out DIR] [--seed S] [--resume | --overwrite]
         [--distributed]
