@@ -108,34 +108,51 @@ def solve_to_tolerance(
     """Steps `solver` until `‖residual‖ <= tol` (the gradient, unless the solver has its own
     residual, as a proximal one does), a non-finite value, or `max_steps` steps. Returns
     `(params, state, num_steps, (loss, grad))`, with `state` the array part of the final
-    solver state (see `start_state`) and the loss and gradient of the stopping test.
+    solver state (see `start_state`) and the loss and gradient at the returned `params`.
+
+    A solver that `evaluates_own_gradient` (FISTA) is tested where its step evaluated the
+    gradient (`stopping_test`), and the gradient at the returned `params` is evaluated once,
+    after the loop, for the result.
 
     Not differentiable in reverse mode (it is a `while_loop`): callers attach derivatives
     with the implicit function theorem. Under `vmap` each batch element stops on its own
     test, because a batched `while_loop` freezes the elements whose condition is false.
     """
     dynamic_state, static_state = start_state(solver, fn, params, args, solver_state)
-    loss, grad = jax.value_and_grad(fn)(params, args)
+    own_gradient = solver.evaluates_own_gradient
+
+    def tested(params, loss, grad):
+        """The carry's `(loss, grad, residual_norm, finite)` from the gradient at `params`:
+        `grad` is what the next step takes (none for a solver that evaluates its own)."""
+        norm = tree_norm(solver.residual(fn, params, grad, args))
+        finite = jnp.isfinite(loss) & tree_isfinite(grad)
+        return loss, (None if own_gradient else grad), norm, finite
 
     def cond(carry):
-        params, _, loss, grad, num_steps = carry
-        residual_norm = tree_norm(solver.residual(fn, params, grad, args))
-        finite = jnp.isfinite(loss) & tree_isfinite(grad)
-        return (num_steps < max_steps) & (residual_norm > tol) & finite
+        *_, norm, finite, num_steps = carry
+        return (num_steps < max_steps) & (norm > tol) & finite
 
     def body(carry):
-        params, dynamic_state, _, grad, num_steps = carry
+        params, dynamic_state, _, grad, _, _, num_steps = carry
         state = eqx.combine(dynamic_state, static_state)
         params, state = solver.step(fn, params, grad, state, args)
-        loss, grad = solver.value_and_grad(fn, params, state, args)
+        if own_gradient:
+            loss, norm = solver.stopping_test(fn, params, state, args)
+            evaluated = (loss, None, norm, jnp.isfinite(loss) & jnp.isfinite(norm))
+        else:
+            evaluated = tested(params, *solver.value_and_grad(fn, params, state, args))
         dynamic_state, _ = eqx.partition(state, eqx.is_array)
-        return params, dynamic_state, loss, grad, num_steps + 1
+        return params, dynamic_state, *evaluated, num_steps + 1
 
+    loss, grad = jax.value_and_grad(fn)(params, args)
     # A step counter made from `loss` (not a fresh constant) takes the batch's sharding when
     # vmapped over tasks on an `Explicit` mesh; `jnp.asarray(0)` has no mesh and fails there.
-    init_carry = (params, dynamic_state, loss, grad, jnp.zeros_like(loss, dtype=int))
-    params, dynamic_state, loss, grad, num_steps = jax.lax.while_loop(cond, body, init_carry)
-    return params, dynamic_state, num_steps, (loss, grad)
+    counter = jnp.zeros_like(loss, dtype=int)
+    init_carry = (params, dynamic_state, *tested(params, loss, grad), counter)
+    params, dynamic_state, *final, _, _, num_steps = jax.lax.while_loop(cond, body, init_carry)
+    if own_gradient:
+        final = jax.value_and_grad(fn)(params, args)
+    return params, dynamic_state, num_steps, tuple(final)
 
 
 def start_state(
@@ -174,7 +191,7 @@ def _check_step_keeps_types(solver, fn, params, state, args) -> None:
     naming the leaf: the loops need a step that maps the parameters to their own type, and
     would otherwise fail with JAX's message about a loop carry. A float32 `init` stepped by a
     float64 step size computed from the data under x64 is the usual cause."""
-    grad = jax.tree.map(jnp.zeros_like, params)
+    grad = None if solver.evaluates_own_gradient else jax.tree.map(jnp.zeros_like, params)
     stepped, _ = eqx.filter_eval_shape(solver.step, fn, params, grad, state, args)
     before = jax.tree_util.tree_flatten_with_path(params)[0]
     after = jax.tree.leaves(stepped)
@@ -208,13 +225,13 @@ def unroll(
         states plus one segment's worth, `num_steps // k` steps.
     - `truncate=K` cuts the derivative before the last `K` steps (Shaban et al. 2019).
     """
-    grad_fn = jax.grad(fn)
     dynamic_state, static_state = start_state(solver, fn, params, args, solver_state)
 
     def step(carry):
         params, dynamic_state = carry
         state = eqx.combine(dynamic_state, static_state)
-        params, state = solver.step(fn, params, grad_fn(params, args), state, args)
+        grad = None if solver.evaluates_own_gradient else jax.grad(fn)(params, args)
+        params, state = solver.step(fn, params, grad, state, args)
         dynamic_state, _ = eqx.partition(state, eqx.is_array)
         return params, dynamic_state
 

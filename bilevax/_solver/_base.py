@@ -43,8 +43,8 @@ class AbstractInnerSolver(eqx.Module, Generic[_State]):
 
     A solver sees a loss `fn(params, args) -> scalar` on a pytree of floating-point arrays,
     and the gradient at the current point (the driver computes it once per step, for the
-    stopping test too). Its state is returned, never mutated, so that steps can be scanned,
-    differentiated and vmapped.
+    stopping test too), unless it `evaluates_own_gradient`. Its state is returned, never
+    mutated, so that steps can be scanned, differentiated and vmapped.
     """
 
     @abc.abstractmethod
@@ -53,9 +53,32 @@ class AbstractInnerSolver(eqx.Module, Generic[_State]):
 
     @abc.abstractmethod
     def step(
-        self, fn: Loss, params: PyTree[Array], grad: PyTree[Array], state: _State, args: Any
+        self,
+        fn: Loss,
+        params: PyTree[Array],
+        grad: PyTree[Array],
+        state: _State,
+        args: Any,
     ) -> tuple[PyTree[Array], _State]:
-        """One step from `params`, where `grad = ∇fn(params, args)`; returns `(params, state)`."""
+        """One step from `params`, where `grad = ∇fn(params, args)` (`None` for a solver that
+        `evaluates_own_gradient`); returns `(params, state)`."""
+
+    # Whether `step` evaluates the gradient it needs itself, at a point of its own (FISTA's
+    # extrapolated point) rather than at `params`: the driver then passes it `grad=None` and
+    # stops on `stopping_test`, so that a step costs one gradient evaluation, not two.
+    evaluates_own_gradient: ClassVar[bool] = False
+
+    def stopping_test(
+        self, fn: Loss, params: PyTree[Array], state: _State, args: Any
+    ) -> tuple[Scalar, Scalar]:
+        """For a solver that `evaluates_own_gradient`: `(loss, residual_norm)` at the point
+        where the `step` that returned `(params, state)` evaluated the gradient, the loss NaN
+        where that gradient was not finite. The driver's loop stops once the norm is at most
+        `tol` (or either is not finite); the result is then judged at the returned `params`,
+        with one more gradient evaluation."""
+        raise NotImplementedError(
+            f"{type(self).__name__} sets `evaluates_own_gradient` and must define `stopping_test`."
+        )
 
     def resume(self, fn: Loss, params: PyTree[Array], args: Any, state: _State) -> _State:
         """The state to start from at `params`, given the final `state` of an earlier solve
