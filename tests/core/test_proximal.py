@@ -5,6 +5,7 @@ net), the unrolled derivative as T grows, and jaxopt's `ProximalGradient(implici
 
 import functools
 
+import helpers
 import jax
 import jax.numpy as jnp
 import lineax as lx
@@ -187,6 +188,166 @@ def test_unaccelerated_matches(lasso):
     assert sol.result == bx.RESULTS.successful
     assert abs(float(other_value - value)) <= 1e-10
     assert abs(float(other - grad)) <= 1e-8 * abs(float(grad))
+
+
+def _counting(loss):
+    """`loss` that counts its evaluations when they run (a callback in a compiled loop runs once
+    per iteration; a trace-time counter would count the loop body once)."""
+    calls = []
+
+    def counted(w, hparams, data):
+        jax.debug.callback(lambda: calls.append(None))
+        return loss(w, hparams, data)
+
+    def count(run):
+        del calls[:]
+        jax.block_until_ready(run())
+        jax.effects_barrier()
+        return len(calls)
+
+    return counted, count
+
+
+@pytest.mark.parametrize("adjoint", [LU, bx.UnrolledAdjoint()], ids=["to_tolerance", "unrolled"])
+def test_fista_evaluates_one_gradient_per_step(adjoint):
+    """Ten more FISTA steps cost ten more gradient evaluations (they cost twenty when the
+    driver evaluated the gradient at the iterate for its stopping test and the step another at
+    the extrapolated point), as many as unaccelerated steps; the iterates are FISTA's."""
+    train, _, step = diabetes()
+    counted, count = _counting(mse)
+    prox = functools.partial(lasso_prox, log_l1=jnp.asarray(np.log(0.05)))
+
+    def run(acceleration, steps):
+        solver = bx.ProximalGradient(step, lambda w, h, s: prox(w, scaling=s), acceleration)
+        kwargs = dict(solver=solver, tol=0.0, max_steps=steps, adjoint=adjoint)
+        return bx.inner_solve(counted, jnp.zeros(10), None, train, **kwargs)
+
+    for acceleration in (True, False):
+        per_ten = count(lambda: run(acceleration, 20).params) - count(
+            lambda: run(acceleration, 10).params
+        )
+        assert per_ten == 10, (acceleration, per_ten)
+    # FISTA by hand: w_{k+1} = T(y_k), y_{k+1} = w_{k+1} + (t_k - 1)/t_{k+1} (w_{k+1} - w_k).
+    grad = jax.grad(mse)
+    w = y = jnp.zeros(10)
+    t = 1.0
+    for _ in range(20):
+        new = prox(y - step * grad(y, None, train), scaling=step)
+        t, previous = (1 + np.sqrt(1 + 4 * t**2)) / 2, t
+        w, y = new, new + (previous - 1) / t * (new - w)
+    np.testing.assert_allclose(run(True, 20).params, w, rtol=0, atol=1e-13)
+
+
+def test_fista_stopping_state_vmap_and_failure(lasso):
+    """The accelerated loop stops on the gradient mapping where its step evaluated the
+    gradient; the result is judged at the returned point, tasks of a `vmap` stop on their own
+    test, a carried state is accepted, and a diverging solve ends `nonfinite` with NaNs."""
+    _, log_l1, _, sol, _ = lasso
+    train, _, step = diabetes()
+    solver = bx.ProximalGradient(step, lasso_prox)
+    solve = functools.partial(bx.inner_solve, mse, jnp.zeros(10), data=train, solver=solver)
+
+    @jax.jit
+    def batched(log_l1s, tol):
+        return jax.vmap(lambda h: solve(hparams=h, tol=tol, max_steps=20_000))(log_l1s)
+
+    log_l1s = jnp.stack([log_l1, log_l1 + 1.0])
+    batch = batched(log_l1s, 1e-12)
+    assert batch.stats["num_steps"][0] == sol.stats["num_steps"]
+    np.testing.assert_allclose(batch.params[0], sol.params, rtol=0, atol=1e-15)
+    alone = solve(hparams=log_l1s[1], tol=1e-12, max_steps=20_000)
+    assert batch.stats["num_steps"][1] == alone.stats["num_steps"] != sol.stats["num_steps"]
+    assert np.all(np.asarray(batch.result._value) == bx.RESULTS.successful._value)
+    # `grad_norm` is the gradient mapping at the returned point, recomputed there.
+    mapped = lasso_prox(sol.params - step * jax.grad(mse)(sol.params, None, train), log_l1, step)
+    np.testing.assert_allclose(
+        sol.stats["grad_norm"], jnp.linalg.norm(sol.params - mapped) / step, rtol=1e-10
+    )
+    # A looser tolerance stops sooner, at a point that passes it.
+    loose = batched(log_l1s, 1e-6)
+    assert np.all(loose.stats["grad_norm"] <= 1e-6)
+    assert np.all(loose.stats["num_steps"] < batch.stats["num_steps"])
+    # Resumed from a finished solve's state, at the solution: no step is needed.
+    again = bx.inner_solve(
+        mse, sol.params, log_l1, train, solver=solver, tol=1e-12, solver_state=sol.state
+    )
+    assert again.result == bx.RESULTS.successful and int(again.stats["num_steps"]) <= 1
+    # A step of 3/L diverges: the loop stops at the first non-finite value.
+    diverged = bx.inner_solve(
+        mse,
+        jnp.zeros(10),
+        log_l1,
+        train,
+        solver=bx.ProximalGradient(3 * step, lasso_prox),
+        tol=1e-12,
+        max_steps=20_000,
+    )
+    assert diverged.result == bx.RESULTS.nonfinite
+    assert np.all(np.isnan(diverged.params))
+    assert int(diverged.stats["num_steps"]) < 20_000
+
+
+def test_solution_matches_jaxopt(lasso):
+    """The lasso solution equals jaxopt's `ProximalGradient` (FISTA) at the same tolerance."""
+    jaxopt, _, prox_lasso = _jaxopt()
+    _, log_l1, _, sol, _ = lasso
+    train, _, step = diabetes()
+    solver = jaxopt.ProximalGradient(
+        fun=lambda w, data: mse(w, None, data),
+        prox=prox_lasso,
+        stepsize=step,
+        maxiter=20_000,
+        tol=1e-12,
+        implicit_diff=False,
+    )
+    with jax.numpy_dtype_promotion("standard"):
+        theirs = jax.jit(solver.run)(jnp.zeros(10), jnp.exp(log_l1), train).params
+    np.testing.assert_allclose(sol.params, theirs, rtol=0, atol=1e-10)
+
+
+# Without `prox` (g = 0), `ProximalGradient` is accelerated gradient descent, jaxopt's
+# `GradientDescent(acceleration=True)`: its residual is the gradient, differentiated on the
+# symmetric path.
+@pytest.mark.parametrize("name", ["none", "jaxopt.prox.prox_none"])
+def test_identity_prox_is_gradient_descent(name):
+    from bilevax._ift import jacobian_operator, optimality_for
+
+    prox = None if name == "none" else _jaxopt()[0].prox.prox_none
+    problem = helpers.ridge()
+    solver = bx.ProximalGradient(problem.learning_rate, prox)
+    args = (problem.inner, problem.hparams, problem.inner_data)
+    # The seam that chooses the linear solve: the gradient, its Jacobian the symmetric Hessian.
+    optimality, inputs, symmetric = optimality_for(solver, None, *args)
+    assert symmetric and solver.residual_is_gradient
+    operator = jacobian_operator(optimality, problem.init, inputs, symmetric=symmetric)
+    assert lx.is_symmetric(operator) and lx.is_positive_semidefinite(operator)
+    # A prox that is not known to be the identity keeps the general (non-symmetric) path.
+    assert not optimality_for(bx.ProximalGradient(0.1, lambda w, h, s: w), None, *args)[2]
+
+    cg = bx.ImplicitAdjoint(lx.CG(rtol=1e-13, atol=1e-13))
+
+    def validation(hparams):
+        sol = bx.inner_solve(
+            problem.inner,
+            problem.init,
+            hparams,
+            problem.inner_data,
+            solver=solver,
+            tol=1e-13,
+            max_steps=10_000,
+            adjoint=cg,
+        )
+        return problem.outer(sol.params, hparams, problem.outer_data), sol
+
+    (_, sol), grad = jax.jit(jax.value_and_grad(validation, has_aux=True))(problem.hparams)
+    assert sol.result == bx.RESULTS.successful
+    # The stopping residual is the gradient itself, not (w - (w - ηg)) / η, which would lose
+    # all its digits near a solution.
+    true_grad = jax.grad(problem.inner)(sol.params, problem.hparams, problem.inner_data)
+    args = (problem.hparams, problem.inner_data)
+    assert solver.residual(problem.inner, sol.params, true_grad, args) is true_grad
+    assert relerr(sol.stats["grad_norm"], jnp.linalg.norm(true_grad)) <= 1e-3
+    assert relerr(grad, problem.exact_hypergrad(problem.hparams)) <= 1e-8
 
 
 # Constrained and group-sparse problems: a ridge-like smooth part, hyperparameters that move
