@@ -107,7 +107,7 @@ def slow(session: nox.Session) -> None:
     """Tests marked `@pytest.mark.slow`: the experiments' `--quick` runs with accuracy targets,
     multi-device runs and the slowest variants of the library's tests. CI runs them
     (`.ci/run`); their twenty slowest are printed."""
-    _pytest(session, "-q", "-ra", "-m", "slow", "--durations=20", "tests")
+    _pytest(session, "-q", "-ra", "-m", "slow and not long", "--durations=20", "tests")
 
 
 @nox.session(venv_backend="none")

@@ -126,6 +126,7 @@ def test_omniglot_problem():
 
 @needs_data
 @pytest.mark.slow
+@pytest.mark.long  # minutes: `nox -s long`, not CI
 def test_quick_run(tmp_path):
     results = E.main(["--quick", "--out", str(tmp_path)])
     per_t = results["per_T"]

@@ -184,6 +184,7 @@ def test_resume_with_other_options_is_refused(tmp_path, change, message):
 
 @needs_mnist
 @pytest.mark.slow
+@pytest.mark.long  # minutes: `nox -s long`, not CI
 def test_quick_run_meets_targets(tmp_path):
     results = hc.main(["--quick", "--out", str(tmp_path)])
     assert results["oracle_acc"] > results["baseline_acc"] + 0.1

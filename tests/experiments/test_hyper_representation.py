@@ -305,6 +305,7 @@ def restore_x64():
 
 @needs_data
 @pytest.mark.slow
+@pytest.mark.long  # minutes: `nox -s long`, not CI
 def test_quick_run_reaches_85_percent(tmp_path, restore_x64):
     # `python -m experiments.hyper_representation --quick`: 5-way 1-shot, a few CPU minutes.
     results = hr.main(["--quick", "--out", str(tmp_path)])
@@ -493,6 +494,7 @@ def test_implicit_head_in_the_episode_loss():
 
 @needs_data
 @pytest.mark.slow
+@pytest.mark.long  # minutes: `nox -s long`, not CI
 @pytest.mark.parametrize("head, floor", [("prototypes", 89.0), ("implicit", 90.5)])
 def test_quick_run_of_another_head_reaches_its_floor(tmp_path, restore_x64, head, floor):
     # The floors sit about 2 points (4 confidence half-widths) below what seed 0 measured:

@@ -7,6 +7,7 @@ import pytest
 
 
 @pytest.mark.slow
+@pytest.mark.long  # minutes: `nox -s long`, not CI
 def test_quick_run_reproduces_the_documented_figures(tmp_path):
     from experiments import hypergrad_diagnostics
 
