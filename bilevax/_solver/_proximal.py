@@ -30,8 +30,9 @@ class _AbstractProximalSolver(AbstractInnerSolver[_FistaState]):
     Accelerated (FISTA), a step evaluates one gradient, at the extrapolated point $y_k$, and
     returns $w_{k+1} = T(y_k)$; the loop stops once $\|G(y_k)\| = \|y_k - w_{k+1}\| / \eta$
     is at most `tol`. For a convex $f$ and $\eta \le 2/L$, $T$ is nonexpansive, so
-    $\|G(w_{k+1})\| \le \|G(y_k)\|$: the returned point passes the test too, and the result
-    and `grad_norm` are judged there."""
+    $\|G(w_{k+1})\| \le \|G(y_k)\|$: the returned point passes the test too. The result and
+    `grad_norm` are judged there, so where it does not (a non-convex $f$, a larger step) the
+    result says that `tol` was not reached."""
 
     learning_rate: eqx.AbstractVar[ArrayLike]
     acceleration: eqx.AbstractVar[bool]
@@ -80,9 +81,11 @@ class _AbstractProximalSolver(AbstractInnerSolver[_FistaState]):
         y, t, _, _ = state
         loss, grad = jax.value_and_grad(fn)(y, args)
         new = self._forward_backward(y, grad, args)
-        norm = tree_norm(self._mapping(y, grad, new))
-        # A non-finite gradient need not reach the norm (a projection may map NaN into its set).
-        loss = jnp.where(tree_isfinite(grad), loss, jnp.nan)
+        # The stopping test's loss and norm at `y`, never differentiated (the norm's derivative
+        # at a zero mapping is not finite). A non-finite gradient need not reach the norm (a
+        # projection may map NaN into its set), so it makes the loss NaN.
+        norm = tree_norm(jax.lax.stop_gradient(self._mapping(y, grad, new)))
+        loss = jnp.where(tree_isfinite(grad), jax.lax.stop_gradient(loss), jnp.nan)
         t_next = (1 + jnp.sqrt(1 + 4 * t**2)) / 2
         momentum = (t - 1) / t_next
         y = jax.tree.map(lambda n, w: n + momentum * (n - w), new, params)
