@@ -270,17 +270,18 @@ def _implicit_hypergrad(flavour: str, mode: str):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("flavour", ["nnx", "linen"])
 @pytest.mark.parametrize("mode", ["reverse", "forward"])
-def test_implicit_hypergrad(mode):
-    value, hgrad = _implicit_hypergrad("nnx", mode)(HPARAMS)
+def test_implicit_hypergrad(flavour, mode):
+    value, hgrad = _implicit_hypergrad(flavour, mode)(HPARAMS)
     assert_same((value, hgrad), _implicit_hypergrad("eqx", mode)(HPARAMS))
     # The total derivative of the solved problem: finite differences of fresh solves.
-    assert_matches_fd(_implicit_hypergrad("nnx", mode), hgrad, rtol=1e-5)
+    assert_matches_fd(_implicit_hypergrad(flavour, mode), hgrad, rtol=1e-5)
 
 
 @functools.cache
 def _implicit_diff(flavour: str):
-    """A solver made differentiable with `bx.implicit_diff`: its solution is an NNX state."""
+    """A solver made differentiable with `bx.implicit_diff`: its solution is a Flax state."""
     inner, outer, init = FLAVOURS[flavour]
 
     def solve(init, hparams, data):
@@ -291,50 +292,55 @@ def _implicit_diff(flavour: str):
 
 
 @pytest.mark.slow
-def test_implicit_diff():
-    value_and_grad = jax.jit(jax.value_and_grad(_implicit_diff("nnx")))
+@pytest.mark.parametrize("flavour", ["nnx", "linen"])
+def test_implicit_diff(flavour):
+    value_and_grad = jax.jit(jax.value_and_grad(_implicit_diff(flavour)))
     value, hgrad = value_and_grad(HPARAMS)
     assert_same((value, hgrad), jax.jit(jax.value_and_grad(_implicit_diff("eqx")))(HPARAMS))
     assert_matches_fd(value_and_grad, hgrad, rtol=1e-5)
     # Forward mode through the same custom JVP.
     d = random_direction(HPARAMS, seed=3)
-    _, tangent = jax.jit(lambda d: jax.jvp(_implicit_diff("nnx"), (HPARAMS,), (d,)))(d)
+    _, tangent = jax.jit(lambda d: jax.jvp(_implicit_diff(flavour), (HPARAMS,), (d,)))(d)
     assert float(tangent) == pytest.approx(directional(hgrad, d), rel=1e-10)
 
 
-def test_linearized_response():
+@pytest.mark.parametrize("flavour", ["nnx", pytest.param("linen", marks=pytest.mark.slow)])
+def test_linearized_response(flavour):
     """A Flax model's outputs and their linearisation in a perturbation of its weights."""
-    tangent = jax.tree.map(lambda d: 0.1 * d, random_direction(NNX_PARAMS, seed=4))
-    fn = lambda params, x: nnx_model(params)(x)
-    out, out_lin = jax.jit(bx.linearized_response, static_argnums=0)(
-        fn, NNX_PARAMS, tangent, VAL[0]
-    )
+    nnx_tangent = jax.tree.map(lambda d: 0.1 * d, random_direction(NNX_PARAMS, seed=4))
+    if flavour == "nnx":
+        fn, primal, tangent = lambda params, x: nnx_model(params)(x), NNX_PARAMS, nnx_tangent
+    else:
+        fn = lambda params, x: LinenMLP().apply({"params": params}, x)
+        primal, tangent = linen_params(NNX_PARAMS), linen_params(nnx_tangent)
+    out, out_lin = jax.jit(bx.linearized_response, static_argnums=0)(fn, primal, tangent, VAL[0])
     eqx_fn = lambda model, x: model(x)
     eqx_out, eqx_lin = jax.jit(bx.linearized_response, static_argnums=0)(
-        eqx_fn, eqx_params(NNX_PARAMS), eqx_params(tangent), VAL[0]
+        eqx_fn, eqx_params(NNX_PARAMS), eqx_params(nnx_tangent), VAL[0]
     )
     assert_same((out, out_lin), (eqx_out, eqx_lin))
     # `out_lin - out` is the directional derivative, every output at once by central
     # differences; their rounding error is ~1e-16 |out| / 1e-5.
     eps = 1e-5
-    shift = lambda s: jax.tree.map(lambda p, t: p + s * eps * t, NNX_PARAMS, tangent)
+    shift = lambda s: jax.tree.map(lambda p, t: p + s * eps * t, primal, tangent)
     fd = jax.jit(lambda: (fn(shift(1.0), VAL[0]) - fn(shift(-1.0), VAL[0])) / (2 * eps))()
     assert float(jnp.linalg.norm(fd)) > 1e-3
     np.testing.assert_allclose(np.asarray(out_lin - out), np.asarray(fd), rtol=0, atol=1e-9)
 
 
 @pytest.mark.slow
-def test_vmap_over_tasks():
-    """Per-task hypergradients of an NNX problem under `jax.vmap`, each equal to the Equinox
+@pytest.mark.parametrize("flavour", ["nnx", "linen"])
+def test_vmap_over_tasks(flavour):
+    """Per-task hypergradients of a Flax problem under `jax.vmap`, each equal to the Equinox
     computation on that task alone and to its finite difference."""
     tasks = [_data(10 + i, 12) for i in range(3)]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *tasks)
-    per_task = lambda task: unrolled("nnx", "reverse")(HPARAMS, task)
+    per_task = lambda task: unrolled(flavour, "reverse")(HPARAMS, task)
     values, hgrads = jax.jit(jax.vmap(per_task))(stacked)
     for i, task in enumerate(tasks):
         ith = jax.tree.map(lambda g: g[i], (values, hgrads))
         assert_same(ith, unrolled("eqx", "reverse")(HPARAMS, task))
-        assert_matches_fd(lambda h: unrolled("nnx", "reverse")(h, task), ith[1], rtol=1e-7)
+        assert_matches_fd(lambda h: unrolled(flavour, "reverse")(h, task), ith[1], rtol=1e-7)
     assert float(jnp.ptp(values)) > 1e-3  # the tasks differ
 
 

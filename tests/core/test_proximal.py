@@ -289,17 +289,9 @@ def test_fista_stopping_state_vmap_and_failure(lasso):
 
 def test_solution_matches_jaxopt(lasso):
     """The lasso solution equals jaxopt's `ProximalGradient` (FISTA) at the same tolerance."""
-    jaxopt, _, prox_lasso = _jaxopt()
     _, log_l1, _, sol, _ = lasso
-    train, _, step = diabetes()
-    solver = jaxopt.ProximalGradient(
-        fun=lambda w, data: mse(w, None, data),
-        prox=prox_lasso,
-        stepsize=step,
-        maxiter=20_000,
-        tol=1e-12,
-        implicit_diff=False,
-    )
+    train, _, _ = diabetes()
+    solver = _jaxopt_lasso_solver(implicit_diff=False)
     with jax.numpy_dtype_promotion("standard"):
         theirs = jax.jit(solver.run)(jnp.zeros(10), jnp.exp(log_l1), train).params
     np.testing.assert_allclose(sol.params, theirs, rtol=0, atol=1e-10)
@@ -458,18 +450,9 @@ def test_simplex_data_reweighting():
 @pytest.mark.slow
 def test_jaxopt_hypergradient(lasso):
     """jaxopt's implicit derivative of its own lasso solution equals bilevax's."""
-    jaxopt, solve_lu, prox_lasso = _jaxopt()
     _, log_l1, _, _, grad = lasso
-    train, val, step = diabetes()
-    solver = jaxopt.ProximalGradient(
-        fun=lambda w, data: mse(w, None, data),
-        prox=prox_lasso,
-        stepsize=step,
-        maxiter=20_000,
-        tol=1e-12,
-        implicit_diff=True,
-        implicit_diff_solve=solve_lu,
-    )
+    train, val, _ = diabetes()
+    solver = _jaxopt_lasso_solver(implicit_diff=True)
     validation = lambda h: mse(solver.run(jnp.zeros(10), jnp.exp(h), train).params, None, val)
     assert abs(float(jax.grad(validation)(log_l1) - grad)) <= 1e-9 * abs(float(grad))
 
@@ -489,6 +472,22 @@ def _jaxopt():
     from jaxopt.prox import prox_lasso
 
     return jaxopt, solve_lu, prox_lasso
+
+
+def _jaxopt_lasso_solver(implicit_diff: bool):
+    """jaxopt's FISTA on the diabetes lasso, to the tolerance of bilevax's; its implicit
+    derivative (if any) by a dense LU solve."""
+    jaxopt, solve_lu, prox_lasso = _jaxopt()
+    _, _, step = diabetes()
+    return jaxopt.ProximalGradient(
+        fun=lambda w, data: mse(w, None, data),
+        prox=prox_lasso,
+        stepsize=step,
+        maxiter=20_000,
+        tol=1e-12,
+        implicit_diff=implicit_diff,
+        implicit_diff_solve=solve_lu,
+    )
 
 
 # tests/experiments/test_lasso_ho.py runs the same programs from the docs by default.
