@@ -13,10 +13,6 @@ from helpers import ALL, CONVEX, reference_hypergrad, relerr, ridge
 import bilevax as bx
 
 
-# The MLP's rows of the table take over a minute each: they run with `nox -s long`.
-ALL_MLP_LONG = [pytest.param(f, marks=pytest.mark.long) if f.__name__ == "mlp" else f for f in ALL]
-
-
 # Relative hypergradient error allowed for each inner dtype (measured on the zoo, see
 # docs/trustworthy-hypergradients.md: about 1e-7, 4e-4 and 3e-3 on ridge, up to 1e-5, 8e-3
 # and 9e-2 over the zoo, the largest on the quadratic with condition number 1e3).
@@ -113,7 +109,7 @@ def test_policy_arguments():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make_problem", ALL_MLP_LONG, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("make_problem", ALL, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("inner", list(DTYPES))
 @pytest.mark.parametrize("solve", ["float64", "float32"])
 def test_precision_table_on_the_zoo(make_problem, inner, solve):
