@@ -496,19 +496,9 @@ def test_jaxopt_lasso_ho_trajectory():
     """The same lasso-HO program, jaxopt's `ProximalGradient(implicit_diff=True)` against
     bilevax's `inner_solve(solver=bx.ProximalGradient(...))`, 20 outer Adam steps: the
     validation-loss trajectories and the final hyperparameter agree to 1e-6."""
-    jaxopt, solve_lu, prox_lasso = _jaxopt()
     train, val, step = diabetes()
     loss = lambda w, data: mse(w, None, data)
-
-    jaxopt_solver = jaxopt.ProximalGradient(
-        fun=loss,
-        prox=prox_lasso,
-        stepsize=step,
-        maxiter=20_000,
-        tol=1e-12,
-        implicit_diff=True,
-        implicit_diff_solve=solve_lu,
-    )
+    jaxopt_solver = _jaxopt_lasso_solver(implicit_diff=True)
 
     def jaxopt_validation(log_l1):
         w = jaxopt_solver.run(jnp.zeros(10), jnp.exp(log_l1), train).params
