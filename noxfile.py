@@ -10,8 +10,9 @@ import nox
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.sessions = ["tests", "lint"]
-# A second `nox -s tests` reuses its environment (as `nox -r` does): `uv pip install` then only
-# checks what is there. `nox --no-reuse-existing-virtualenvs` starts afresh.
+# A second run reuses its environment (as `nox -r` does): `uv pip install` then only checks what
+# is there. `nox --no-reuse-existing-virtualenvs` starts `lint`, `lowest` and `bench` afresh;
+# deleting `.nox/shared` does the same for the shared environment (below).
 nox.options.reuse_existing_virtualenvs = True
 
 ROOT = pathlib.Path(__file__).parent
