@@ -71,3 +71,21 @@ def test_the_command_refuses_bad_options(argv, message, tmp_path, capsys):
         ho_loop.main([*argv, "--out", str(tmp_path)])
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_time_to_target_times_a_prefix_of_the_loop():
+    # The view times a loop compiled for k outer steps as the time to reach the k-th λ of the
+    # full loop: that holds only if no loop depends on its own length (HOAG's schedule, say).
+    (X_train, y_train), (X_val, y_val) = ho_loop.synthetic(60, 40, 20)
+    train = (jnp.asarray(X_train), jnp.asarray(y_train))
+    val = (jnp.asarray(X_val), jnp.asarray(y_val))
+    lam0 = jnp.asarray(np.log(1e-2) + np.random.default_rng(1).uniform(-1.0, 1.0, 20))
+    for name in ("jaxopt", "best"):
+        *_, lams = ho_loop.LOOPS[name](6)(lam0, train, val)
+        lam, *_ = ho_loop.LOOPS[name](4)(lam0, train, val)
+        assert relerr(lam, lams[3]) <= 1e-12, name
+    losses = ho_loop.exact_losses(lams, train, val)
+    # Each loss is the validation loss at an exactly solved inner problem.
+    assert losses[-1] == pytest.approx(ho_loop.final_val_loss(lams[-1], train, val)[0], 1e-12)
+    assert ho_loop.steps_to_target(losses, losses.min()) == int(np.argmin(losses)) + 1
+    assert ho_loop.steps_to_target(losses, losses.min() - 1.0) is None
