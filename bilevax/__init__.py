@@ -10,6 +10,7 @@ from ._custom_types import InnerLoss as InnerLoss, OuterLoss as OuterLoss
 from ._implicit import implicit_hypergrad as implicit_hypergrad
 from ._implicit_diff import implicit_diff as implicit_diff
 from ._inner_solve import inner_solve as inner_solve
+from ._kkt import KKTOptimality as KKTOptimality, kkt_optimality as kkt_optimality
 from ._linear_solver import (
     CG as CG,
     AbstractPreconditioner as AbstractPreconditioner,

@@ -278,6 +278,7 @@ def implicit_solution(
     root_tol: float | None = None,
     inner_failed: Array | None = None,
     declared_symmetric: bool = False,
+    check=None,
 ) -> PyTree[Array]:
     r"""Returns `params_star` unchanged, with the derivative of the theorem attached: a
     `jax.custom_jvp` whose rule is the tangent form, so forward mode (`jax.jvp`,
@@ -303,6 +304,10 @@ def implicit_solution(
         linear solve then names that first, as its likely cause.
     - `declared_symmetric`: `symmetric` is a user's claim (`implicit_diff`), not a Hessian's
         property: a failed solve then checks it, and says so if it is false.
+    - `check`: with `root_tol`, a test of the point beyond $F = 0$, `(params, inputs,
+        root_tol) -> RESULTS` (an Equinox module): where it is not `successful` the theorem
+        does not apply (a weakly active constraint of a KKT system, whose $J$ is singular),
+        and the derivative raises that result's message (`throw=True`) or is NaN.
     """
     return _implicit(
         stop_gradient(params_star),
@@ -314,6 +319,7 @@ def implicit_solution(
         root_tol=root_tol,
         inner_failed=inner_failed,
         declared_symmetric=declared_symmetric,
+        check=check,
     )
 
 
@@ -329,9 +335,10 @@ def _implicit(
     root_tol,
     inner_failed,
     declared_symmetric,
+    check,
 ):
     del inputs, optimality, linear_solver, symmetric, throw, root_tol, inner_failed
-    del declared_symmetric
+    del declared_symmetric, check
     return params_star
 
 
@@ -347,6 +354,7 @@ def _implicit_jvp(
     root_tol,
     inner_failed,
     declared_symmetric,
+    check,
 ):
     params_star, inputs = primals
     _, inputs_tangent = tangents
@@ -362,6 +370,7 @@ def _implicit_jvp(
         root_tol=root_tol,
         inner_failed=inner_failed,
         declared_symmetric=declared_symmetric,
+        check=check,
     )
     _, mixed = eqx.filter_jvp(
         lambda inputs: optimality(params_star, inputs), (inputs,), (inputs_tangent,)
@@ -392,18 +401,24 @@ def _implicit_jvp(
         params_tangent = jax.lax.custom_linear_solve(jacobian.mv, rhs, solve, transpose_solve)
     if root_tol is not None:
         params_tangent = _at_a_root(
-            optimality, params_star, inputs, params_tangent, root_tol, throw
+            optimality, params_star, inputs, params_tangent, root_tol, throw, check
         )
     return params_star, params_tangent
 
 
-def _at_a_root(optimality, params_star, inputs, params_tangent, root_tol, throw: bool):
+def _at_a_root(optimality, params_star, inputs, params_tangent, root_tol, throw: bool, check):
     """`params_tangent`, refused (`throw`) or NaN where `params_star` is not a root of the
-    optimality condition to `root_tol`: there the theorem gives no derivative."""
-    residual = tree_norm(optimality(stop_gradient(params_star), stop_gradient(inputs)))
+    optimality condition to `root_tol`, or fails `check`: there the theorem gives no
+    derivative."""
+    params_star, inputs = stop_gradient((params_star, inputs))
+    residual = tree_norm(optimality(params_star, inputs))
     # A NaN residual is left to the linear solve, whose message says "non-finite".
     not_root = residual > root_tol
+    result = RESULTS.successful if check is None else check(params_star, inputs, root_tol)
     if throw:
+        # The point's own defect (a weakly active constraint) is named only at a root: away
+        # from one, the message that says so comes first.
+        params_tangent = result.error_if(params_tangent, ~not_root & (result != RESULTS.successful))
         return eqx.error_if(
             params_tangent,
             not_root,
@@ -414,7 +429,8 @@ def _at_a_root(optimality, params_star, inputs, params_tangent, root_tol, throw:
         )
     # A factor, not an added NaN: the tangent is linear, and reverse mode transposes it, which
     # keeps a factor and drops a constant term.
-    factor = lambda x: jnp.where(not_root, jnp.asarray(jnp.nan, x.dtype), jnp.ones((), x.dtype))
+    refused = not_root | (result != RESULTS.successful)
+    factor = lambda x: jnp.where(refused, jnp.asarray(jnp.nan, x.dtype), jnp.ones((), x.dtype))
     return jax.tree.map(lambda x: x * factor(x), params_tangent)
 
 
@@ -460,7 +476,8 @@ def _instantiate_linear_zeros(mixed, params: PyTree[Array]) -> PyTree[Array]:
     leaves = jax.tree.leaves(mixed)
 
     def leaf(m, w):
-        if m is not None:
+        # `w is None`: a part of the solution with no arrays (a KKT point's absent multipliers).
+        if m is not None or w is None:
             return m
         linear_zero = 0 * sum(jnp.sum(x).astype(w.dtype) for x in leaves)
         return jnp.broadcast_to(linear_zero, w.shape)

@@ -17,6 +17,7 @@ from ._checks import (
 )
 from ._flax import check_flax_params
 from ._ift import default_linear_solver, general_solver, implicit_solution, stationarity_tol
+from ._kkt import KKTOptimality, complementarity_result
 from ._misc import scalars_as_arrays, stop_gradient
 
 
@@ -68,7 +69,10 @@ def implicit_diff(
     - `throw`: whether a failed linear solve raises (the default), or gives NaN
         derivatives (an approximate one for a solve cut short at its `max_steps`): the
         failure policy of the docs' "Failures" page. It also covers a solution that is not
-        a root: see `tol`.
+        a root: see `tol`. With [`bilevax.kkt_optimality`][] it also covers a KKT point
+        where the theorem does not apply: a weakly active constraint
+        (`RESULTS.degenerate_complementarity`) or a negative multiplier
+        (`RESULTS.kkt_infeasible`).
     - `tol`: the derivative is taken only where $\|F(w^*, \text{args})\|_2 \le$ `tol` (one
         more evaluation of $F$ per derivative): at a point that is not a root the theorem
         gives no derivative, so it raises (`throw=True`) or is NaN, never the derivative of
@@ -127,18 +131,23 @@ def implicit_diff(
         residual_shape = eqx.filter_eval_shape(residual_fn, solution, *args)
         check_same_structure(f"the output of `{name}`", residual_shape, solution, "the solution")
         fn = eqx.filter_closure_convert(residual_fn, solution, *args)
+        inputs, check = (fn, args), None
+        if isinstance(residual_fn, KKTOptimality) and residual_fn.ineq_constraints is not None:
+            inequalities = eqx.filter_closure_convert(residual_fn.inequalities, solution, *args)
+            inputs, check = (fn, args, inequalities), _ComplementarityCheck(static_solution)
         solver = linear_solver
         if solver is None:
             solver = default_linear_solver(float_solution)
         float_solution = implicit_solution(
             float_solution,
             _UserOptimality(static_solution),
-            (fn, args),
+            inputs,
             solver if symmetric else general_solver(solver),
             symmetric=symmetric,
             throw=throw,
             root_tol=stationarity_tol(float_solution, tol),
             declared_symmetric=symmetric,
+            check=check,
         )
         solution = eqx.combine(float_solution, static_solution)
         return (solution, aux) if has_aux else solution
@@ -193,6 +202,18 @@ class _UserOptimality(eqx.Module):
     static_solution: PyTree
 
     def __call__(self, params, inputs):
-        fn, args = inputs
+        fn, args = inputs[:2]
         residual = fn(eqx.combine(params, self.static_solution), *args)
         return eqx.filter(residual, eqx.is_inexact_array)
+
+
+class _ComplementarityCheck(eqx.Module):
+    """Whether the theorem applies at a KKT point (see `complementarity_result`);
+    `inputs = (closure_converted_fn, args, closure_converted_inequalities)`."""
+
+    static_solution: PyTree
+
+    def __call__(self, params, inputs, tol):
+        _, args, inequalities = inputs
+        solution = eqx.combine(params, self.static_solution)
+        return complementarity_result(solution[2], inequalities(solution, *args), tol)

@@ -37,6 +37,27 @@ class RESULTS(lx.RESULTS):  # pyright: ignore[reportGeneralTypeIssues]
         "trusted. Solve the inner problem further, or use `lx.GMRES`, "
         "`lx.Normal(lx.CG(...))` or `bx.Damped(lx.CG(...), damping)`."
     )
+    degenerate_complementarity = (
+        "A constraint of the constrained inner problem is weakly active (its multiplier and its "
+        "value are both within `tol` of zero): it becomes active or inactive under an "
+        "arbitrarily small perturbation, so the solution has no derivative there (its KKT "
+        "Jacobian is singular). The solution itself is not at fault; its derivative is NaN, "
+        "or this error is raised."
+    )
+    kkt_infeasible = (
+        "The point is not a KKT point of the constrained inner problem: a multiplier of an "
+        "inequality constraint is negative (μᵢ < -tol) or the constraint is violated "
+        "(gᵢ(x) > tol), so the implicit function theorem gives no derivative there. Solve the "
+        "problem further, or check the signs (bilevax imposes g(x) <= 0 with μ >= 0)."
+    )
+    primal_infeasible = (
+        "The quadratic program is primal infeasible: its constraints have no common point "
+        "(the solver found a certificate). Its solution is NaN."
+    )
+    dual_infeasible = (
+        "The quadratic program is dual infeasible: its objective is unbounded below on the "
+        "feasible set (the solver found a certificate). Its solution is NaN."
+    )
 
 
 def promote_linear_result(result: lx.RESULTS) -> RESULTS:
