@@ -1,6 +1,8 @@
-"""Algorithms built on the core primitives: HOAG's adaptive tolerances, a precision policy, and
-the single-loop stochastic bilevel solvers SOBA and SABA."""
+"""Algorithms built on the core primitives: HOAG's adaptive tolerances, a precision policy, the
+single-loop stochastic bilevel solvers SOBA and SABA, and the first-order (Hessian-free)
+methods F2SA and BOME."""
 
+from ._first_order import BOME as BOME, F2SA as F2SA
 from ._hoag import HOAG as HOAG, HOAGState as HOAGState
 from ._precision import (
     PrecisionPolicy as PrecisionPolicy,

@@ -1,4 +1,5 @@
-r"""Single-loop stochastic bilevel solvers: SOBA and SABA (Dagréou et al. 2022).
+r"""Single-loop stochastic bilevel solvers: SOBA and SABA (Dagréou et al. 2022), and the
+driver, state and failure channel that the first-order methods of `_first_order.py` share.
 
 In the notation and sign convention of the rest of bilevax ($w$ the inner variables, $\lambda$
 the hyperparameters, $L$ the inner loss, $E$ the outer loss, $H = \nabla^2_w L$), the inner
@@ -133,14 +134,16 @@ class StochasticState(eqx.Module):
     **Attributes:**
 
     - `params`: the inner variables $w$.
-    - `v`: the adjoint $v$, an estimate of $H^{-1} \nabla_w E$.
+    - `v`: the adjoint $v$, an estimate of $H^{-1} \nabla_w E$ (`None` for the first-order
+        methods [`bilevax.contrib.F2SA`][] and [`bilevax.contrib.BOME`][], which have none).
     - `hparams`: the hyperparameters $\lambda$.
     - `num_steps`: the number of steps taken.
     - `result`: [`bilevax.RESULTS`][]`.successful`, or `RESULTS.nonfinite` from the first
-        step (or `init`) at which any of `params`, `v`, `hparams` was non-finite; from then
-        on all three are NaN, so that no finite number comes out of a failed run.
-    - `memory`: the solver's own state (SABA's table of per-sample oracles; `None` for
-        SOBA).
+        step (or `init`) at which any of `params`, `v`, `hparams` (and F2SA's `memory`) was
+        non-finite; from then on all of them are NaN, so that no finite number comes out of
+        a failed run.
+    - `memory`: the solver's own state: SABA's table of per-sample oracles, F2SA's iterate
+        $y$ of the penalised problem; `None` for SOBA and BOME.
     """
 
     params: PyTree[Array]
@@ -151,17 +154,27 @@ class StochasticState(eqx.Module):
     memory: PyTree[Array] | None = None
 
 
-def _checked_state(params, v, hparams, num_steps, memory, failed: Bool[Array, ""]):
+def _checked_state(
+    params, v, hparams, num_steps, memory, failed: Bool[Array, ""], memory_is_iterate: bool
+):
     """The state, with the failure policy applied: once any iterate is non-finite (now, or at
-    an earlier step as `failed` says), all three are NaN and `result` is `nonfinite`."""
-    failed = failed | ~tree_isfinite((params, v, hparams))
-    params, v, hparams = tree_where_nan(failed, (params, v, hparams))
+    an earlier step as `failed` says), all of them are NaN and `result` is `nonfinite`.
+    `memory` counts as an iterate where the solver says so (F2SA's $y$); SABA's table does
+    not, since rewriting it would cost O(n) per step."""
+    iterates = (params, v, hparams, memory) if memory_is_iterate else (params, v, hparams)
+    failed = failed | ~tree_isfinite(iterates)
+    iterates = tree_where_nan(failed, iterates)
+    if memory_is_iterate:
+        params, v, hparams, memory = iterates
+    else:
+        params, v, hparams = iterates
     result = RESULTS.where(failed, RESULTS.nonfinite, RESULTS.successful)
     return StochasticState(params, v, hparams, num_steps, result, memory)
 
 
 class AbstractStochasticBilevel(eqx.Module):
-    """Base class of the single-loop stochastic bilevel solvers.
+    """Base class of the stochastic bilevel solvers that [`bilevax.contrib.stochastic_bilevel`][]
+    runs: SOBA and SABA, and the first-order F2SA and BOME.
 
     Data convention: `inner_data` and `outer_data` are pytrees of arrays that all have a
     leading axis of samples (`n_inner` and `n_outer` of them), and each loss is the **mean**
@@ -194,15 +207,22 @@ class AbstractStochasticBilevel(eqx.Module):
         - `params`, `hparams`: the starting $w$ and $\lambda$, pytrees of floating-point
             arrays.
         - `inner_data`, `outer_data`: pytrees of arrays with a leading axis of samples.
-        - `v`: the starting adjoint, shaped like `params`; zeros by default.
-        - `key`: draws SABA's first batches (SOBA ignores it).
+        - `v`: the starting adjoint, shaped like `params`; zeros by default. The
+            first-order methods have no adjoint and take none.
+        - `key`: draws SABA's first batches (the others ignore it).
 
         **Returns:**
 
         A [`bilevax.contrib.StochasticState`][] at step 0.
         """
         _check(outer_loss, inner_loss, params, hparams, inner_data, outer_data)
-        if v is None:
+        if not self.has_adjoint:
+            if v is not None:
+                raise ValueError(
+                    f"`v` must be None: `{type(self).__name__}` is a first-order method and "
+                    "keeps no adjoint."
+                )
+        elif v is None:
             v = jax.tree.map(jnp.zeros_like, params)
         else:
             check_same_structure("v", v, params, "params")
@@ -215,20 +235,26 @@ class AbstractStochasticBilevel(eqx.Module):
         # The data are checked once, here: a mini-batch that has not yet drawn a NaN sample
         # would otherwise give finite iterates from data that have none.
         data_failed = ~tree_isfinite((inner_data, outer_data))
-        return _checked_state(params, v, hparams, num_steps, memory, data_failed)
+        return _checked_state(
+            params, v, hparams, num_steps, memory, data_failed, self.memory_is_iterate
+        )
 
-    # Whether the solver keeps per-sample memory in its state (SABA).
+    # Whether the solver keeps its own state in `memory` (SABA's table, F2SA's y), whether
+    # that memory is an iterate the failure policy NaNs (F2SA's y), and whether the solver
+    # keeps an adjoint `v` (SOBA, SABA).
     has_memory: ClassVar[bool] = False
+    memory_is_iterate: ClassVar[bool] = False
+    has_adjoint: ClassVar[bool] = True
 
     def _init_memory(self, outer_loss, inner_loss, params, v, hparams, inner_data, outer_data, key):
         del outer_loss, inner_loss, params, v, hparams, inner_data, outer_data, key
         return None
 
     @abc.abstractmethod
-    def _directions(
+    def _update(
         self, outer_loss, inner_loss, state, inner_data, outer_data, key
-    ) -> tuple[Directions, PyTree[Array] | None]:
-        """The step's directions and the new memory."""
+    ) -> tuple[PyTree[Array], PyTree[Array] | None, PyTree[Array], PyTree[Array] | None]:
+        """The next `(params, v, hparams, memory)`, before the failure policy."""
 
     def step(
         self,
@@ -239,8 +265,9 @@ class AbstractStochasticBilevel(eqx.Module):
         outer_data: Data,
         key: PRNGKeyArray,
     ) -> StochasticState:
-        r"""One step: $w \leftarrow w - \rho_t D_w$, $v \leftarrow v - \rho_t D_v$,
-        $\lambda \leftarrow \lambda - \gamma_t D_\lambda$. SOBA draws this step's mini-batches
+        r"""One step. SOBA and SABA: $w \leftarrow w - \rho_t D_w$,
+        $v \leftarrow v - \rho_t D_v$, $\lambda \leftarrow \lambda - \gamma_t D_\lambda$;
+        F2SA and BOME: as their pages say. SOBA, F2SA and BOME draw this step's mini-batches
         with `key`; SABA draws the next step's (its first at `init`), for the reason given in
         its source. Pure: jit it, scan it, or vmap it over tasks.
 
@@ -259,32 +286,30 @@ class AbstractStochasticBilevel(eqx.Module):
         check_instance(
             "state", state, StochasticState, f"the state from `{type(self).__name__}.init`"
         )
-        if (state.memory is not None) != self.has_memory:
+        if (state.memory is not None) != self.has_memory or (
+            state.v is not None
+        ) != self.has_adjoint:
             raise ValueError(
                 f"`state` must come from `{type(self).__name__}.init`: its memory (SABA's table "
-                "of per-sample oracles) does not match this solver's."
+                "of per-sample oracles, F2SA's y) or its adjoint `v` does not match this "
+                "solver's."
             )
-        directions, memory = self._directions(
+        params, v, hparams, memory = self._update(
             outer_loss, inner_loss, state, inner_data, outer_data, key
         )
-        rho = _step_size(self.inner_lr, state.num_steps)
-        gamma = _step_size(self.outer_lr, state.num_steps)
-        # A schedule's value may have its own dtype (an int step count over a float gives
-        # float32): cast it to each leaf's, so float64 iterates stay float64.
-        move = lambda tree, d, lr: jax.tree.map(
-            lambda a, b: a - jnp.asarray(lr).astype(a.dtype) * b, tree, d
-        )
         return _checked_state(
-            move(state.params, directions.params, rho),
-            move(state.v, directions.v, rho),
-            move(state.hparams, directions.hparams, gamma),
+            params,
+            v,
+            hparams,
             state.num_steps + 1,
             memory,
             state.result == RESULTS.nonfinite,
+            self.memory_is_iterate,
         )
 
     def samples_per_step(self, inner_data: Data, outer_data: Data) -> tuple[int, int]:
-        """How many inner and outer samples one step evaluates its oracles on."""
+        """The inner and outer batch sizes: how many samples each of the step's oracles is
+        evaluated on (all of them where a batch size is `None`)."""
         n_inner, n_outer = (
             num_samples(inner_data, "inner_data"),
             num_samples(outer_data, "outer_data"),
@@ -294,8 +319,46 @@ class AbstractStochasticBilevel(eqx.Module):
             n_outer if self.outer_batch_size is None else self.outer_batch_size,
         )
 
+    def evaluations_per_step(self, inner_data: Data, outer_data: Data) -> dict[str, int]:
+        """Per-sample oracle evaluations one step makes: `"inner_gradients"` (of the inner
+        loss), `"inner_second_order"` (Hessian- or cross-derivative-vector products of the
+        inner loss; one VJP of the gradient gives both of SOBA's) and `"outer_gradients"`.
+        SABA's `init` makes one more pass over both data sets, not counted here."""
+        b_in, b_out = self.samples_per_step(inner_data, outer_data)
+        return {"inner_gradients": b_in, "inner_second_order": b_in, "outer_gradients": b_out}
 
-class SOBA(AbstractStochasticBilevel):
+
+def _move(tree, direction, lr):
+    """`tree - lr * direction`, leaf by leaf. A schedule's value may have its own dtype (an
+    int step count over a float gives float32): it is cast to each leaf's, so that float64
+    iterates stay float64."""
+    return jax.tree.map(lambda a, b: a - jnp.asarray(lr).astype(a.dtype) * b, tree, direction)
+
+
+class _SingleLoop(AbstractStochasticBilevel):
+    r"""SOBA and SABA: one SGD step on $(w, v, \lambda)$ along estimated directions."""
+
+    @abc.abstractmethod
+    def _directions(
+        self, outer_loss, inner_loss, state, inner_data, outer_data, key
+    ) -> tuple[Directions, PyTree[Array] | None]:
+        """The step's directions and the new memory."""
+
+    def _update(self, outer_loss, inner_loss, state, inner_data, outer_data, key):
+        directions, memory = self._directions(
+            outer_loss, inner_loss, state, inner_data, outer_data, key
+        )
+        rho = _step_size(self.inner_lr, state.num_steps)
+        gamma = _step_size(self.outer_lr, state.num_steps)
+        return (
+            _move(state.params, directions.params, rho),
+            _move(state.v, directions.v, rho),
+            _move(state.hparams, directions.hparams, gamma),
+            memory,
+        )
+
+
+class SOBA(_SingleLoop):
     r"""SOBA, the StOchastic Bilevel Algorithm of Dagréou et al. (2022): SGD on
     $(w, v, \lambda)$ jointly along the directions of
     [`bilevax.contrib.stochastic_directions`][], each estimated on a fresh mini-batch
@@ -341,7 +404,7 @@ class SOBA(AbstractStochasticBilevel):
         return directions, None
 
 
-class SABA(AbstractStochasticBilevel):
+class SABA(_SingleLoop):
     r"""SABA, the Stochastic Average Bilevel Algorithm of Dagréou et al. (2022): SOBA with
     each of the five per-sample oracles ($\nabla_w L_i$, $H_i v$,
     $(\partial^2_{\lambda w} L_i)\, v$, $\nabla_w E_j$, $\partial_\lambda E_j$)
@@ -486,8 +549,9 @@ def stochastic_bilevel(
     key: PRNGKeyArray,
     state: StochasticState | None = None,
 ) -> StochasticState:
-    r"""Runs `num_steps` steps of a single-loop stochastic bilevel solver
-    ([`bilevax.contrib.SOBA`][] or [`bilevax.contrib.SABA`][]) in one `lax.scan`.
+    r"""Runs `num_steps` steps of a stochastic bilevel solver ([`bilevax.contrib.SOBA`][],
+    [`bilevax.contrib.SABA`][], [`bilevax.contrib.F2SA`][] or [`bilevax.contrib.BOME`][]) in
+    one `lax.scan`.
 
     **Arguments:**
 
@@ -513,7 +577,7 @@ def stochastic_bilevel(
         "solver",
         solver,
         AbstractStochasticBilevel,
-        "`bx.contrib.SOBA(...)` or `bx.contrib.SABA(...)`",
+        "a solver instance: `bx.contrib.SOBA(...)`, `SABA(...)`, `F2SA(...)` or `BOME(...)`",
     )
     check_int("num_steps", num_steps, 0)
     init_key, key = jax.random.split(key)
