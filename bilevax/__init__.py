@@ -35,6 +35,7 @@ from ._solver import (
     prox_group_lasso as prox_group_lasso,
     prox_lasso as prox_lasso,
 )
+from ._solver._qp import QPSolution as QPSolution, solve_qp as solve_qp
 from ._unrolled import unrolled_hypergrad as unrolled_hypergrad
 
 

@@ -124,35 +124,53 @@ def implicit_diff(
         args = scalars_as_arrays(args)
         out = solve_fn(stop_gradient(init), *stop_gradient(args))
         solution, aux = out if has_aux else (out, None)
-        check_flax_params("solution", solution)
-        float_solution, static_solution = eqx.partition(solution, eqx.is_inexact_array)
-        if not jax.tree.leaves(float_solution):
-            raise TypeError("`solve_fn` must return a pytree of floating-point arrays.")
-        residual_shape = eqx.filter_eval_shape(residual_fn, solution, *args)
-        check_same_structure(f"the output of `{name}`", residual_shape, solution, "the solution")
-        fn = eqx.filter_closure_convert(residual_fn, solution, *args)
-        inputs, check = (fn, args), None
-        if isinstance(residual_fn, KKTOptimality) and residual_fn.ineq_constraints is not None:
-            inequalities = eqx.filter_closure_convert(residual_fn.inequalities, solution, *args)
-            inputs, check = (fn, args, inequalities), _ComplementarityCheck(static_solution)
-        solver = linear_solver
-        if solver is None:
-            solver = default_linear_solver(float_solution)
-        float_solution = implicit_solution(
-            float_solution,
-            _UserOptimality(static_solution),
-            inputs,
-            solver if symmetric else general_solver(solver),
+        solution = attach_derivative(
+            solution,
+            residual_fn,
+            args,
+            name=name,
+            linear_solver=linear_solver,
             symmetric=symmetric,
             throw=throw,
-            root_tol=stationarity_tol(float_solution, tol),
-            declared_symmetric=symmetric,
-            check=check,
+            tol=stationarity_tol(eqx.filter(solution, eqx.is_inexact_array), tol),
         )
-        solution = eqx.combine(float_solution, static_solution)
         return (solution, aux) if has_aux else solution
 
     return wrapped
+
+
+def attach_derivative(
+    solution, residual_fn, args: tuple, *, name: str, linear_solver, symmetric: bool, throw, tol
+):
+    """`solution`, a root of `residual_fn(solution, *args)`, with the derivative of the
+    theorem attached (`implicit_diff`'s body; [`bilevax.solve_qp`][] calls it too, with the
+    `tol` its own stopping test warrants: negative refuses every derivative)."""
+    check_flax_params("solution", solution)
+    float_solution, static_solution = eqx.partition(solution, eqx.is_inexact_array)
+    if not jax.tree.leaves(float_solution):
+        raise TypeError("`solve_fn` must return a pytree of floating-point arrays.")
+    residual_shape = eqx.filter_eval_shape(residual_fn, solution, *args)
+    check_same_structure(f"the output of `{name}`", residual_shape, solution, "the solution")
+    fn = eqx.filter_closure_convert(residual_fn, solution, *args)
+    inputs, check = (fn, args), None
+    if isinstance(residual_fn, KKTOptimality) and residual_fn.ineq_constraints is not None:
+        inequalities = eqx.filter_closure_convert(residual_fn.inequalities, solution, *args)
+        inputs, check = (fn, args, inequalities), _ComplementarityCheck(static_solution)
+    solver = linear_solver
+    if solver is None:
+        solver = default_linear_solver(float_solution)
+    float_solution = implicit_solution(
+        float_solution,
+        _UserOptimality(static_solution),
+        inputs,
+        solver if symmetric else general_solver(solver),
+        symmetric=symmetric,
+        throw=throw,
+        root_tol=tol,
+        declared_symmetric=symmetric,
+        check=check,
+    )
+    return eqx.combine(float_solution, static_solution)
 
 
 def _signature(fn) -> inspect.Signature | None:

@@ -1,0 +1,191 @@
+"""`bx.solve_qp`: OSQP's ADMM differentiated through its KKT conditions. The solution and
+both duals against jaxopt's `OSQP`, `BoxOSQP` and `EqualityConstrainedQP` on the same data,
+derivatives against jaxopt's implicit derivatives and float64 central differences of the
+active-set closed form; NaN data, a solve cut short, an infeasible and an unbounded program,
+and a weakly active constraint each give their result code and NaN, never a number."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import relerr
+
+import bilevax as bx
+
+
+jaxopt = pytest.importorskip("jaxopt")
+from jaxopt import linear_solve  # noqa: E402
+
+
+def program(n=6, m=2, p=5, seed=0):
+    rng = np.random.default_rng(seed)
+    M = rng.normal(size=(n, n))
+    Q = M @ M.T + 0.1 * np.eye(n)
+    data = (Q, rng.normal(size=n), rng.normal(size=(m, n)), rng.normal(size=m))
+    data += (rng.normal(size=(p, n)), 0.1 * rng.normal(size=p))
+    return tuple(jnp.asarray(x) for x in data)
+
+
+PROGRAM = program()
+solve = jax.jit(bx.solve_qp, static_argnames=("max_steps", "throw"))
+
+
+def standard():
+    return jax.numpy_dtype_promotion("standard")
+
+
+def active_set_solution(Q, c, A, b, G, h, active):
+    """The closed form of the program once its active inequalities are known: the equality
+    constrained QP with rows `A` and `G[active]`, by one KKT system."""
+    Q = (Q + Q.T) / 2
+    E = jnp.concatenate([A, G[active]])
+    e = jnp.concatenate([b, h[active]])
+    n, k = Q.shape[0], E.shape[0]
+    kkt = jnp.block([[Q, E.T], [E, jnp.zeros((k, k))]])
+    xnu = jnp.linalg.solve(kkt, jnp.concatenate([-c, e]))
+    mu = jnp.zeros(G.shape[0]).at[active].set(xnu[n + A.shape[0] :])
+    return xnu[:n], xnu[n : n + A.shape[0]], mu
+
+
+def test_matches_jaxopt_osqp_and_closed_form():
+    sol = solve(*PROGRAM)
+    assert sol.result == bx.RESULTS.successful
+    with standard():
+        ref = jaxopt.OSQP(tol=1e-10, maxiter=20_000).run(
+            params_obj=PROGRAM[:2], params_eq=PROGRAM[2:4], params_ineq=PROGRAM[4:]
+        )
+    ours = (sol.primal, sol.dual_eq, sol.dual_ineq)
+    assert relerr(ours, tuple(ref.params)) < 1e-7
+    active = np.flatnonzero(np.asarray(sol.dual_ineq) > 1e-6)
+    assert 0 < len(active) < PROGRAM[4].shape[0]  # some inequalities active, some not
+    assert relerr(ours, active_set_solution(*PROGRAM, active)) < 1e-8
+
+
+def test_derivatives_match_finite_differences_and_jaxopt():
+    """Forward and reverse mode with respect to all six arrays: against central differences
+    of the active-set closed form (exact near the solution, so the difference is not blurred
+    by the solver's tolerance), and jaxopt's OSQP implicit derivative."""
+    active = np.flatnonzero(np.asarray(solve(*PROGRAM).dual_ineq) > 1e-6)
+    rng = np.random.default_rng(1)
+    direction = tuple(jnp.asarray(rng.normal(size=x.shape)) for x in PROGRAM)
+    weights = [jnp.asarray(rng.normal(size=s)) for s in (6, 2, 5)]
+    scalar = lambda s: sum(jnp.vdot(w, x) for w, x in zip(weights, s))
+    ours = lambda *data: scalar(_triple(bx.solve_qp(*data)))
+
+    @jax.jit
+    def derivatives(data, direction):
+        _, forward = jax.jvp(ours, data, direction)
+        reverse = jax.grad(ours, argnums=tuple(range(6)))(*data)
+        return forward, reverse
+
+    forward, reverse = derivatives(PROGRAM, direction)
+    eps = 1e-6
+    closed = lambda s: scalar(
+        active_set_solution(*(x + s * eps * d for x, d in zip(PROGRAM, direction)), active)
+    )
+    difference = (closed(1.0) - closed(-1.0)) / (2 * eps)
+    assert abs(forward - difference) <= 1e-7 * abs(difference)
+    assert relerr(sum(jnp.vdot(g, d) for g, d in zip(reverse, direction)), forward) < 1e-10
+
+    def theirs(Q, c, A, b, G, h):
+        with standard():
+            solver = jaxopt.OSQP(
+                tol=1e-10,
+                maxiter=20_000,
+                implicit_diff_solve=functools.partial(linear_solve.solve_normal_cg, tol=1e-12),
+            )
+            s = solver.run(params_obj=(Q, c), params_eq=(A, b), params_ineq=(G, h)).params
+            return scalar(tuple(s))
+
+    expected = jax.jit(jax.grad(theirs, argnums=tuple(range(6))))(*PROGRAM)
+    assert relerr(reverse, expected) < 1e-6
+
+
+def _triple(sol):
+    return sol.primal, sol.dual_eq, sol.dual_ineq
+
+
+def test_equality_constrained_and_box_forms_match_jaxopt():
+    Q, c, A, b, G, h = PROGRAM
+    sol = solve(Q, c, A, b)
+    assert sol.result == bx.RESULTS.successful and sol.dual_ineq is None
+    with standard():
+        ref = jaxopt.EqualityConstrainedQP(tol=1e-12).run(params_obj=(Q, c), params_eq=(A, b))
+    assert relerr((sol.primal, sol.dual_eq), tuple(ref.params)[:2]) < 1e-7
+    # BoxOSQP's l <= Gx <= u is G x <= u and -G x <= -l.
+    lower, upper = h - 1.0, h
+    box = solve(Q, c, None, None, jnp.concatenate([G, -G]), jnp.concatenate([upper, -lower]))
+    with standard():
+        ref = jaxopt.BoxOSQP(tol=1e-10, maxiter=20_000).run(
+            params_obj=(Q, c), params_eq=G, params_ineq=(lower, upper)
+        )
+    assert relerr(box.primal, ref.params.primal[0]) < 1e-7
+    # BoxOSQP's one multiplier per row is μ_upper − μ_lower.
+    mu = box.dual_ineq
+    assert relerr(mu[:5] - mu[5:], ref.params.dual_eq) < 1e-6
+
+
+def test_vmap_gives_each_program_its_own_solution():
+    programs = [program(seed=s) for s in (0, 1, 2)]
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *programs)
+    batch = jax.jit(jax.vmap(bx.solve_qp))(*stacked)
+    assert np.all(np.asarray(batch.result._value) == bx.RESULTS.successful._value)
+    for i, data in enumerate(programs):
+        assert relerr(solve(*data).primal, batch.primal[i]) < 1e-8
+
+
+def test_failures_are_reported():
+    Q, c, A, b, G, h = PROGRAM
+    grad_c = lambda *data, **kw: jax.grad(
+        lambda c: jnp.sum(bx.solve_qp(data[0], c, *data[2:], **kw).primal)
+    )(data[1])
+    # NaN data: every number NaN.
+    nan = solve(Q, c.at[0].set(jnp.nan), A, b, G, h)
+    assert nan.result == bx.RESULTS.nonfinite and jnp.all(jnp.isnan(nan.primal))
+    # A solve cut short: the last iterate, flagged; its derivative NaN.
+    short = solve(Q, c, A, b, G, h, max_steps=3)
+    assert short.result == bx.RESULTS.max_steps_reached
+    assert jnp.all(jnp.isnan(grad_c(Q, c, A, b, G, h, max_steps=3)))
+    with pytest.raises(Exception, match="max_steps"):
+        solve(Q, c, A, b, G, h, max_steps=3, throw=True)
+    # Infeasible: x₀ <= -1 and -x₀ <= -1.
+    e0 = jnp.zeros((2, 6)).at[0, 0].set(1.0).at[1, 0].set(-1.0)
+    infeasible = solve(Q, c, None, None, e0, jnp.asarray([-1.0, -1.0]))
+    assert infeasible.result == bx.RESULTS.primal_infeasible
+    assert jnp.all(jnp.isnan(infeasible.primal)) and jnp.all(jnp.isnan(infeasible.dual_ineq))
+    # Unbounded: min -x₀ with x₀ >= 0 and nothing else.
+    unbounded = solve(
+        jnp.zeros((2, 2)), jnp.asarray([-1.0, 0.0]), None, None, -jnp.eye(2), jnp.zeros(2)
+    )
+    assert unbounded.result == bx.RESULTS.dual_infeasible
+    assert jnp.all(jnp.isnan(unbounded.primal))
+
+
+def test_weakly_active_constraint_is_reported():
+    """min ½‖x − θ‖² s.t. x₀ <= θ₀: the constraint holds with equality and μ = 0."""
+    theta = jnp.asarray([0.4, -1.0])
+    G, h = jnp.asarray([[1.0, 0.0]]), theta[:1]
+    sol = solve(jnp.eye(2), -theta, None, None, G, h)
+    assert sol.result == bx.RESULTS.degenerate_complementarity
+    assert relerr(sol.primal, theta) < 1e-8  # the solution is right; its derivative is not
+    grad = jax.grad(lambda t: jnp.sum(bx.solve_qp(jnp.eye(2), -t, None, None, G, h).primal))
+    assert jnp.all(jnp.isnan(grad(theta)))
+    loud = lambda t: jnp.sum(bx.solve_qp(jnp.eye(2), -t, None, None, G, h, throw=True).primal)
+    with pytest.raises(Exception, match="weakly active"):
+        jax.grad(loud)(theta)
+
+
+def test_bad_programs_are_refused_at_trace_time():
+    Q, c, A, b, G, h = PROGRAM
+    with pytest.raises(ValueError, match="`Q` must have shape"):
+        bx.solve_qp(Q[:3], c)
+    with pytest.raises(ValueError, match="both `A` and `b`"):
+        bx.solve_qp(Q, c, A)
+    with pytest.raises(ValueError, match="`h` must have shape"):
+        bx.solve_qp(Q, c, None, None, G, h[:2])
+    with pytest.raises(TypeError, match="`c` must be a floating-point"):
+        bx.solve_qp(Q, np.arange(6))
+    with pytest.raises(ValueError, match="relaxation"):
+        bx.solve_qp(Q, c, relaxation=2.0)
