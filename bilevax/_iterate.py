@@ -2,7 +2,7 @@
 a fixed-length unroll that JAX differentiates) and, once, the result and its failure policy.
 An adjoint only chooses which loop runs and how its output is differentiated."""
 
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -18,6 +18,13 @@ from ._solver import AbstractInnerSolver, Loss
 
 
 Outcome = tuple[PyTree[Array], RESULTS, dict[str, Array], PyTree[Array]]
+# How an unroll stores its states for the backward pass: all of them (`None`), `k` evenly
+# spaced ones (one level of checkpointing), or nested levels (`"recursive"`).
+Checkpoints = int | Literal["recursive"] | None
+# The number of segments each level of recursive checkpointing splits its steps into. Eight
+# cost less recomputation than two (⌊log₈ T⌋ + 1 forward passes, not ⌊log₂ T⌋ + 1) and compile in a
+# fraction of the time, for about the same memory (measured in `docs/scaling.md`).
+RECURSIVE_BRANCHING = 8
 
 
 class InnerLoop(eqx.Module):
@@ -58,7 +65,7 @@ class InnerLoop(eqx.Module):
         params: PyTree[Array],
         hparams: HParams,
         data: Data,
-        checkpoints: int | None,
+        checkpoints: Checkpoints,
         truncate: int | None,
     ) -> Outcome:
         """Exactly `max_steps` steps, differentiable (see `unroll`)."""
@@ -213,7 +220,7 @@ def unroll(
     solver: AbstractInnerSolver,
     num_steps: int,
     *,
-    checkpoints: int | None = None,
+    checkpoints: Checkpoints = None,
     truncate: int | None = None,
     solver_state: PyTree[Array] | None = None,
 ) -> tuple[PyTree[Array], PyTree[Array]]:
@@ -223,6 +230,8 @@ def unroll(
     - `checkpoints=k` stores the state at `k` segment boundaries and recomputes each segment
         during the backward pass (`jax.checkpoint`): one extra forward pass, and memory for `k`
         states plus one segment's worth, `num_steps // k` steps.
+    - `checkpoints="recursive"` nests such levels (see `_recursive`): memory for
+        O(log T) states, and each step runs forward at most ⌊log₈ T⌋ + 1 times.
     - `truncate=K` cuts the derivative before the last `K` steps (Shaban et al. 2019).
     """
     dynamic_state, static_state = start_state(solver, fn, params, args, solver_state)
@@ -242,7 +251,9 @@ def unroll(
     return _repeat(step, carry, num_steps, checkpoints)
 
 
-def _repeat(step, carry, num_steps: int, checkpoints: int | None):
+def _repeat(step, carry, num_steps: int, checkpoints: Checkpoints):
+    if checkpoints == "recursive":
+        return _recursive(step, carry, num_steps)
     if checkpoints is None or checkpoints >= num_steps:
         return _scan(step, carry, num_steps)
     segment = num_steps // checkpoints
@@ -250,6 +261,38 @@ def _repeat(step, carry, num_steps: int, checkpoints: int | None):
     run_segment = jax.checkpoint(lambda c: _scan(step, c, segment), prevent_cse=False)
     carry = _scan(run_segment, carry, checkpoints)
     return _scan(step, carry, num_steps - segment * checkpoints)
+
+
+def _recursive(step, carry, num_steps: int, branching: int = RECURSIVE_BRANCHING):
+    r"""`num_steps` steps as nested checkpointed scans: recursive checkpointing (Griewank
+    1992), with the schedule fixed at trace time because the number of steps is.
+
+    A block of $b^i$ steps is a checkpointed scan over $b$ blocks of $b^{i-1}$ steps; its
+    backward pass keeps the $b$ states at its sub-blocks' starts and recomputes each sub-block
+    from its start in turn. `num_steps` $= \sum_i d_i b^i$ (its digits in base $b$) runs as
+    scans of $d_i$ blocks of $b^i$ steps, the largest first. The backward pass then holds at
+    $d_i \le b - 1$ states per digit's scan and $b$ per level being recomputed, under
+    $2b(\lfloor\log_b T\rfloor + 1)$ in all, and each step runs forward at most
+    $\lfloor\log_b T\rfloor + 1$ times (once, plus once per level of blocks it is in).
+
+    Unlike a `custom_vjp` schedule (equinox's online treeverse), this is plain
+    `jax.checkpoint` and `lax.scan`: forward mode, `vmap` and higher derivatives go through
+    it as through the plain unroll."""
+    digits = []
+    while num_steps:
+        num_steps, digit = divmod(num_steps, branching)
+        digits.append(digit)
+
+    def block(level):
+        if level == 0:
+            return step
+        sub_block = block(level - 1)
+        # `prevent_cse=False` is safe (and faster) inside `scan`, which already stops CSE.
+        return jax.checkpoint(lambda c: _scan(sub_block, c, branching), prevent_cse=False)
+
+    for level in reversed(range(len(digits))):
+        carry = _scan(block(level), carry, digits[level])
+    return carry
 
 
 def _scan(step, carry, length: int):

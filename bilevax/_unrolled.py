@@ -16,6 +16,7 @@ from ._checks import (
 from ._custom_types import Data, HParams, InnerLoss, OuterLoss, Params
 from ._forward import forward_value_and_grad
 from ._inner_solve import inner_solve
+from ._iterate import Checkpoints
 from ._solver import GradientDescent, SolverLike, as_inner_solver
 
 
@@ -31,7 +32,7 @@ def unrolled_hypergrad(
     num_steps: int = 100,
     mode: Literal["reverse", "forward"] = "reverse",
     truncate: int | None = None,
-    checkpoints: int | None = None,
+    checkpoints: Checkpoints = None,
 ) -> tuple[Array, HParams]:
     r"""Hypergradient of $E(w_T(\lambda), \lambda)$, where $w_T$ is the result of `num_steps`
     steps of `solver` on the inner loss from `init` (Franceschi et al. 2017, 2018).
@@ -60,8 +61,10 @@ def unrolled_hypergrad(
         $\mathrm{d}w_t/\mathrm{d}\lambda$ alongside $w_t$; memory independent of $T$, cost
         linear in the number of scalar hyperparameters).
     - `truncate`: back-propagate through the last `truncate` steps only (Shaban et al. 2019).
-    - `checkpoints`: store $k$ states and recompute the rest in the backward pass (see
-        [`bilevax.UnrolledAdjoint`][]).
+    - `checkpoints`: `None` (store every step), an int $k$ (store $k$ states and recompute
+        the rest in the backward pass: memory $O(\sqrt{T})$ at $k = \sqrt{T}$) or
+        `"recursive"` (nested levels: memory $O(\log T)$); see
+        [`bilevax.UnrolledAdjoint`][]. Forward mode stores no steps, whichever is chosen.
 
     **Returns:**
 
