@@ -105,7 +105,11 @@ def dot(a, b):
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("name", list(PROBLEMS))
+@pytest.mark.parametrize(
+    "name",
+    # The simplex has both kinds of constraint; the others run with the slow tests.
+    [n if n == "simplex" else pytest.param(n, marks=pytest.mark.slow) for n in PROBLEMS],
+)
 def test_primal_and_dual_derivatives_match_finite_differences(name):
     solve, optimality, args = PROBLEMS[name]()
     wrapped = bx.implicit_diff(solve, optimality)
@@ -132,6 +136,7 @@ def test_primal_and_dual_derivatives_match_finite_differences(name):
     assert abs(forward - reverse) <= 1e-9 * max(abs(forward), 1.0)
 
 
+@pytest.mark.slow
 def test_vmap_and_linear_solvers_agree():
     """Per-problem Jacobians under `vmap`, with the default normal CG, `lx.LU` and `lx.GMRES`,
     equal those of the closed form differentiated by JAX itself."""
@@ -178,7 +183,7 @@ def test_weakly_active_constraint_is_reported():
     assert jnp.all(jnp.isnan(jac[0])) and jnp.all(jnp.isfinite(jac[1]))
 
 
-@pytest.mark.parametrize("x, mu", [(1.0, -0.5), (2.0, 0.0)])
+@pytest.mark.parametrize("x, mu", [(1.0, -0.5), pytest.param(2.0, 0.0, marks=pytest.mark.slow)])
 def test_not_a_kkt_point_is_reported(x, mu):
     """min ½(x − θ)² s.t. x ≤ 1 at θ = 2 ... or 0.5: both `(x, μ)` are roots of F (x − θ + μ = 0,
     μ(x − 1) = 0), but one has μ < 0 and the other violates the constraint."""
@@ -192,6 +197,7 @@ def test_not_a_kkt_point_is_reported(x, mu):
     assert jnp.isnan(grad)
 
 
+@pytest.mark.slow
 def test_not_a_root_is_refused():
     """A primal off the constraint aᵀx = b is not a root of F; its derivative is refused."""
     solve, optimality, args = eq_qp()

@@ -63,6 +63,7 @@ def test_matches_jaxopt_osqp_and_closed_form():
     assert relerr(ours, active_set_solution(*PROGRAM, active)) < 1e-8
 
 
+@pytest.mark.slow
 def test_derivatives_match_finite_differences_and_jaxopt():
     """Forward and reverse mode with respect to all six arrays: against central differences
     of the active-set closed form (exact near the solution, so the difference is not blurred
@@ -107,6 +108,7 @@ def _triple(sol):
     return sol.primal, sol.dual_eq, sol.dual_ineq
 
 
+@pytest.mark.slow
 def test_equality_constrained_and_box_forms_match_jaxopt():
     Q, c, A, b, G, h = PROGRAM
     sol = solve(Q, c, A, b)
@@ -127,6 +129,7 @@ def test_equality_constrained_and_box_forms_match_jaxopt():
     assert relerr(mu[:5] - mu[5:], ref.params.dual_eq) < 1e-6
 
 
+@pytest.mark.slow
 def test_vmap_gives_each_program_its_own_solution():
     programs = [program(seed=s) for s in (0, 1, 2)]
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *programs)
@@ -136,6 +139,7 @@ def test_vmap_gives_each_program_its_own_solution():
         assert relerr(solve(*data).primal, batch.primal[i]) < 1e-8
 
 
+@pytest.mark.slow
 def test_failures_are_reported():
     Q, c, A, b, G, h = PROGRAM
     grad_c = lambda *data, **kw: jax.grad(
@@ -189,3 +193,75 @@ def test_bad_programs_are_refused_at_trace_time():
         bx.solve_qp(Q, np.arange(6))
     with pytest.raises(ValueError, match="relaxation"):
         bx.solve_qp(Q, c, relaxation=2.0)
+
+
+# -- jaxopt's examples/constrained ---------------------------------------------------------------
+
+
+def svm_data():
+    """jaxopt's `binary_kernel_svm_with_intercept.py` data: 30 normalised examples, 5
+    features, labels in {-1, 1}."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    X, y = datasets.make_classification(n_samples=30, n_features=5, n_classes=2, random_state=0)
+    X = X / np.linalg.norm(X, axis=1, keepdims=True)
+    return jnp.asarray(X), jnp.asarray(y * 2.0 - 1)
+
+
+def svm_program(X, y, C):
+    """The dual of the binary kernel SVM with intercept: min ½βᵀKβ − yᵀβ s.t. Σβ = 0 and
+    β between min(yC, 0) and max(yC, 0)."""
+    n = X.shape[0]
+    lower, upper = jnp.minimum(y * C, 0.0), jnp.maximum(y * C, 0.0)
+    G = jnp.concatenate([jnp.eye(n), -jnp.eye(n)])
+    return X @ X.T, -y, jnp.ones((1, n)), jnp.zeros(1), G, jnp.concatenate([upper, -lower])
+
+
+@pytest.mark.slow
+def test_binary_kernel_svm_with_intercept():
+    """jaxopt's example, solved as a QP: the dual coefficients against jaxopt's `BoxOSQP` and
+    scikit-learn's SVC on the same data; their derivative with respect to C and to the data
+    against jaxopt's implicit derivative and the active-set closed form's central
+    differences."""
+    svm = pytest.importorskip("sklearn.svm")
+    X, y = svm_data()
+    C = jnp.asarray(2.0)
+    sol = jax.jit(lambda X, C: bx.solve_qp(*svm_program(X, y, C)))(X, C)
+    assert sol.result == bx.RESULTS.successful
+    n = X.shape[0]
+
+    def box_osqp(X, C):
+        with standard():
+            solver = jaxopt.BoxOSQP(
+                tol=1e-10,
+                maxiter=50_000,
+                implicit_diff_solve=functools.partial(linear_solve.solve_normal_cg, tol=1e-12),
+            )
+            lower = jnp.concatenate([jnp.minimum(y * C, 0.0), jnp.zeros(1)])
+            upper = jnp.concatenate([jnp.maximum(y * C, 0.0), jnp.zeros(1)])
+            A = jnp.concatenate([jnp.eye(n), jnp.ones((1, n))])
+            return solver.run(params_obj=(X @ X.T, -y), params_eq=A, params_ineq=(lower, upper))
+
+    assert relerr(sol.primal, box_osqp(X, C).params.primal[0]) < 1e-7
+    K = np.asarray(X @ X.T)
+    svc = svm.SVC(kernel="precomputed", C=2.0, tol=1e-10).fit(K, np.asarray(y))
+    beta = np.zeros(n)
+    beta[svc.support_] = svc.dual_coef_[0]
+    assert relerr(sol.primal, beta) < 1e-6
+
+    weights = jnp.asarray(np.random.default_rng(3).normal(size=n))
+    ours = jax.jit(
+        jax.grad(lambda X, C: weights @ bx.solve_qp(*svm_program(X, y, C)).primal, (0, 1))
+    )
+    theirs = jax.jit(jax.grad(lambda X, C: weights @ box_osqp(X, C).params.primal[0], (0, 1)))
+    grads = ours(X, C)
+    assert relerr(grads, theirs(X, C)) < 1e-6
+    active = np.flatnonzero(np.asarray(sol.dual_ineq) > 1e-6)
+    dX = jnp.asarray(np.random.default_rng(4).normal(size=X.shape))
+    eps = 1e-6
+    closed = lambda s: (
+        weights @ active_set_solution(*svm_program(X + s * eps * dX, y, C + s * eps), active)[0]
+    )
+    difference = (closed(1.0) - closed(-1.0)) / (2 * eps)
+    directional = jnp.vdot(grads[0], dX) + grads[1]
+    # The derivative is taken at ADMM's solution, accurate to about 1e-9.
+    assert abs(directional - difference) <= 1e-6 * abs(difference)
