@@ -6,6 +6,12 @@ from ._adjoint import (
     ImplicitAdjoint as ImplicitAdjoint,
     UnrolledAdjoint as UnrolledAdjoint,
 )
+from ._approximate import (
+    AbstractApproximateAdjoint as AbstractApproximateAdjoint,
+    FiniteDifferenceAdjoint as FiniteDifferenceAdjoint,
+    OneStepAdjoint as OneStepAdjoint,
+    SAMAAdjoint as SAMAAdjoint,
+)
 from ._custom_types import InnerLoss as InnerLoss, OuterLoss as OuterLoss
 from ._implicit import implicit_hypergrad as implicit_hypergrad
 from ._implicit_diff import implicit_diff as implicit_diff

@@ -3,11 +3,14 @@ from typing import Literal
 import equinox as eqx
 import jax
 import lineax as lx
+from jaxtyping import Array, PyTree
 
+from ._approximate import AbstractApproximateAdjoint, approximate_hypergrad
 from ._checks import (
     check_bool,
     check_callable,
     check_hparams,
+    check_instance,
     check_linear_solver,
     check_mode,
     check_nonnegative,
@@ -20,6 +23,7 @@ from ._forward import forward_value_and_grad
 from ._hypergrad import adjoint_hypergrad
 from ._ift import GradientOptimality, default_linear_solver, implicit_solution, stationarity_tol
 from ._solution import HypergradInfo
+from ._solver import SolverLike, as_inner_solver
 
 
 def implicit_hypergrad(
@@ -36,6 +40,9 @@ def implicit_hypergrad(
     adjoint_init: Params | None = None,
     throw: bool = True,
     tol=None,
+    adjoint: AbstractApproximateAdjoint | None = None,
+    solver: SolverLike | None = None,
+    solver_state: PyTree[Array] | None = None,
 ) -> tuple[jax.Array, HParams] | tuple[jax.Array, HParams, HypergradInfo]:
     r"""Hypergradient of `outer_loss` at a solution of the inner problem, by the implicit
     function theorem (Bengio 2000; Pedregosa 2016; Lorraine et al. 2020):
@@ -77,6 +84,20 @@ def implicit_hypergrad(
         found it), which the info checks (`not_stationary`). The default, `None`, checks
         $10^{-6}$ in float64 (the default of [`bilevax.inner_solve`][]) and $10^{-3}$ below,
         as [`bilevax.implicit_diff`][] does.
+    - `adjoint`: `None` (the default) for the linear solve above, or an approximate adjoint
+        that replaces $H^{-1}$ by the derivative of one step of `solver`
+        ([`bilevax.OneStepAdjoint`][], [`bilevax.FiniteDifferenceAdjoint`][] (DARTS),
+        [`bilevax.SAMAAdjoint`][]): no linear solve, and with `has_aux=True` an info whose
+        `adjoint` is the approximate $v$ and `residual_norm` its residual
+        $\|Hv - \nabla_w E\|_2$, so that [`bilevax.diagnostics.hypergrad_info`][] (given
+        the hypergradient too) estimates the approximation's error. `linear_solver` and
+        `adjoint_init` do not apply; the finite-difference adjoints are reverse-mode only.
+    - `solver`: with `adjoint`, the inner solver whose step is differentiated (that of the
+        [`bilevax.inner_solve`][] that found `params_star`), e.g.
+        `bx.GradientDescent(learning_rate)` or `optax.adam(...)`; required with `adjoint`.
+    - `solver_state`: with `adjoint`, the solver's state at `params_star` (the solve's
+        `state`; [`bilevax.SAMAAdjoint`][] reads Adam's moments there); `None` for the
+        solver's initial state.
 
     **Returns:**
 
@@ -101,6 +122,27 @@ def implicit_hypergrad(
     check_same_structure("params_star", gradient, float_params, "the gradient of `inner_loss`")
     if adjoint_init is not None:
         check_same_structure("adjoint_init", adjoint_init, float_params, "`params_star`")
+    if adjoint is not None:
+        return _approximate(
+            adjoint,
+            outer_loss,
+            inner_loss,
+            params_star,
+            hparams,
+            (inner_data, outer_data),
+            linear_solver=linear_solver,
+            mode=mode,
+            has_aux=has_aux,
+            adjoint_init=adjoint_init,
+            tol=stationarity_tol(float_params, tol),
+            solver=solver,
+            solver_state=solver_state,
+        )
+    if solver is not None or solver_state is not None:
+        raise ValueError(
+            "`solver` and `solver_state` are those of an approximate `adjoint` (e.g. "
+            "`adjoint=bx.OneStepAdjoint()`); the exact hypergradient needs neither."
+        )
     if linear_solver is None:
         linear_solver = default_linear_solver(float_params)
 
@@ -138,3 +180,60 @@ def implicit_hypergrad(
     # The info needs the adjoint, which forward mode never forms: one more solve.
     info = solve_adjoint()[2]
     return value, hypergrad, info
+
+
+def _approximate(
+    adjoint,
+    outer_loss,
+    inner_loss,
+    params_star,
+    hparams,
+    data,
+    *,
+    linear_solver,
+    mode,
+    has_aux,
+    adjoint_init,
+    tol,
+    solver,
+    solver_state,
+):
+    """`implicit_hypergrad` with an approximate adjoint: its own checks, then
+    `approximate_hypergrad`."""
+    check_instance(
+        "adjoint",
+        adjoint,
+        AbstractApproximateAdjoint,
+        "None or an approximate adjoint (`bx.OneStepAdjoint()`, `bx.FiniteDifferenceAdjoint()`, "
+        "`bx.SAMAAdjoint(...)`)",
+    )
+    if linear_solver is not None or adjoint_init is not None:
+        raise ValueError(
+            "`linear_solver` and `adjoint_init` are those of the exact adjoint's linear solve; "
+            f"`adjoint={type(adjoint).__name__}(...)` solves nothing."
+        )
+    if solver is None:
+        raise ValueError(
+            f"`adjoint={type(adjoint).__name__}(...)` differentiates a step of the inner solver: "
+            "pass it as `solver` (e.g. `solver=bx.GradientDescent(learning_rate)`)."
+        )
+    if mode == "forward" and not adjoint.forward_mode:
+        raise ValueError(
+            f'`mode="forward"` is not available with `{type(adjoint).__name__}`: its finite '
+            "difference of the hyperparameter gradient is a reverse-mode construction. Use "
+            '`mode="reverse"`, or `bx.OneStepAdjoint()` (the same estimate with exact products).'
+        )
+    value, hypergrad, info = approximate_hypergrad(
+        adjoint,
+        outer_loss,
+        inner_loss,
+        params_star,
+        hparams,
+        data,
+        as_inner_solver(solver, hparams),
+        solver_state,
+        mode=mode,
+        tol=tol,
+        has_aux=has_aux,
+    )
+    return (value, hypergrad, info) if has_aux else (value, hypergrad)

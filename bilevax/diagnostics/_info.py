@@ -19,7 +19,16 @@ $\|w - w^*\| \le \|g\|/\mu$ ($\mu$-strong convexity) and over $\|H^{-1} r\| \le 
 $$\|h - h^*\| \lesssim \frac{\|D\hat h(w)\|_2 \, \|g\| + \|B\|_2 \, \|r\|}{\mu},$$
 
 with $\mu$, $\|B\|_2$ and $\|D\hat h\|_2$ estimated by Lanczos (Pedregosa 2016;
-Grazzi et al. 2020). Both are first-order: exact up to $O(\|g\|^2 + \|r\|^2)$.
+Grazzi et al. 2020). Both are first-order: exact up to $O(\|g\|^2 + \|r\|^2)$. The
+solve's term is linear in $r$, so with an exact inner solution ($g = 0$) the estimate is the
+error itself however large $r$ is: that of an approximate adjoint (one-step, DARTS, SAMA,
+[`bilevax.OneStepAdjoint`][]), whose $v$ is no solve at all. With $g \neq 0$ the neglected
+terms are $O(\|g\|^2 + \|g\|\,\|r\|)$.
+
+A hypergradient that is not computed as $\partial_\lambda E - B^\top v$ (DARTS and SAMA take
+$B^\top v$ by a finite difference) is given as `hypergrad`: its distance $\delta$ from that
+statement, computed with one exact product $B^\top v$, is added to the error,
+$h - h^* \approx D\hat h(w)[\Delta] - B^\top H^{-1} r + \delta$, and $\|\delta\|$ to the bound.
 """
 
 import equinox as eqx
@@ -98,6 +107,7 @@ def hypergrad_info(
     estimate_error: bool = True,
     linear_solver: lx.AbstractLinearSolver | None = None,
     key: Array | None = None,
+    hypergrad: HParams | None = None,
 ) -> HypergradDiagnostics:
     r"""Diagnoses a hypergradient from the problem and its info (see the module): a pure
     function, built on the same Hessian operator, checked linear solve and statement of the
@@ -117,6 +127,11 @@ def hypergrad_info(
         accuracy of $v$ (whose error they measure); default [`bilevax.CG`][] at the floor of
         the parameters' dtype ($10^{-10}$ in float64, $10^{-5}$ in float32).
     - `key`: a `jax.random.key` for the Lanczos starts (default `jax.random.key(0)`).
+    - `hypergrad`: the hypergradient the info belongs to, shaped like `hparams`, when it is
+        not $\partial_\lambda E - B^\top v$ exactly (an approximate adjoint's finite
+        difference, [`bilevax.FiniteDifferenceAdjoint`][], [`bilevax.SAMAAdjoint`][]): its
+        distance from that statement is part of the estimate and the bound. `None` (the
+        default) takes it to be exact, as that of [`bilevax.implicit_hypergrad`][] is.
 
     **Returns:**
 
@@ -188,7 +203,15 @@ def hypergrad_info(
         dG = jax.jvp(G, (w,), (newton,))[1]
         sensitivity = jax.tree.map(jnp.add, dF, mixed_t(precise(dG)))
         solve_error = mixed_t(precise(residual))
-        error_estimate = tree_norm(tree_subtract(sensitivity, solve_error))
+        error = tree_subtract(sensitivity, solve_error)
+        statement_error = jnp.zeros((), dtype)
+        if hypergrad is not None:
+            float_hypergrad = eqx.filter(check_hparams(hypergrad), eqx.is_inexact_array)
+            check_same_structure("hypergrad", float_hypergrad, lam, "`hparams`")
+            delta = tree_subtract(float_hypergrad, F(w))
+            error = jax.tree.map(jnp.add, error, delta)
+            statement_error = tree_norm(delta)
+        error_estimate = tree_norm(error)
         if lanczos_steps > 0 and flat_lam.size > 0:
             # ‖Dĥ‖₂ from the small λ-side Gram operator Dĥ Dĥᵀ, with
             # Dĥ[u] = ∂_w F[u] + Bᵀ H⁻¹ ∂_w G[u] and Dĥᵀ[y] = ∂_w Fᵀ y + ∂_w Gᵀ H⁻¹ B y.
@@ -208,7 +231,7 @@ def hypergrad_info(
             sensitivity_norm = jnp.sqrt(jnp.maximum(top, 0))
             error_bound = (
                 sensitivity_norm * info.inner_grad_norm + mixed_norm * info.residual_norm
-            ) / hessian_min
+            ) / hessian_min + statement_error
 
     result = info.result
     if lanczos_steps > 0:
