@@ -381,57 +381,71 @@ def _implicit_jvp(
         return params_star, jax.tree.map(jnp.zeros_like, params_star)
     jacobian = jacobian_operator(optimality, params_star, inputs, symmetric=symmetric)
     rhs = jax.tree.map(jnp.negative, _instantiate_linear_zeros(mixed, params_star))
+    refuse = lambda x: x
+    if root_tol is not None:
+        refuse = _Refusal(*_no_derivative(optimality, params_star, inputs, root_tol, check), throw)
     # `lax.custom_linear_solve` transposes to our own checked solve (with J itself when
-    # symmetric), so reverse mode is the adjoint form under the same failure policy.
-    solve = lambda _, b: linear_solve(
-        jacobian,
-        b,
-        linear_solver,
-        throw=throw,
-        inner_failed=inner_failed,
-        check_symmetry=declared_symmetric and symmetric,
-    )[0]
+    # symmetric), so reverse mode is the adjoint form under the same failure policy. The
+    # refusal is part of both solves, so that reverse mode under `jit`, which runs only the
+    # transposed one, refuses too.
+    solve = lambda _, b: refuse(
+        linear_solve(
+            jacobian,
+            b,
+            linear_solver,
+            throw=throw,
+            inner_failed=inner_failed,
+            check_symmetry=declared_symmetric and symmetric,
+        )[0]
+    )
     if symmetric:
         params_tangent = jax.lax.custom_linear_solve(jacobian.mv, rhs, solve, symmetric=True)
     else:
         transposed = jacobian.transpose()
-        transpose_solve = lambda _, b: linear_solve(
-            transposed, b, linear_solver, throw=throw, inner_failed=inner_failed
-        )[0]
-        params_tangent = jax.lax.custom_linear_solve(jacobian.mv, rhs, solve, transpose_solve)
-    if root_tol is not None:
-        params_tangent = _at_a_root(
-            optimality, params_star, inputs, params_tangent, root_tol, throw, check
+        transpose_solve = lambda _, b: refuse(
+            linear_solve(transposed, b, linear_solver, throw=throw, inner_failed=inner_failed)[0]
         )
+        params_tangent = jax.lax.custom_linear_solve(jacobian.mv, rhs, solve, transpose_solve)
     return params_star, params_tangent
 
 
-def _at_a_root(optimality, params_star, inputs, params_tangent, root_tol, throw: bool, check):
-    """`params_tangent`, refused (`throw`) or NaN where `params_star` is not a root of the
-    optimality condition to `root_tol`, or fails `check`: there the theorem gives no
-    derivative."""
+def _no_derivative(optimality, params_star, inputs, root_tol, check) -> tuple[Array, RESULTS]:
+    """Whether `params_star` is not a root of the optimality condition to `root_tol`, and the
+    result of `check` there: where either fails the theorem gives no derivative."""
     params_star, inputs = stop_gradient((params_star, inputs))
     residual = tree_norm(optimality(params_star, inputs))
     # A NaN residual is left to the linear solve, whose message says "non-finite".
     not_root = residual > root_tol
     result = RESULTS.successful if check is None else check(params_star, inputs, root_tol)
-    if throw:
-        # The point's own defect (a weakly active constraint) is named only at a root: away
-        # from one, the message that says so comes first.
-        params_tangent = result.error_if(params_tangent, ~not_root & (result != RESULTS.successful))
-        return eqx.error_if(
-            params_tangent,
-            not_root,
-            "implicit_diff: the solution `solve_fn` returned is not a root of the optimality "
-            "condition (‖F(w*)‖ > `tol`), so the implicit function theorem gives no derivative "
-            "there. Solve further, pass the `tol` the solution is accurate to, or "
-            "`throw=False` to get NaN derivatives instead of this error.",
-        )
-    # A factor, not an added NaN: the tangent is linear, and reverse mode transposes it, which
-    # keeps a factor and drops a constant term.
-    refused = not_root | (result != RESULTS.successful)
-    factor = lambda x: jnp.where(refused, jnp.asarray(jnp.nan, x.dtype), jnp.ones((), x.dtype))
-    return jax.tree.map(lambda x: x * factor(x), params_tangent)
+    return not_root, result
+
+
+class _Refusal(eqx.Module):
+    """A linear solve's answer, refused (`throw`) or NaN where the theorem gives no
+    derivative (see `_no_derivative`)."""
+
+    not_root: Array
+    result: RESULTS
+    throw: bool = eqx.field(static=True)
+
+    def __call__(self, x: PyTree[Array]) -> PyTree[Array]:
+        failed = self.result != RESULTS.successful
+        if self.throw:
+            # The point's own defect (a weakly active constraint) is named only at a root:
+            # away from one, the message that says so comes first.
+            x = self.result.error_if(x, ~self.not_root & failed)
+            return eqx.error_if(
+                x,
+                self.not_root,
+                "implicit_diff: the solution `solve_fn` returned is not a root of the "
+                "optimality condition (‖F(w*)‖ > `tol`), so the implicit function theorem "
+                "gives no derivative there. Solve further, pass the `tol` the solution is "
+                "accurate to, or `throw=False` to get NaN derivatives instead of this error.",
+            )
+        # A factor, not an added NaN: the solve must stay linear in its right-hand side.
+        refused = self.not_root | failed
+        factor = lambda x: jnp.where(refused, jnp.asarray(jnp.nan, x.dtype), jnp.ones((), x.dtype))
+        return jax.tree.map(lambda x: x * factor(x), x)
 
 
 def adjoint_solve(

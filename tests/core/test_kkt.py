@@ -3,7 +3,6 @@ problems with closed-form solutions, differentiated in forward and reverse mode 
 and `vmap`) and checked against float64 central differences of the closed forms; a weakly
 active constraint and a point that is not a KKT point are reported, never differentiated."""
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
@@ -169,14 +168,21 @@ def test_weakly_active_constraint_is_reported():
     )
     loud = bx.implicit_diff(solve, optimality)
     with pytest.raises(Exception, match="weakly active"):
-        jax.jacfwd(lambda t: loud(None, t, a, b)[0])(theta)
-    with pytest.raises(Exception, match="weakly active"):
-        jax.grad(lambda t: jnp.sum(loud(None, t, a, b)[0]))(theta)
+        jax.jit(jax.grad(lambda t: jnp.sum(loud(None, t, a, b)[0])))(theta)
     quiet = bx.implicit_diff(solve, optimality, throw=False)
-    value, grad = jax.value_and_grad(lambda t: jnp.sum(quiet(None, t, a, b)[0]))(theta)
+    value, grad = jax.jit(jax.value_and_grad(lambda t: jnp.sum(quiet(None, t, a, b)[0])))(theta)
     assert jnp.isfinite(value)  # the solution is right; its derivative does not exist
     assert jnp.all(jnp.isnan(grad))
-    # Under `vmap`, only the degenerate problem's derivative is NaN.
+
+
+@pytest.mark.slow
+def test_weakly_active_constraint_under_vmap_and_forward_mode():
+    """Under `vmap`, only the degenerate problem's derivative is NaN; forward mode raises."""
+    solve, optimality, (theta, a, b) = degenerate_halfspace()
+    with pytest.raises(Exception, match="weakly active"):
+        loud = bx.implicit_diff(solve, optimality)
+        jax.jacfwd(lambda t: loud(None, t, a, b)[0])(theta)
+    quiet = bx.implicit_diff(solve, optimality, throw=False)
     thetas = jnp.stack([theta, theta + 2 * a])
     bs = jnp.stack([b, b])
     jac = jax.vmap(jax.jacfwd(lambda t, b: quiet(None, t, a, b)[0]))(thetas, bs)
@@ -192,24 +198,30 @@ def test_not_a_kkt_point_is_reported(x, mu):
     solve = lambda init, theta: (jnp.asarray(x), None, jnp.asarray(mu))
     assert optimality.check(solve(None, theta), theta, tol=1e-8) == bx.RESULTS.kkt_infeasible
     with pytest.raises(Exception, match="not a KKT point"):
-        jax.grad(lambda t: bx.implicit_diff(solve, optimality)(None, t)[0])(theta)
-    grad = jax.grad(lambda t: bx.implicit_diff(solve, optimality, throw=False)(None, t)[0])(theta)
+        jax.jit(jax.grad(lambda t: bx.implicit_diff(solve, optimality)(None, t)[0]))(theta)
+    quiet = bx.implicit_diff(solve, optimality, throw=False)
+    grad = jax.jit(jax.grad(lambda t: quiet(None, t)[0]))(theta)
     assert jnp.isnan(grad)
 
 
 @pytest.mark.slow
 def test_not_a_root_is_refused():
-    """A primal off the constraint aᵀx = b is not a root of F; its derivative is refused."""
+    """A primal off the constraint Ax = b is not a root of F: its derivative is refused, in
+    reverse mode under `jit` too (which runs only the transposed solve)."""
     solve, optimality, args = eq_qp()
-    off = lambda init, *args: eqx.tree_at(
-        lambda s: s[0], solve(init, *args), solve(init, *args)[0] + 1e-3
-    )
-    grad = jax.grad(
-        lambda c: jnp.sum(
-            bx.implicit_diff(off, optimality, throw=False)(None, args[0], c, *args[2:])[0]
-        )
-    )(args[1])
-    assert jnp.all(jnp.isnan(grad))
+
+    def off(init, *args):
+        x, nu, mu = solve(init, *args)
+        return x + 1e-3, nu, mu
+
+    for throw in (True, False):
+        wrapped = bx.implicit_diff(off, optimality, throw=throw)
+        grad = jax.jit(jax.grad(lambda c: jnp.sum(wrapped(None, args[0], c, *args[2:])[0])))
+        if throw:
+            with pytest.raises(Exception, match="not a root"):
+                grad(args[1])
+        else:
+            assert jnp.all(jnp.isnan(grad(args[1])))
 
 
 def test_bad_structure_is_refused_at_trace_time():

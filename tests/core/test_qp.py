@@ -167,6 +167,7 @@ def test_failures_are_reported():
     assert jnp.all(jnp.isnan(unbounded.primal))
 
 
+@pytest.mark.slow
 def test_weakly_active_constraint_is_reported():
     """min ½‖x − θ‖² s.t. x₀ <= θ₀: the constraint holds with equality and μ = 0."""
     theta = jnp.asarray([0.4, -1.0])
