@@ -2,16 +2,26 @@
 
 The problem is logistic regression with one L2 strength per group of features (G groups, so
 G hyperparameters), solved by T steps of gradient descent from zero; the outer loss is the
-validation log-loss at w_T. For every T four contenders compute `bx.unrolled_hypergrad`:
+validation log-loss at w_T. For every T five contenders compute `bx.unrolled_hypergrad`:
 
 - `full`: reverse mode through all T steps (memory O(T) states);
 - `checkpoints`: reverse mode, `checkpoints=⌈√T⌉` (memory O(√T) states, one extra forward pass);
+- `recursive`: reverse mode, `checkpoints="recursive"` (nested levels of 8 segments: memory
+    O(log T) states, each step run forward at most ⌊log₈ T⌋ + 1 times);
 - `truncate`: reverse mode through the last K = `TRUNCATE` steps only (Shaban et al. 2019):
     memory O(K) but a different (biased) hypergradient, whose distance to the full one is
     reported;
 - `forward`: forward mode (ForwardHG), memory independent of T, cost linear in G.
 
-Before timing, `checkpoints` and `forward` must agree with `full` to 1e-9 relative.
+and one peer, `treeverse`: the same unroll written by hand with equinox's online binomial
+checkpointing (`equinox.internal.scan(kind="checkpointed")`, what optimistix's
+`RecursiveCheckpointAdjoint` runs), ⌈log₂ T⌉ checkpoints, differentiated by `jax.grad`.
+
+Before timing, `recursive` must agree with `full` to 1e-12 relative, and `checkpoints`,
+`forward` and `treeverse` to 1e-9. After the last T, the growth of each contender's scratch
+memory with T is fitted: the log-log slope over the two largest T (1 for O(T), ½ for O(√T),
+about 0 for O(log T)), and for `recursive` a least-squares line in log₁₀ T with its R² and
+the ratio of its memory at the two largest T next to the ratio of their logarithms.
 
 Memory is what XLA says about the compiled executable
 (`jax.jit(f).lower(...).compile().memory_analysis()`): `temp` is the scratch space the
@@ -23,6 +33,7 @@ compile time is reported apart.
 
 import math
 
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,7 +52,10 @@ NAME = "unrolled_memory"
 MEMORY_GOAL = 0.05  # checkpointed peak memory / full peak memory at the largest T
 TIME_GOAL = 2.0  # checkpointed run time / full run time at the largest T
 TRUNCATE = 10
-CONTENDERS = ("full", "checkpoints", "truncate", "forward")
+CONTENDERS = ("full", "checkpoints", "recursive", "truncate", "forward", "treeverse")
+# The contenders that compute the full unroll's hypergradient, and how closely they must.
+AGREE = {"recursive": 1e-12, "checkpoints": 1e-9, "forward": 1e-9, "treeverse": 1e-9}
+STEPS = [10, 100, 1_000, 10_000, 100_000]
 
 
 def make_problem(n: int, d: int, groups: int, seed: int = 0):
@@ -58,9 +72,12 @@ def make_problem(n: int, d: int, groups: int, seed: int = 0):
 
 def contender(name: str, num_steps: int, learning_rate: float = 1.0):
     """`(lam, train, val, group) -> (value, hypergrad)` for one contender at T = `num_steps`."""
+    if name == "treeverse":
+        return treeverse(num_steps, learning_rate)
     options = {
         "full": {},
         "checkpoints": {"checkpoints": max(1, math.isqrt(num_steps - 1) + 1)},
+        "recursive": {"checkpoints": "recursive"},
         "truncate": {"truncate": TRUNCATE},
         "forward": {"mode": "forward"},
     }[name]
@@ -80,6 +97,22 @@ def contender(name: str, num_steps: int, learning_rate: float = 1.0):
         )
 
     return fn
+
+
+def treeverse(num_steps: int, learning_rate: float = 1.0):
+    """The peer: `num_steps` gradient-descent steps through equinox's checkpointed scan (online
+    binomial checkpointing, a `custom_vjp`: reverse mode only), ⌈log₂ T⌉ checkpoints."""
+    checkpoints = max(1, math.ceil(math.log2(max(num_steps, 2))))
+
+    def objective(lam, train, val, group):
+        step = lambda w, _: (w - learning_rate * jax.grad(inner_loss)(w, lam, (train, group)), None)
+        w0 = jnp.zeros(train[0].shape[1], train[0].dtype)
+        w, _ = eqxi.scan(
+            step, w0, None, length=num_steps, kind="checkpointed", checkpoints=checkpoints
+        )
+        return outer_loss(w, lam, val)
+
+    return jax.value_and_grad(objective)
 
 
 def memory_analysis(fn, *args) -> dict[str, int]:
@@ -108,9 +141,9 @@ def run_size(num_steps: int, problem, *, repeats: int, log) -> list[dict]:
     # After `compare`, so that its compile time is not a cache hit of this compilation.
     memory = {name: memory_analysis(fn, *args) for name, fn in fns.items()}
     full = outs["full"][1]
-    for name in ("checkpoints", "forward"):
+    for name, tolerance in AGREE.items():
         err = relerr(outs[name][1], full)
-        if not err <= 1e-9:
+        if not err <= tolerance:
             raise AssertionError(f"[T={num_steps}] {name} differs from the full unroll: {err:.1e}")
     rows = []
     for name in CONTENDERS:
@@ -129,13 +162,48 @@ def run_size(num_steps: int, problem, *, repeats: int, log) -> list[dict]:
                 "timing": times[name].to_dict(),
             }
         )
-    ck = rows[1]
+    by_name = {r["method"]: r for r in rows}
+    full_row = by_name["full"]
     log(
-        f"[T={num_steps}] full {rows[0]['peak_MB']:.3g} MB {rows[0]['run_s'] * 1e3:.3g} ms; "
-        f"checkpoints {ck['peak_MB']:.3g} MB ({ck['peak_vs_full']:.1%}), "
-        f"time x{ck['time_vs_full']:.2f}"
+        f"[T={num_steps}] full {full_row['temp_MB']:.3g} MB {full_row['run_s'] * 1e3:.3g} ms; "
+        + "; ".join(
+            f"{name} {by_name[name]['temp_MB']:.3g} MB, time x{by_name[name]['time_vs_full']:.2f}"
+            for name in ("checkpoints", "recursive", "treeverse")
+        )
+        + " (temp memory)"
     )
     return rows
+
+
+def memory_growth(rows) -> dict[str, dict]:
+    """How each contender's scratch memory grows with T, from the rows of every T ≥ 100 (below
+    that, fixed buffers dominate): the log-log slope between the two largest T, and a
+    least-squares fit `temp = a + b log₁₀ T` with its R² and largest relative residual."""
+    growth = {}
+    for name in CONTENDERS:
+        sub = sorted((r["T"], r["memory"]["temp"]) for r in rows if r["method"] == name)
+        sub = [(T, temp) for T, temp in sub if T >= 100]
+        if len(sub) < 2 or min(temp for _, temp in sub) <= 0:
+            continue
+        Ts, temps = np.array([T for T, _ in sub], float), np.array([t for _, t in sub], float)
+        (T1, m1), (T2, m2) = sub[-2], sub[-1]
+        slope, intercept = np.polyfit(np.log10(Ts), temps, 1)
+        fitted = intercept + slope * np.log10(Ts)
+        spread = np.sum((temps - temps.mean()) ** 2)
+        # A memory that does not grow (truncation, forward mode) has no R² to speak of.
+        r2 = float(1 - np.sum((temps - fitted) ** 2) / spread) if spread > 0 else None
+        growth[name] = {
+            "T": [int(T) for T in Ts],
+            "temp_bytes": [int(t) for t in temps],
+            "loglog_slope_last": math.log(m2 / m1) / math.log(T2 / T1),
+            "memory_ratio_last": m2 / m1,
+            "log_ratio_last": math.log(T2) / math.log(T1),
+            "log_fit_bytes_per_decade": float(slope),
+            "log_fit_intercept_bytes": float(intercept),
+            "log_fit_r2": r2,
+            "log_fit_max_rel_residual": float(np.max(np.abs(temps - fitted) / temps)),
+        }
+    return growth
 
 
 def plot(path, rows):
@@ -148,7 +216,7 @@ def plot(path, rows):
     for ax, label in ((ax_mem, "peak memory (MB, XLA memory analysis)"), (ax_time, "run time (s)")):
         log_axes(ax, "inner steps T", label)
     ax_mem.legend()
-    ax_mem.set_title(f"checkpoints=⌈√T⌉, truncate={TRUNCATE}")
+    ax_mem.set_title(f'checkpoints=⌈√T⌉ or "recursive", truncate={TRUNCATE}')
     return _outputs.save_figure(fig, path)
 
 
@@ -173,22 +241,39 @@ def main(argv=None) -> list[dict]:
         n, d, groups, repeats = 100, 200, 10, 3
     else:
         n, d, groups, repeats = 200, 500, 10, 5
-    steps = [10, 100, 1_000, 10_000]
     problem = make_problem(n, d, groups)
     rows = []
-    for num_steps in steps:
+    for num_steps in STEPS:
         rows += run_size(num_steps, problem, repeats=repeats, log=log)
     print()
     print(format_table(rows, COLUMNS))
-    last = {r["method"]: r for r in rows if r["T"] == steps[-1]}
-    ck = last["checkpoints"]
-    print(
-        f"\nat T = {steps[-1]}: checkpointed peak memory = {ck['peak_vs_full']:.1%} of full "
-        f"(goal ≤ {MEMORY_GOAL:.0%}), time = {ck['time_vs_full']:.2f}x full (goal ≤ {TIME_GOAL}x)"
-        f"; n = {n}, d = {d}, G = {groups} hyperparameters, float64."
-    )
+    last = {r["method"]: r for r in rows if r["T"] == STEPS[-1]}
+    print(f"\nn = {n}, d = {d}, G = {groups} hyperparameters, float64.")
+    for name in ("checkpoints", "recursive"):
+        row = last[name]
+        print(
+            f"at T = {STEPS[-1]}: {name} peak memory = {row['peak_vs_full']:.2%} of full "
+            f"(goal ≤ {MEMORY_GOAL:.0%}), time = {row['time_vs_full']:.2f}x full "
+            f"(goal ≤ {TIME_GOAL}x)"
+        )
+    growth = memory_growth(rows)
+    print("\nscratch memory against T (T ≥ 100):")
+    for name, g in growth.items():
+        print(
+            f"  {name:>11}: log-log slope {g['loglog_slope_last']:.3f} over the last two T "
+            f"(memory x{g['memory_ratio_last']:.3g}); temp ≈ {g['log_fit_intercept_bytes']:.4g} "
+            f"+ {g['log_fit_bytes_per_decade']:.4g} log10 T bytes, R² {g['log_fit_r2'] or 0:.4f}"
+        )
+    rec = growth.get("recursive")
+    if rec is not None:
+        print(
+            f"recursive: memory x{rec['memory_ratio_last']:.3f} from T = {rec['T'][-2]} to "
+            f"{rec['T'][-1]}, against log T x{rec['log_ratio_last']:.3f}; the log fit's largest "
+            f"relative residual {rec['log_fit_max_rel_residual']:.1%}."
+        )
     problem = {"n_train": n, "d": d, "hyperparameters": groups, "truncate": TRUNCATE}
     payload = {"problem": problem, "memory_goal": MEMORY_GOAL, "time_goal": TIME_GOAL}
+    payload["memory_growth"] = growth
     finish(args, NAME, out, {**payload, "rows": rows}, lambda path: plot(path, rows))
     return rows
 
