@@ -35,8 +35,9 @@ def kkt_optimality(
     r"""The KKT conditions of $\min_x f(x)$ s.t. $h(x) = 0$, $g(x) \le 0$, as the optimality
     condition of [`bilevax.implicit_diff`][]: jaxopt's `make_kkt_optimality_fun`.
 
-    The solution is the triple `(primal, dual_eq, dual_ineq)` $= (x, \nu, \mu)$, each a pytree
-    of floating-point arrays (`None` for a kind of constraint the problem does not have), and
+    The solution is the triple `(primal, dual_eq, dual_ineq)` $= (x, \nu, \mu)$ (a tuple, or a
+    named tuple such as jaxopt's `KKTSolution`), each a pytree of floating-point arrays
+    (`None` for a kind of constraint the problem does not have), and
 
     $$F\big((x, \nu, \mu), \theta\big) = \big(\nabla_x f + J_h^\top \nu + J_g^\top \mu,\;
       h(x),\; \mu \odot g(x)\big).$$
@@ -122,6 +123,8 @@ class KKTOptimality(eqx.Module):
         slackness = None
         if self.ineq_constraints is not None:
             slackness = jax.tree.map(jnp.multiply, dual_ineq, self.ineq_constraints(primal, *args))
+        if hasattr(solution, "_fields"):  # a named tuple, as jaxopt's `KKTSolution`
+            return type(solution)(stationarity, feasibility, slackness)
         return stationarity, feasibility, slackness
 
     def inequalities(self, solution, *args) -> PyTree[Array] | None:

@@ -735,6 +735,155 @@ def _():
     )
 
 
+# --- Constrained problems: KKT conditions and quadratic programs ---------------------------------
+
+
+QP_WEIGHTS = [jnp.asarray(_rng.normal(size=k)) for k in (5, 2, 4)]
+
+
+from jaxopt._src.base import KKTSolution  # noqa: E402 (not public)
+from jaxopt._src.implicit_diff import make_kkt_optimality_fun  # noqa: E402 (not public)
+
+
+def halfspace_projection(init, params_obj, params_eq, params_ineq):
+    """Projection of `params_obj` onto aᵀx ≤ b, `params_ineq = (a, b)`, with its multiplier."""
+    del init, params_eq
+    a, b = params_ineq
+    mu = jnp.maximum(a @ params_obj - b, 0.0) / (a @ a)
+    return KKTSolution(params_obj - mu * a, None, mu)
+
+
+@row("make_kkt_optimality_fun", "`make_kkt_optimality_fun(obj_fun, eq_fun, ineq_fun)`")
+def _():
+    obj_fun = lambda x, theta: 0.5 * jnp.sum((x - theta) ** 2)
+    ineq_fun = lambda x, params_ineq: params_ineq[0] @ x - params_ineq[1]
+    theta, a = jnp.asarray(_rng.normal(size=4)), jnp.asarray(_rng.normal(size=4))
+    args = (theta, None, (a, jnp.asarray(-0.3)))
+
+    def grads(wrapped):
+        def objective(theta, a):
+            x, _, mu = wrapped(None, theta, None, (a, args[2][1]))
+            return jnp.vdot(QP_WEIGHTS[2], x) + mu
+
+        return jax.grad(objective, argnums=(0, 1))(theta, a)
+
+    expected, ours = both(
+        lambda: grads(
+            jid.custom_root(make_kkt_optimality_fun(obj_fun, None, ineq_fun), solve=NORMAL_CG)(
+                halfspace_projection
+            )
+        ),
+        lambda: grads(
+            bx.implicit_diff(
+                halfspace_projection,
+                bx.kkt_optimality(
+                    lambda x, po, pe, pi: obj_fun(x, po),
+                    None,
+                    lambda x, po, pe, pi: ineq_fun(x, pi),
+                ),
+            )
+        ),
+    )
+    assert_close(ours, expected)
+
+
+def qp_data(seed=7, n=5, m=2, p=4):
+    rng = np.random.default_rng(seed)
+    M = rng.normal(size=(n, n))
+    data = (M @ M.T + 0.1 * np.eye(n), rng.normal(size=n), rng.normal(size=(m, n)))
+    data += (rng.normal(size=m), rng.normal(size=(p, n)), 0.1 * rng.normal(size=p))
+    return tuple(jnp.asarray(x) for x in data)
+
+
+QP = qp_data()
+# ADMM on both sides: bilevax's stops at a relative 1e-12 here, jaxopt's at an absolute
+# 1e-11 (its `tol`), so solutions and derivatives agree to about 1e-8, not to rounding.
+QP_RTOL = 1e-7
+
+
+def qp_grads(solve):
+    """The solution, and the gradient of a fixed weighting of primal and duals with respect
+    to every array of the program."""
+    scalar = lambda *data: sum(
+        jnp.vdot(w, v) for w, v in zip(QP_WEIGHTS, solve(*data)) if v is not None
+    )
+    return solve(*QP), jax.grad(scalar, argnums=tuple(range(len(QP))))(*QP)
+
+
+def jaxopt_qp(solver_class, **kwargs):
+    return solver_class(
+        tol=1e-11,
+        maxiter=100_000,
+        implicit_diff_solve=functools.partial(linear_solve.solve_normal_cg, tol=TIGHT),
+        **kwargs,
+    )
+
+
+def bilevax_qp(*data):
+    sol = bx.solve_qp(*data, tol=1e-12, max_steps=100_000)
+    return sol.primal, sol.dual_eq, sol.dual_ineq
+
+
+@row(
+    "OSQP",
+    "`OSQP().run(params_obj=(Q, c), params_eq=(A, b), params_ineq=(G, h))`",
+    slow=True,
+)
+def _():
+    def theirs(Q, c, A, b, G, h):
+        p = jaxopt_qp(jaxopt.OSQP).run(params_obj=(Q, c), params_eq=(A, b), params_ineq=(G, h))
+        return tuple(p.params)
+
+    expected, ours = both(lambda: qp_grads(theirs), lambda: qp_grads(bilevax_qp))
+    assert_close(ours, expected, QP_RTOL)
+
+
+@row("BoxOSQP", "`BoxOSQP().run(params_obj=(Q, c), params_eq=A, params_ineq=(l, u))`", slow=True)
+def _():
+    Q, c, _, _, A, u = QP
+    lower = u - 1.0
+
+    def theirs(Q, c, A, u):
+        p = jaxopt_qp(jaxopt.BoxOSQP).run(params_obj=(Q, c), params_eq=A, params_ineq=(lower, u))
+        return p.params.primal[0], p.params.dual_eq
+
+    def ours(Q, c, A, u):
+        p = bx.solve_qp(
+            Q, c, None, None, jnp.concatenate([A, -A]), jnp.concatenate([u, -lower]), tol=1e-12
+        )
+        # BoxOSQP's one multiplier per row is μ_upper − μ_lower.
+        return p.primal, p.dual_ineq[:4] - p.dual_ineq[4:]
+
+    def grads(solve):
+        scalar = lambda *data: sum(jnp.vdot(w, v) for w, v in zip(QP_WEIGHTS[::2], solve(*data)))
+        return solve(Q, c, A, u), jax.grad(scalar, argnums=(0, 1, 2, 3))(Q, c, A, u)
+
+    expected, result = both(lambda: grads(theirs), lambda: grads(ours))
+    assert_close(result, expected, QP_RTOL)
+
+
+@row(
+    "EqualityConstrainedQP",
+    "`EqualityConstrainedQP().run(params_obj=(Q, c), params_eq=(A, b))`",
+    slow=True,
+)
+def _():
+    def theirs(Q, c, A, b):
+        p = jaxopt.EqualityConstrainedQP(tol=1e-12).run(params_obj=(Q, c), params_eq=(A, b))
+        return p.params.primal, p.params.dual_eq
+
+    def ours(Q, c, A, b):
+        sol = bx.solve_qp(Q, c, A, b, tol=1e-12, max_steps=100_000)
+        return sol.primal, sol.dual_eq
+
+    def grads(solve):
+        scalar = lambda *data: sum(jnp.vdot(w, v) for w, v in zip(QP_WEIGHTS, solve(*data)))
+        return solve(*QP[:4]), jax.grad(scalar, argnums=(0, 1, 2, 3))(*QP[:4])
+
+    expected, result = both(lambda: grads(theirs), lambda: grads(ours))
+    assert_close(result, expected, QP_RTOL)
+
+
 # --- The tests ----------------------------------------------------------------------------------
 
 
