@@ -1,6 +1,6 @@
-r"""Stochastic single-loop bilevel solvers (SOBA, SABA) against deterministic hypergradient
-descent, on per-feature L2 hyperparameter optimisation for logistic regression with many
-samples.
+r"""Stochastic bilevel solvers (SOBA, SABA, and the first-order F2SA and BOME) against
+deterministic hypergradient descent, on per-feature L2 hyperparameter optimisation for
+logistic regression with many samples.
 
 Synthetic data (nothing is downloaded): $x_i \sim \mathcal N(0, I_d)$, a sparse true weight
 vector, labels $y_i = \operatorname{sign}(x_i^\top w_\text{true} + \varepsilon_i)$ with 10% of
@@ -14,6 +14,8 @@ Methods, all started from $\lambda = 0$, $w = 0$:
 
 - `soba`: [`bilevax.contrib.SOBA`][] with constant step sizes;
 - `saba`: [`bilevax.contrib.SABA`][] with the same step sizes (its memory starts with one pass);
+- `f2sa`: [`bilevax.contrib.F2SA`][], first-order, with a constant penalty `--f2sa-penalty`;
+- `bome`: [`bilevax.contrib.BOME`][], first-order, `--bome-inner-steps` steps of $\theta$;
 - `deterministic`: hypergradient descent with full-batch oracles: per outer step, a
   warm-started [`bilevax.inner_solve`][] (gradient descent, at most `--inner-steps` steps) and
   [`bilevax.implicit_hypergrad`][] with `--cg-steps` CG iterations.
@@ -42,7 +44,8 @@ import bilevax as bx
 from . import _cli, _console, _harness, _outputs
 
 
-METHODS = ("soba", "saba", "deterministic")
+METHODS = ("soba", "saba", "f2sa", "bome", "deterministic")
+STOCHASTIC = ("soba", "saba", "f2sa", "bome")
 FULL = {"n_train": 20_000, "n_val": 5_000, "n_test": 5_000, "dim": 50, "passes": 40}
 QUICK = {"n_train": 4_000, "n_val": 1_000, "n_test": 1_000, "dim": 20, "passes": 40}
 EVALS_PER_RUN = 30  # points on each convergence curve
@@ -164,6 +167,14 @@ def solvers(args) -> dict:
     return {
         "soba": bx.contrib.SOBA(args.inner_lr, args.soba_outer_lr, **kwargs),
         "saba": bx.contrib.SABA(args.inner_lr, args.saba_outer_lr, **kwargs),
+        "f2sa": bx.contrib.F2SA(args.inner_lr, args.f2sa_outer_lr, args.f2sa_penalty, **kwargs),
+        "bome": bx.contrib.BOME(
+            args.inner_lr,
+            args.bome_outer_lr,
+            inner_steps=args.bome_inner_steps,
+            params_lr=args.bome_params_lr,
+            **kwargs,
+        ),
     }
 
 
@@ -223,10 +234,10 @@ def _evaluation_loop(run, name, data, fresh, advance) -> dict:
 def run_stochastic(name, solver, data, passes: float, seed: int, run: _harness.Run) -> dict:
     """Runs `solver` for `passes` data passes, evaluating h(λ) `EVALS_PER_RUN` times."""
     n, m = data["train"]["y"].shape[0], data["val"]["y"].shape[0]
-    b_in, b_out = solver.samples_per_step(data["train"], data["val"])
-    # Per step: a gradient and one VJP of it (H v and the cross term) per inner sample, one
-    # gradient per outer sample.
-    per_step = 2 * b_in + b_out
+    b_in, _ = solver.samples_per_step(data["train"], data["val"])
+    # Per step, SOBA and SABA: a gradient and one VJP of it (H v and the cross term) per inner
+    # sample, one gradient per outer sample; F2SA and BOME: gradients only, several per sample.
+    per_step = sum(solver.evaluations_per_step(data["train"], data["val"]).values())
     init_cost = 2 * n + m if isinstance(solver, bx.contrib.SABA) else 0
     total_steps = int((passes * (n + m) - init_cost) / per_step)
     if total_steps < EVALS_PER_RUN:
@@ -354,6 +365,11 @@ def main(argv=None) -> dict:
     p.add_argument("--inner-lr", type=float, default=0.5, help="SOBA/SABA step of w and v")
     p.add_argument("--soba-outer-lr", type=float, default=8.0, help="SOBA step of λ")
     p.add_argument("--saba-outer-lr", type=float, default=128.0, help="SABA step of λ")
+    p.add_argument("--f2sa-outer-lr", type=float, default=128.0, help="F2SA step of λ")
+    p.add_argument("--f2sa-penalty", type=float, default=100.0, help="F2SA penalty σ")
+    p.add_argument("--bome-outer-lr", type=float, default=128.0, help="BOME step of λ")
+    p.add_argument("--bome-params-lr", type=float, default=0.5, help="BOME step of w")
+    p.add_argument("--bome-inner-steps", type=int, default=5, help="BOME steps of θ")
     p.add_argument("--det-outer-lr", type=float, default=1600.0, help="deterministic step of λ")
     p.add_argument("--inner-steps", type=int, default=5, help="deterministic inner steps")
     p.add_argument("--cg-steps", type=int, default=5, help="deterministic CG iterations")

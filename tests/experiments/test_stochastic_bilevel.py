@@ -1,4 +1,5 @@
-"""The stochastic bilevel experiment at a tiny size: SOBA and SABA lower the validation loss,
+"""The stochastic bilevel experiment at a tiny size: SOBA, SABA, F2SA and BOME lower the
+validation loss,
 the outputs are written, and `--resume` runs nothing of a finished run and only what is left of a
 killed one (counting the rounds each method runs)."""
 
@@ -17,6 +18,7 @@ from experiments import stochastic_bilevel
 ARGS = [
     *("--quick", "--n-train", "400", "--dim", "5", "--passes", "8", "--batch-size", "8"),
     *("--soba-outer-lr", "2", "--saba-outer-lr", "8", "--inner-steps", "1", "--cg-steps", "1"),
+    *("--f2sa-outer-lr", "8", "--bome-outer-lr", "8"),
 ]
 
 
@@ -34,7 +36,7 @@ def test_stochastic_methods_lower_the_validation_loss(run):
     # The L-BFGS reference is below the start, and SOBA and SABA close at least half the gap
     # within 8 data passes (measured: 80% for SOBA, 92% for SABA).
     assert reference < initial - 0.01
-    for name in ("soba", "saba"):
+    for name in stochastic_bilevel.STOCHASTIC:
         r = results[name]
         assert r["finite"]
         assert r["val_loss"] < initial - 0.5 * (initial - reference)
@@ -59,11 +61,11 @@ def test_outputs_and_resume(run):
 def _spies(monkeypatch, fail_at=None):
     """Counts the evaluation rounds each method runs (a chunk of stochastic steps, or one
     deterministic step); with `fail_at`, SABA's round `fail_at` is "killed"."""
-    calls = {"soba": [], "saba": [], "deterministic": []}
+    calls = {name: [] for name in stochastic_bilevel.METHODS}
     chunk, step = stochastic_bilevel._stochastic_chunk, stochastic_bilevel.deterministic_step
 
     def stochastic(solver, *args):
-        name = "saba" if isinstance(solver, stochastic_bilevel.bx.contrib.SABA) else "soba"
+        name = type(solver).__name__.lower()
         if name == "saba" and len(calls["saba"]) == fail_at:
             raise KeyboardInterrupt
         calls[name].append(1)
@@ -83,7 +85,7 @@ def test_resume_of_a_finished_run_runs_nothing(run, monkeypatch):
     out, results = run
     calls = _spies(monkeypatch)
     again = stochastic_bilevel.main([*ARGS, "--out", str(out), "--resume"])
-    assert calls == {"soba": [], "saba": [], "deterministic": []}
+    assert all(c == [] for c in calls.values())
     assert all(p["from"] == p["to"] for p in again["run"]["progress"].values())
     for name in stochastic_bilevel.METHODS:
         assert again[name]["val_curve"] == results[name]["val_curve"]
@@ -98,10 +100,12 @@ def test_resume_after_kill_runs_only_the_rest(tmp_path, monkeypatch):
         calls = _spies(patch, fail_at=2)
         with pytest.raises(KeyboardInterrupt):
             stochastic_bilevel.main([*tiny, "--out", str(tmp_path / "cut")])
-    assert len(calls["soba"]) == 4 and len(calls["saba"]) == 2 and calls["deterministic"] == []
+    assert len(calls["soba"]) == 4 and len(calls["saba"]) == 2
+    assert calls["f2sa"] == calls["bome"] == calls["deterministic"] == []
     calls = _spies(monkeypatch)
     resumed = stochastic_bilevel.main([*tiny, "--out", str(tmp_path / "cut"), "--resume"])
     assert len(calls["soba"]) == 0 and len(calls["saba"]) == 2
+    assert len(calls["f2sa"]) == len(calls["bome"]) == 4
     assert resumed["run"]["progress"]["saba"] == {"from": 2, "to": 4}
     for name in stochastic_bilevel.METHODS:
         assert resumed[name]["val_curve"] == whole[name]["val_curve"]
