@@ -38,6 +38,11 @@ the compiled loop and the compile time is reported apart. The inner solver is L-
 - (d) `hoag`: (c) in one class, `bx.contrib.HOAG.step` with (c)'s inner solver: the same
     schedule, warm starts, resumed solver state, `bx.CG` and (dense BFGS) preconditioner; it
     does the same counted work, less the HVP of (c)'s info residual each outer step.
+- (e) `mixed`: (c) with the bulk of both solves in float32 (L-BFGS, then CG), refined in
+    float64 by mixed-precision Newton steps and iterative refinement, and checked by (c)'s
+    float64 stages at (c)'s tolerances (`mixed_hypergrad`): every pass over the training
+    matrix in float32 reads half the bytes, and the loop is memory-bound. Its float32
+    evaluations and HVPs are counted apart (`f32_loss_evals`, `f32_hvps`).
 
 Before timing, every loop's final λ is compared with jaxopt's, and the validation loss at
 the final λ (with the inner problem solved to machine precision by an independent Newton-CG)
@@ -99,8 +104,16 @@ LOSS_RTOL = 1e-6
 # Time-to-target: a loop has arrived once its exact validation loss is within this, relative,
 # of the best final loss any contender reached.
 TARGET_RTOL = 1e-6
-CONTENDERS = ("jaxopt", "obvious", "warm", "best", "hoag")
-QUICK_CONTENDERS = CONTENDERS[:4]  # (d) only in the full run: two more compilations each
+CONTENDERS = ("jaxopt", "obvious", "warm", "best", "hoag", "mixed")
+QUICK_CONTENDERS = ("jaxopt", "obvious", "warm", "best", "mixed")  # (d): as (c), in one class
+# (e): the float32 stages stop at this gradient (or adjoint residual) norm at the tightest;
+# below it float32's rounding makes progress erratic. Each is cut short at this many steps.
+MIXED_F32_TOL = 1e-5
+MIXED_F32_MAX_STEPS = 100
+# (e)'s mixed-precision refinement: rounds of a float64 residual and a float32 CG to this.
+REFINE_RTOL = 1e-2
+REFINE_ROUNDS = 6
+REFINE_CG_STEPS = 50
 # lineax's CG recomputes the residual from scratch every `stabilise_every` steps (an HVP).
 STABILISE_EVERY = lx.CG(0.0, 0.0, max_steps=1).stabilise_every
 
@@ -109,11 +122,13 @@ STABILISE_EVERY = lx.CG(0.0, 0.0, max_steps=1).stabilise_every
 
 
 class Counter:
-    """Host-side tallies that the un-timed copies of the loops call back into."""
+    """Host-side tallies that the un-timed copies of the loops call back into; `low` tallies
+    the float32 work of (e) apart."""
 
-    def __init__(self):
+    def __init__(self, low: bool = False):
         self.loss_evals = 0
         self.hvps = 0
+        self.low = None if low else Counter(low=True)
 
     def loss(self):
         self.loss_evals += 1
@@ -379,12 +394,189 @@ def hoag_loop(num_steps: int, counter: Counter | None = None):
     return loop
 
 
+def _f32(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if eqx.is_inexact_array(x) else x, tree)
+
+
+def _f64(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, tree)
+
+
+class _LBFGS(optx.LBFGS):
+    """`optx.LBFGS` that also runs in float32 under x64: optimistix 0.1.0 creates the
+    curvature history's `inner_history` in the default float type, float64 under x64, and
+    the two-loop recursion of a float32 solve then fails on a float64 carry (the bug of
+    optimistix#207, fixed there for BFGS only). The history is built in float64, as
+    optimistix does, and cast to the parameters' type."""
+
+    def init_hessian(self, y, f, grad):
+        from optimistix._solver.limited_memory_bfgs import _lbfgs_inverse_hessian_operator_fn
+
+        f_info, state = super().init_hessian(_f64(y), f, _f64(grad))
+        if jax.tree.leaves(y)[0].dtype == jnp.float64:
+            return f_info, state
+        state = _f32(state)
+        operator = lx.FunctionLinearOperator(
+            lambda v: _lbfgs_inverse_hessian_operator_fn(v, state),
+            jax.eval_shape(lambda: y),
+            tags=lx.positive_semidefinite_tag,
+        )
+        return optx.FunctionInfo.EvalGradHessianInv(f, grad, operator), state
+
+
+def _finite(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _f32_hvp(loss, w, lam, data, counter: Counter | None):
+    """The Hessian-vector product of `loss` at `w`, all in float32, counted on `counter`."""
+    hvp = jax.linearize(lambda u: jax.grad(loss)(u, *_f32((lam, data))), _f32(w))[1]
+    return hvp if counter is None else _counted_hvp(hvp, counter)
+
+
+def _counted_hvp(hvp, counter: Counter):
+    def counted(u):
+        jax.debug.callback(counter.add_hvps, 1)
+        return hvp(u)
+
+    return counted
+
+
+def _refine(residual, hvp32, x, tol):
+    """Mixed-precision iterative refinement of `x` towards `residual(x) = 0`, `residual`
+    in float64 with Jacobian ≈ the float32 `hvp32`: each round takes one float64 residual
+    and corrects `x` by a float32 CG solve to `REFINE_RTOL`, until `‖residual‖ ≤ tol` or
+    `REFINE_ROUNDS` rounds. Each round gains ~`REFINE_RTOL` in the residual while float32's
+    Hessian is accurate to better than that."""
+
+    def body(carry):
+        x, r, i = carry
+        step, _ = jax.scipy.sparse.linalg.cg(
+            hvp32, _f32(r), tol=REFINE_RTOL, maxiter=REFINE_CG_STEPS
+        )
+        x = x - _f64(step)
+        return x, residual(x), i + 1
+
+    def cond(carry):
+        _, r, i = carry
+        return (jnp.linalg.norm(r) > tol) & (i < REFINE_ROUNDS)
+
+    x, *_ = jax.lax.while_loop(cond, body, (x, residual(x), 0))
+    return x
+
+
+def _mixed_solver():
+    # L-BFGS in both precisions: a dense BFGS's d² matrix in float32 saves less than it costs
+    # to keep two of them.
+    return _LBFGS(rtol=INNER_TOL, atol=INNER_TOL, history_length=HISTORY)
+
+
+def mixed_init(lam, train, counter: Counter | None = None):
+    """(e)'s carry before the first outer step: `(w, v, state32, state64)`."""
+    solver = _mixed_solver()
+    zeros = jnp.zeros(train[0].shape[1], lam.dtype)
+    state = lambda loss, w, lam, data: (
+        bx.inner_solve(loss, w, lam, data, solver=solver, max_steps=0).state
+    )
+    low = None if counter is None else counter.low
+    state32 = state(_counted_loss(low), _f32(zeros), _f32(lam), _f32(train))
+    return zeros, zeros, state32, state(_counted_loss(counter), zeros, lam, train)
+
+
+def mixed_hypergrad(lam, train, val, carry, tol, counter: Counter | None = None):
+    """(e)'s hypergradient: `(value, hypergrad, carry, inner_steps)`, with `carry` the
+    `(w, v, state32, state64)` of `mixed_init` or of the last call.
+
+    The inner problem is solved in float32 (L-BFGS, its state resumed) to
+    `max(tol, MIXED_F32_TOL)`, and the answer refined by mixed-precision Newton steps: each a
+    float64 gradient and a float32 CG on the float32 Hessian (`_refine`). The adjoint
+    likewise by iterative refinement from the last adjoint, each round one float64 residual
+    `Hv − ∇_w E` and a float32 CG. Last come (c)'s float64 stages with (c)'s tolerances,
+    L-BFGS from the refined solution and `bx.implicit_hypergrad`'s CG from the refined
+    adjoint: each checks its tolerance first (one gradient, one HVP) and steps only if
+    refinement fell short. So the hypergradient is as accurate as (c)'s, and a failed float32
+    stage costs time, never accuracy."""
+    w, v, state32, state64 = carry
+    low = None if counter is None else counter.low
+    loss64, loss32 = _counted_loss(counter), _counted_loss(low)
+    solver = _mixed_solver()
+    sol32 = bx.inner_solve(
+        loss32,
+        _f32(w),
+        _f32(lam),
+        _f32(train),
+        solver=solver,
+        tol=jnp.maximum(tol, MIXED_F32_TOL).astype(jnp.float32),
+        max_steps=MIXED_F32_MAX_STEPS,
+        solver_state=state32,
+    )
+    start = jnp.where(_finite(sol32.params), _f64(sol32.params), w)
+    gradient = lambda w: jax.grad(loss64)(w, lam, train)
+    start = _refine(gradient, _f32_hvp(loss32, start, lam, train, low), start, tol)
+    sol = bx.inner_solve(
+        loss64,
+        start,
+        lam,
+        train,
+        solver=solver,
+        tol=tol,
+        max_steps=INNER_MAX_STEPS,
+        solver_state=state64,
+    )
+    hvp32 = _f32_hvp(loss32, sol.params, lam, train, low)
+    outer_grad = jax.grad(outer_loss)(sol.params, lam, val)
+    hvp64 = jax.linearize(gradient, sol.params)[1]
+    if counter is not None:
+        hvp64 = _counted_hvp(hvp64, counter)
+    scale = jnp.maximum(1.0, jnp.linalg.norm(outer_grad))  # HOAG's rule, as (c)
+    v = _refine(lambda v: hvp64(v) - outer_grad, hvp32, v, tol * scale)
+    value, hypergrad, info = bx.implicit_hypergrad(
+        outer_loss,
+        loss64,
+        sol.params,
+        lam,
+        train,
+        val,
+        linear_solver=_counted_solver(bx.CG(rtol=tol, atol=tol), counter),
+        adjoint_init=v,
+        has_aux=True,
+        tol=tol,
+    )
+    if counter is not None:  # the info's residual, as (c)
+        jax.debug.callback(counter.add_hvps, 1)
+    carry = (sol.params, info.adjoint, sol32.state, sol.state)
+    return value, hypergrad, carry, sol.stats["num_steps"] + sol32.stats["num_steps"]
+
+
+def mixed_loop(num_steps: int, counter: Counter | None = None):
+    """(e): (c) with the bulk of both solves in float32, refined in float64 (see
+    `mixed_hypergrad`): each pass over the training matrix in float32 moves half the bytes.
+    """
+    optimizer = optax.adam(OUTER_LR)
+    schedule = _hoag()
+
+    def loop(lam, train, val):
+        def step(carry, k):
+            lam, opt_state, solves = carry
+            tol = schedule.tolerance(k.astype(lam.dtype))
+            value, hypergrad, solves, steps = mixed_hypergrad(lam, train, val, solves, tol, counter)
+            lam, opt_state = _adam_step(optimizer, hypergrad, opt_state, lam)
+            return (lam, opt_state, solves), (value, steps, lam)
+
+        carry = (lam, optimizer.init(lam), mixed_init(lam, train, counter))
+        (lam, *_), trajectory = jax.lax.scan(step, carry, jnp.arange(num_steps))
+        return lam, *trajectory
+
+    return loop
+
+
 LOOPS = {
     "jaxopt": jaxopt_loop,
     "obvious": obvious_loop,
     "warm": lambda num_steps, counter=None: obvious_loop(num_steps, counter, warm=True),
     "best": best_loop,
     "hoag": hoag_loop,
+    "mixed": mixed_loop,
 }
 
 
@@ -431,11 +623,16 @@ def counted_run(name: str, num_steps: int, lam0, train, val):
     inner iterations, inner-loss evaluations and HVPs. The callbacks change no number."""
     counter = Counter()
     lam, _, steps, _ = jax.jit(LOOPS[name](num_steps, counter))(lam0, train, val)
-    return lam, {
+    counts = {
         "inner_iters": int(jnp.sum(steps)),
         "loss_evals": counter.loss_evals,
         "hvps": counter.hvps,
     }
+    low = counter.low
+    assert low is not None
+    if low.loss_evals or low.hvps:  # (e): of these, the float32 ones
+        counts |= {"f32_loss_evals": low.loss_evals, "f32_hvps": low.hvps}
+    return lam, counts
 
 
 def exact_losses(lams, train, val) -> np.ndarray:
@@ -593,6 +790,8 @@ COLUMNS = [
     "evals_per_iter",
     "hvps",
     "hvps_per_step",
+    "f32_loss_evals",
+    "f32_hvps",
     "val_loss",
     "lam_vs_jaxopt",
 ]
