@@ -266,3 +266,66 @@ def test_binary_kernel_svm_with_intercept():
     directional = jnp.vdot(grads[0], dX) + grads[1]
     # The derivative is taken at ADMM's solution, accurate to about 1e-9.
     assert abs(directional - difference) <= 1e-6 * abs(difference)
+
+
+def multiclass_svm_program(X, Y, l2reg):
+    """The dual of the Crammer-Singer multiclass linear SVM (jaxopt's
+    `multiclass_linear_svm.py`), β ∈ Rⁿˣᵏ flattened by rows: min ½ vec(β)ᵀ(K ⊗ I)vec(β)/l2reg
+    + cᵀvec(β) with c = −(1 − Y) − KY/l2reg, each row of β on the simplex."""
+    n, k = Y.shape
+    K = X @ X.T
+    Q = jnp.kron(K, jnp.eye(k)) / l2reg
+    c = (-(1.0 - Y) - K @ Y / l2reg).ravel()
+    A = jnp.kron(jnp.eye(n), jnp.ones((1, k)))
+    return Q, c, A, jnp.ones(n), -jnp.eye(n * k), jnp.zeros(n * k)
+
+
+@pytest.mark.slow
+def test_multiclass_linear_svm():
+    """jaxopt's example on its data (20 examples, 5 features, 3 classes): the dual against
+    jaxopt's `OSQP` with the example's matvecs; its derivative with respect to the data and
+    the regularisation against the active-set closed form's central differences."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    X, y = datasets.make_classification(
+        n_samples=20, n_features=5, n_informative=3, n_classes=3, random_state=0
+    )
+    X = jnp.asarray(X / np.linalg.norm(X, axis=1, keepdims=True))
+    Y = jax.nn.one_hot(jnp.asarray(y), 3, dtype=X.dtype)
+    l2reg = jnp.asarray(1.0)
+    sol = jax.jit(lambda X, l2reg: bx.solve_qp(*multiclass_svm_program(X, Y, l2reg)))(X, l2reg)
+    assert sol.result == bx.RESULTS.successful
+
+    def matvec_Q(X, beta):
+        return jnp.dot(X, jnp.dot(X.T, beta)) / l2reg
+
+    with standard():
+        osqp = jaxopt.OSQP(
+            matvec_Q=matvec_Q,
+            matvec_A=lambda _, beta: jnp.sum(beta, axis=-1),
+            matvec_G=lambda _, beta: -beta,
+            tol=1e-10,
+            maxiter=50_000,
+        )
+        linear_part = -(1.0 - Y) - jnp.dot(X, jnp.dot(X.T, Y)) / l2reg
+        ref = osqp.run(
+            params_obj=(X, linear_part),
+            params_eq=(None, jnp.ones(20)),
+            params_ineq=(None, jnp.zeros_like(Y)),
+        ).params
+    assert relerr(sol.primal, ref.primal.ravel()) < 1e-7
+
+    weights = jnp.asarray(np.random.default_rng(5).normal(size=60))
+    scalar = lambda X, l2reg: weights @ bx.solve_qp(*multiclass_svm_program(X, Y, l2reg)).primal
+    grads = jax.jit(jax.grad(scalar, (0, 1)))(X, l2reg)
+    active = np.flatnonzero(np.asarray(sol.dual_ineq) > 1e-6)
+    dX = jnp.asarray(np.random.default_rng(6).normal(size=X.shape))
+    eps = 1e-6
+    closed = lambda s: (
+        weights
+        @ active_set_solution(
+            *multiclass_svm_program(X + s * eps * dX, Y, l2reg + s * eps), active
+        )[0]
+    )
+    difference = (closed(1.0) - closed(-1.0)) / (2 * eps)
+    directional = jnp.vdot(grads[0], dX) + grads[1]
+    assert abs(directional - difference) <= 1e-6 * abs(difference)
