@@ -33,8 +33,8 @@ def test_stochastic_methods_lower_the_validation_loss(run):
     _, results = run
     initial = results["initial_val_loss"]
     reference = results["reference"]["val_loss"]
-    # The L-BFGS reference is below the start, and SOBA and SABA close at least half the gap
-    # within 8 data passes (measured: 80% for SOBA, 92% for SABA).
+    # The L-BFGS reference is below the start, and each stochastic method closes at least half
+    # the gap within 8 data passes (measured: 86% SOBA, 93% SABA, 87% F2SA, 76% BOME).
     assert reference < initial - 0.01
     for name in stochastic_bilevel.STOCHASTIC:
         r = results[name]
