@@ -192,8 +192,11 @@ class BOME(AbstractStochasticBilevel):
     `tests/core/test_first_order.py`'s quadratic, $w^*(\lambda)$ is missed by about
     $2.4\,\xi$): decrease the steps to converge. And $\theta_T$ is not $w^*$: the
     hyperparameters are biased unless $T\alpha$ times the inner problem's curvature is
-    large. The analysis (and the reference code) is deterministic; with mini-batches $\phi$
-    is a ratio of estimates, biased.
+    large. The analysis (and the reference code) is deterministic. With mini-batches (one
+    inner batch per step, for $\theta$'s steps and $\nabla\hat q$) $\theta_T$ minimises the
+    batch's loss and $\phi$ is a ratio of estimates: BOME is biased, the less the larger the
+    batches (on the test quadratic, 50% from $\lambda^*$ with batches of 8, 23% with 64,
+    0.2% with full batches).
 
     The state's `params` is $w$; there is no adjoint (`v` is `None`) and no memory.
 
