@@ -16,7 +16,7 @@ $\nabla_\lambda L$ at $w \pm \varepsilon v$ instead of a second-order product.
 """
 
 import abc
-from typing import Any
+from typing import Any, ClassVar, cast
 
 import equinox as eqx
 import jax
@@ -43,7 +43,7 @@ class AbstractApproximateAdjoint(AbstractAdjoint):
 
     # Whether the derivative exists in forward mode (a finite difference of the
     # hyperparameter gradient is a reverse-mode construction: `jax.custom_vjp`).
-    forward_mode: eqx.AbstractClassVar[bool]
+    forward_mode: ClassVar[bool] = True
 
     def apply(self, loop, init, hparams, data):
         outcome = stop_gradient(loop).to_tolerance(
@@ -79,13 +79,13 @@ class OneStepAdjoint(AbstractApproximateAdjoint):
     gradient descent one mixed second-order product, no linear solve).
 
     Forward mode, reverse mode and their compositions all work (the step is differentiated
-    by JAX), under `jax.jit` and `jax.vmap`, with any solver, since any step can be
-    differentiated. Its [`bilevax.HypergradInfo`][] (through
+    by JAX), under `jax.jit` and `jax.vmap`, with bilevax's solvers and any optax
+    transformation. An optimistix minimiser is refused (`TypeError`): its step moves along a
+    direction computed at the previous step, so its derivative would be zero. Its
+    [`bilevax.HypergradInfo`][] (through
     `implicit_hypergrad(..., adjoint=OneStepAdjoint(), solver=...)`) needs a solver whose
     step takes the gradient it is given: gradient descent, an optax transformation, ISTA.
     """
-
-    forward_mode = True
 
     def attach(self, loop, params, state, hparams, data):
         params, state = stop_gradient((params, state))
@@ -127,7 +127,7 @@ class FiniteDifferenceAdjoint(AbstractApproximateAdjoint):
 
     radius: Any = 0.01
     learning_rate: Any = None
-    forward_mode = False
+    forward_mode: ClassVar[bool] = False
 
     def __check_init__(self):
         check_real("radius", self.radius, lower=0, lower_open=True)
@@ -181,7 +181,7 @@ class SAMAAdjoint(AbstractApproximateAdjoint):
     b2: Any = 0.999
     eps: Any = 1e-8
     radius: Any = 1.0
-    forward_mode = False
+    forward_mode: ClassVar[bool] = False
 
     def __check_init__(self):
         check_real("learning_rate", self.learning_rate, lower=0, lower_open=True)
@@ -249,6 +249,15 @@ def _full_state(loop: InnerLoop, params, state, inputs):
 
 def _step(loop: InnerLoop, params, state, inputs) -> PyTree[Array]:
     """One solver step from `params`, a function of `inputs`."""
+    if isinstance(loop.solver, _OptimistixSolver):
+        # Its derivative would be zero, a plausible wrong number.
+        raise TypeError(
+            "`OneStepAdjoint` cannot differentiate a step of an optimistix minimiser: its step "
+            "moves along the direction it computed at the previous step, so one step does not "
+            "depend on the hyperparameters through the gradient at the solution. Use "
+            "`bx.GradientDescent`, an optax transformation, or `bx.ImplicitAdjoint()` (which "
+            "suits a quasi-Newton solve: `bx.QuasiNewtonPreconditioner`)."
+        )
     fn, args = _loss(loop, inputs)
     full_state = _full_state(loop, params, state, inputs)
     grad = None if loop.solver.evaluates_own_gradient else jax.grad(fn)(params, args)
@@ -302,6 +311,9 @@ def _finite_difference_mixed(loop: InnerLoop, params, inputs, v, radius, perturb
 def _finite_difference(inputs, params, adjoint, loop, state):
     del inputs, adjoint, loop, state
     return params
+
+
+_finite_difference = cast(Any, _finite_difference)
 
 
 @_finite_difference.def_fwd
