@@ -88,7 +88,9 @@ def solve_qp(
     - `A`, `b`: the equality constraints $Ax = b$, both or neither.
     - `G`, `h`: the inequality constraints $Gx \le h$, both or neither; `h` finite.
     - `max_steps`: the most ADMM steps.
-    - `tol`: the stopping test above; by default $10^{-9}$ in float64, $10^{-4}$ below.
+    - `tol`: the stopping test above; by default $10^{-9}$ in float64, $10^{-4}$ below. It
+        is absolute where the program's scale is below 1: for a program whose entries are
+        small (a loss averaged over many terms), scale it, or tighten `tol`.
     - `rho`, `sigma`, `relaxation`: ADMM's initial step size, its proximal term and its
         over-relaxation in $(0, 2)$ (OSQP's `rho`, `sigma`, `alpha`).
     - `adapt_every`: how often $\rho$ adapts, in steps.
