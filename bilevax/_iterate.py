@@ -263,24 +263,25 @@ def _repeat(step, carry, num_steps: int, checkpoints: Checkpoints):
     return _scan(step, carry, num_steps - segment * checkpoints)
 
 
-def _recursive(step, carry, num_steps: int, branching: int = RECURSIVE_BRANCHING):
+def _recursive(step, carry, num_steps: int):
     r"""`num_steps` steps as nested checkpointed scans: recursive checkpointing (Griewank
     1992), with the schedule fixed at trace time because the number of steps is.
 
-    A block of $b^i$ steps is a checkpointed scan over $b$ blocks of $b^{i-1}$ steps; its
-    backward pass keeps the $b$ states at its sub-blocks' starts and recomputes each sub-block
-    from its start in turn. `num_steps` $= \sum_i d_i b^i$ (its digits in base $b$) runs as
-    scans of $d_i$ blocks of $b^i$ steps, the largest first. The backward pass then holds at
-    $d_i \le b - 1$ states per digit's scan and $b$ per level being recomputed, under
-    $2b(\lfloor\log_b T\rfloor + 1)$ in all, and each step runs forward at most
-    $\lfloor\log_b T\rfloor + 1$ times (once, plus once per level of blocks it is in).
+    With $b$ = `RECURSIVE_BRANCHING`, a block of $b^i$ steps is a checkpointed scan over $b$
+    blocks of $b^{i-1}$ steps; its backward pass keeps the $b$ states at its sub-blocks'
+    starts and recomputes each sub-block from its start in turn. `num_steps`
+    $= \sum_i d_i b^i$ (its digits in base $b$) runs as scans of $d_i$ blocks of $b^i$ steps,
+    the largest first. The backward pass then holds $d_i \le b - 1$ states per digit's scan
+    and $b$ per level being recomputed, under $2b(\lfloor\log_b T\rfloor + 1)$ in all, and
+    each step runs forward at most $\lfloor\log_b T\rfloor + 1$ times (once, plus once per
+    level of blocks it is in).
 
     Unlike a `custom_vjp` schedule (equinox's online treeverse), this is plain
     `jax.checkpoint` and `lax.scan`: forward mode, `vmap` and higher derivatives go through
     it as through the plain unroll."""
     digits = []
     while num_steps:
-        num_steps, digit = divmod(num_steps, branching)
+        num_steps, digit = divmod(num_steps, RECURSIVE_BRANCHING)
         digits.append(digit)
 
     def block(level):
@@ -288,7 +289,8 @@ def _recursive(step, carry, num_steps: int, branching: int = RECURSIVE_BRANCHING
             return step
         sub_block = block(level - 1)
         # `prevent_cse=False` is safe (and faster) inside `scan`, which already stops CSE.
-        return jax.checkpoint(lambda c: _scan(sub_block, c, branching), prevent_cse=False)
+        run = lambda c: _scan(sub_block, c, RECURSIVE_BRANCHING)
+        return jax.checkpoint(run, prevent_cse=False)
 
     for level in reversed(range(len(digits))):
         carry = _scan(block(level), carry, digits[level])
