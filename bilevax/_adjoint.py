@@ -98,7 +98,8 @@ class UnrolledAdjoint(AbstractAdjoint):
             levels of at most 16 states each, plus one step's intermediates; each step runs
             forward at most $\lfloor\log_8 T\rfloor + 1$ times (5 at $T = 10^4$, 6 at
             $T = 10^5$).
-            Plain `jax.checkpoint` and `lax.scan`, so forward mode and `jax.vmap` work.
+            Plain `jax.checkpoint` and `lax.scan`, so forward mode and `jax.vmap` work;
+            the nested loops take about three times as long to compile.
 
         All three give the same derivative, to rounding; [the scaling
         guide](../scaling.md#memory-of-unrolls) has measured memory and time.
