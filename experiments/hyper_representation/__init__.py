@@ -9,7 +9,12 @@ differentiated in reverse mode through the $T$ steps (`bilevax.inner_solve` with
 sharded over all devices. Adam with a cosine schedule on $\lambda$; the model is selected on
 meta-validation episodes and tested on 600 meta-test episodes and on Lake's 20 one-shot runs.
 
+Other heads on the same backbone, episodes and budget (`--head`): the L2-regularised head
+solved and differentiated implicitly, ProtoNet, and whole-network adaptation (MAML, first-order
+MAML, iMAML; `_maml.py`).
+
     python -m experiments.hyper_representation [--quick] [--settings 5w1s 20w1s ...]
+        [--head linear|implicit|prototypes|maml|fomaml|imaml]
         [--out DIR] [--data-dir DIR] [--seed S] [--resume]
 """
 
@@ -19,8 +24,16 @@ from ._data import (
     runs_character_ids as runs_character_ids,
     split_holding_out as split_holding_out,
 )
+from ._maml import (
+    LINEAR_SOLVERS as LINEAR_SOLVERS,
+    Adapted as Adapted,
+    imaml_adapt as imaml_adapt,
+    linear_solver as linear_solver,
+    maml_adapt as maml_adapt,
+)
 from ._meta_step import (
     HEADS as HEADS,
+    AdaptOptions as AdaptOptions,
     Batch as Batch,
     Head as Head,
     TrainState as TrainState,

@@ -24,6 +24,7 @@ from jaxtyping import Array, Float, Int
 import bilevax as bx
 
 from .._optax import optax_step
+from ._maml import LINEAR_SOLVERS, whole_network_logits
 from ._model import HyperRepresentation
 
 
@@ -59,6 +60,47 @@ class Head(eqx.Module):
 
     def __call__(self, features: Float[Array, "m d"]) -> Float[Array, "m n"]:
         return features @ self.weight + self.bias
+
+
+class AdaptOptions(eqx.Module):
+    r"""The options of the whole-network heads (`"maml"`, `"fomaml"`, `"imaml"`; the other
+    heads ignore them): the inner SGD step `inner_lr`, and iMAML's proximal strength
+    $\lambda$ (`imaml_lambda`), the gradient norm at which its inner solve stops before its
+    $T$ steps (`imaml_tol`, 0: all $T$), and its linear solver (`imaml_solver`, one of
+    `"normal_cg"`, `"gmres"`, `"cg"`) with its fixed number of iterations
+    (`imaml_cg_steps`).
+
+    `episode_map` says how the meta-batch's episodes run: `"vmap"` (the default, one batched
+    program) or `"map"` (`jax.lax.map`, one episode after another). With per-episode conv
+    weights (the whole-network heads), `vmap` turns each convolution into a grouped
+    convolution over the episodes, which XLA's CPU backend runs slower than the episodes one
+    by one (docs/hyper-representation.md); on a GPU the batched program fills the device.
+    Hashable: it is a static argument of the jitted meta-step."""
+
+    inner_lr: float = 0.4
+    imaml_lambda: float = 2.0
+    imaml_tol: float = 0.0
+    imaml_solver: str = "normal_cg"
+    imaml_cg_steps: int = 5
+    episode_map: str = "vmap"
+
+    def __check_init__(self):
+        if self.episode_map not in ("vmap", "map"):
+            raise ValueError(f"`episode_map` must be 'vmap' or 'map', got {self.episode_map!r}.")
+        if self.imaml_solver not in LINEAR_SOLVERS:
+            raise ValueError(
+                f"`imaml_solver` must be one of {LINEAR_SOLVERS}, got {self.imaml_solver!r}."
+            )
+        if not self.inner_lr > 0 or not self.imaml_lambda > 0:
+            raise ValueError(
+                f"`inner_lr` and `imaml_lambda` must be positive, got {self.inner_lr} and "
+                f"{self.imaml_lambda}."
+            )
+        if self.imaml_cg_steps < 1 or self.imaml_tol < 0:
+            raise ValueError(
+                f"`imaml_cg_steps` must be at least 1 and `imaml_tol` non-negative, got "
+                f"{self.imaml_cg_steps} and {self.imaml_tol}."
+            )
 
 
 def cross_entropy(logits, labels):
@@ -162,7 +204,8 @@ def solve_head(features, labels, l2, n_way: int, tol: float, max_steps: int = 50
 # How an episode's classifier is built on the features: a linear head trained by T gradient
 # steps (the hyper-representation), the L2-regularised head solved to a tolerance and
 # differentiated implicitly, or the classes' mean support features (ProtoNet).
-HEADS = ("linear", "implicit", "prototypes")
+# Or the whole net adapted per episode (`_maml.py`): MAML, first-order MAML, iMAML.
+HEADS = ("linear", "implicit", "prototypes", "maml", "fomaml", "imaml")
 # The implicit head's gradient norm at which its solve stops: float32 reaches 1e-5 (not always
 # 1e-6); float64 (the tests) is held to 1e-10, so that finite differences can check it.
 INNER_TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.float64): 1e-10}
@@ -186,12 +229,36 @@ def episode_loss(
     n_way: int,
     num_steps: int,
     head: str = "linear",
+    adapt: AdaptOptions = AdaptOptions(),
 ):
     """The outer objective of one episode: query cross-entropy of the episode's classifier
-    (`head`, one of `HEADS`), and its query accuracy (as aux).
+    (`head`, one of `HEADS`, with the whole-network heads' options `adapt`), and its query
+    accuracy (as aux).
 
     Support and query go through the net together, so batch norm uses the episode's
-    statistics, and the features are computed once, outside the inner steps."""
+    statistics, and the features are computed once, outside the inner steps. The
+    whole-network heads adapt the net itself, so they run it on the support and query sets
+    apart (`_maml.py`)."""
+    if head not in HEADS:
+        raise ValueError(f"`head` must be one of {HEADS}, got {head!r}.")
+    if head in ("maml", "fomaml", "imaml"):
+        logits = whole_network_logits(
+            model.net,
+            support,
+            support_labels,
+            query,
+            n_way=n_way,
+            num_steps=num_steps,
+            head=head,
+            inner_lr=adapt.inner_lr,
+            imaml_lambda=adapt.imaml_lambda,
+            imaml_tol=adapt.imaml_tol,
+            imaml_solver=adapt.imaml_solver,
+            imaml_cg_steps=adapt.imaml_cg_steps,
+        )
+        predicted = jnp.argmax(logits, axis=1).astype(query_labels.dtype)
+        accuracy = jnp.mean((predicted == query_labels).astype(logits.dtype))
+        return cross_entropy(logits, query_labels), accuracy
     features = model.net(jnp.concatenate([support, query]))
     support_features, query_features = jnp.split(features, [support.shape[0]])
     if head == "prototypes":
@@ -209,10 +276,26 @@ def episode_loss(
     return cross_entropy(logits, query_labels), accuracy
 
 
-def batch_loss(model, batch: Batch, *, n_way: int, num_steps: int, head: str = "linear"):
-    """Mean episode loss over the meta-batch, and `(accuracies, losses)` per episode."""
-    loss_fn = lambda *e: episode_loss(model, *e, n_way=n_way, num_steps=num_steps, head=head)
-    losses, accuracies = jax.vmap(loss_fn)(*batch)
+def batch_loss(
+    model,
+    batch: Batch,
+    *,
+    n_way: int,
+    num_steps: int,
+    head: str = "linear",
+    adapt: AdaptOptions = AdaptOptions(),
+):
+    """Mean episode loss over the meta-batch, and `(accuracies, losses)` per episode.
+
+    The episodes are `jax.vmap`-ed, or with `adapt.episode_map="map"` run one after another
+    (`jax.lax.map`): see `AdaptOptions`."""
+    loss_fn = lambda *e: episode_loss(
+        model, *e, n_way=n_way, num_steps=num_steps, head=head, adapt=adapt
+    )
+    if adapt.episode_map == "map":
+        losses, accuracies = jax.lax.map(lambda e: loss_fn(*e), tuple(batch))
+    else:
+        losses, accuracies = jax.vmap(loss_fn)(*batch)
     return jnp.mean(losses), (accuracies, losses)
 
 
@@ -240,6 +323,7 @@ def meta_step(
     n_way: int,
     num_steps: int,
     head: str = "linear",
+    adapt: AdaptOptions = AdaptOptions(),
 ) -> tuple[TrainState, dict[str, Array]]:
     """One Adam step on the representation and step size with the mean meta-gradient of the
     meta-batch.
@@ -255,7 +339,7 @@ def meta_step(
     """
     params, static = eqx.partition(state.model, eqx.is_inexact_array)
     loss_fn = lambda p: batch_loss(
-        eqx.combine(p, static), batch, n_way=n_way, num_steps=num_steps, head=head
+        eqx.combine(p, static), batch, n_way=n_way, num_steps=num_steps, head=head, adapt=adapt
     )
     (loss, (accuracies, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     params, opt_state = optax_step(optimizer, grads, state.opt_state, params)
@@ -270,7 +354,11 @@ def meta_step(
 
 
 def make_meta_step(
-    optimizer: optax.GradientTransformation, n_way: int, num_steps: int, head: str = "linear"
+    optimizer: optax.GradientTransformation,
+    n_way: int,
+    num_steps: int,
+    head: str = "linear",
+    adapt: AdaptOptions = AdaptOptions(),
 ):
     """`meta_step` with its configuration bound, jitted: `(state, batch) -> (state, metrics)`.
 
@@ -278,7 +366,13 @@ def make_meta_step(
 
     def step(state, batch):
         return meta_step(
-            state, batch, optimizer=optimizer, n_way=n_way, num_steps=num_steps, head=head
+            state,
+            batch,
+            optimizer=optimizer,
+            n_way=n_way,
+            num_steps=num_steps,
+            head=head,
+            adapt=adapt,
         )
 
     return jax.jit(step)
@@ -286,10 +380,17 @@ def make_meta_step(
 
 @eqx.filter_jit
 def episode_accuracies(
-    model: HyperRepresentation, batch: Batch, n_way: int, num_steps: int, head: str = "linear"
+    model: HyperRepresentation,
+    batch: Batch,
+    n_way: int,
+    num_steps: int,
+    head: str = "linear",
+    adapt: AdaptOptions = AdaptOptions(),
 ) -> Float[Array, " B"]:
     """Query accuracy of each episode of `batch` (no gradient)."""
-    _, (accuracies, _) = batch_loss(model, batch, n_way=n_way, num_steps=num_steps, head=head)
+    _, (accuracies, _) = batch_loss(
+        model, batch, n_way=n_way, num_steps=num_steps, head=head, adapt=adapt
+    )
     return accuracies
 
 

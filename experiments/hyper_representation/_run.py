@@ -18,6 +18,7 @@ from ._data import (
 )
 from ._meta_step import (
     HEADS,
+    AdaptOptions,
     Batch,
     episode_accuracies,
     init_state,
@@ -39,7 +40,14 @@ FULL = dict(
     meta_steps=50_000,
     meta_batch=32,
     inner_steps=5,
-    head="linear",  # "implicit": solved to a tolerance; "prototypes": ProtoNet
+    head="linear",  # "implicit": solved to a tolerance; "prototypes": ProtoNet; or whole-net
+    # adaptation: "maml", "fomaml" (first-order) or "imaml", with these options (AdaptOptions)
+    inner_lr=0.4,
+    imaml_lambda=2.0,
+    imaml_tol=0.0,
+    imaml_solver="normal_cg",
+    imaml_cg_steps=5,
+    episode_map="vmap",  # or "map": the meta-batch's episodes one after another
     l2=0.1,  # the implicit head's initial L2 strength (learned)
     lr=1e-3,
     warmup=0,
@@ -83,8 +91,20 @@ def _train_batch(batch: Batch, mesh) -> Batch:
     return _distributed.global_batch_from_local(batch, mesh)
 
 
+def adapt_options(cfg: dict) -> AdaptOptions:
+    """The whole-network heads' options of a run's configuration."""
+    keys = ("inner_lr", "imaml_lambda", "imaml_tol", "imaml_solver", "imaml_cg_steps")
+    return AdaptOptions(**{k: cfg[k] for k in keys}, episode_map=cfg["episode_map"])
+
+
 def evaluate(
-    model, batches: list[Batch], n_way: int, num_steps: int, mesh, head: str = "linear"
+    model,
+    batches: list[Batch],
+    n_way: int,
+    num_steps: int,
+    mesh,
+    head: str = "linear",
+    adapt: AdaptOptions = AdaptOptions(),
 ) -> np.ndarray:
     """Query accuracy of every episode of `batches`, each batch sharded over the mesh (padded
     with repeats of its first episode up to a multiple of the device count)."""
@@ -95,7 +115,7 @@ def evaluate(
         pad = -size % num_devices
         if pad:
             batch = Batch(*(np.concatenate([x, np.repeat(x[:1], pad, 0)]) for x in batch))
-        acc = episode_accuracies(model, shard_batch(batch, mesh), n_way, num_steps, head)
+        acc = episode_accuracies(model, shard_batch(batch, mesh), n_way, num_steps, head, adapt)
         out.append(_distributed.to_host(acc)[:size])  # gathered from every process
     return np.concatenate(out)
 
@@ -109,7 +129,8 @@ def train_setting(
     train_images, val_images, test_images = (s.images for s in splits)
     T = cfg["inner_steps"]
     optimizer = make_optimizer(cfg["lr"], cfg["meta_steps"], warmup=cfg["warmup"])
-    step_fn = make_meta_step(optimizer, n_way, T, cfg["head"])
+    adapt = adapt_options(cfg)
+    step_fn = make_meta_step(optimizer, n_way, T, cfg["head"], adapt)
     val = fixed_episodes(
         val_images,
         n_way,
@@ -192,7 +213,7 @@ def train_setting(
             state["timed_steps"] += done - window["first_timed"]
             state["timed_seconds"] += toc - window["tic"]
             state["train_seconds"] += toc - window["tic"]
-            val_acc = float(evaluate(model, val, n_way, T, mesh, cfg["head"]).mean())
+            val_acc = float(evaluate(model, val, n_way, T, mesh, cfg["head"], adapt).mean())
             history = state["history"]
             history["step"].append(done)
             history["val_acc"].append(val_acc)
@@ -235,7 +256,7 @@ def train_setting(
         args.seed + 2,
         cfg["eval_chunk"],
     )
-    test_accs = evaluate(best["model"], test, n_way, T, mesh, cfg["head"])
+    test_accs = evaluate(best["model"], test, n_way, T, mesh, cfg["head"], adapt)
     result = dict(
         test_acc=100 * float(test_accs.mean()),
         ci95=100 * ci95(test_accs),
@@ -251,7 +272,9 @@ def train_setting(
         history=history,
     )
     if runs is not None:
-        run_accs = evaluate(best["model"], [runs], runs.support.shape[1], T, mesh, cfg["head"])
+        run_accs = evaluate(
+            best["model"], [runs], runs.support.shape[1], T, mesh, cfg["head"], adapt
+        )
         result.update(
             lake_runs_acc=100 * float(run_accs.mean()), lake_runs_ci95=100 * ci95(run_accs)
         )
@@ -313,6 +336,7 @@ def main(argv=None) -> dict:
         setattr(args, key, cfg[key])  # resolved: the run's configuration
     if cfg["head"] not in HEADS:
         raise ValueError(f"`--head` must be one of {HEADS}, got {cfg['head']!r}.")
+    adapt_options(cfg)  # bad options raise here, before the data loads
     # Each setting is trained on its own; the test sets are drawn after training.
     run = _harness.start(
         args, x64=False, may_change=("settings", "checkpoint_every", "test_episodes")

@@ -17,7 +17,7 @@ initialisation so that load on the machine falls on all alike) and XLA's compile
 memory for one meta-step, and plots accuracy and time against $T$.
 
     python -m experiments.hyper_representation.unrolled_vs_implicit [--budget quick|full]
-        [--ts 1 3 5] [--heads linear implicit prototypes] [--out DIR] [--seed S]
+        [--ts 1 3 5] [--heads linear implicit prototypes maml fomaml imaml] [--out DIR] [--seed S]
         [--resume | --overwrite]
 """
 
@@ -39,21 +39,29 @@ from ._meta_step import (
     to_batch,
 )
 from ._model import HyperRepresentation
-from ._run import FULL, QUICK, SETTINGS, load_splits, train_setting
+from ._run import FULL, QUICK, SETTINGS, adapt_options, load_splits, train_setting
 
 
 DESCRIPTION = "The effect of T in hyper-representation meta-learning, the implicit limit, ProtoNet."
 TS = [1, 3, 5, 10, 20]
+# The whole-network heads and their labels; not in the default study (each costs several
+# times a linear-head run): `--heads maml fomaml imaml` adds them.
+WHOLE_NETWORK = {"maml": "MAML", "fomaml": "FOMAML", "imaml": "iMAML"}
+DEFAULT_HEADS = ["linear", "implicit", "prototypes"]
 TIMING_ROUNDS = 20  # interleaved calls of every variant's compiled meta-step
 
 
-def variants(ts, heads) -> list[tuple[str, str, int]]:
+def variants(ts, heads, whole_network_steps: int = 5) -> list[tuple[str, str, int]]:
     """`(label, head, T)` for every run of the study, in order."""
     out = [(f"T={T}", "linear", T) for T in ts] if "linear" in heads else []
     if "implicit" in heads:
         out.append(("implicit", "implicit", 0))
     if "prototypes" in heads:
         out.append(("ProtoNet", "prototypes", 0))
+    # Whole-network adaptation, with the harness's T (the budget's `inner_steps`).
+    for head, label in WHOLE_NETWORK.items():
+        if head in heads:
+            out.append((label, head, whole_network_steps))
     return out
 
 
@@ -80,7 +88,8 @@ def time_meta_steps(cfg, variant_list, splits, mesh, seed: int) -> dict:
     compiled, out = {}, {}
     for label, head, T in variant_list:
         tic = time.perf_counter()
-        compiled[label] = make_meta_step(optimizer, n_way, T, head).lower(state, batch).compile()
+        step = make_meta_step(optimizer, n_way, T, head, adapt_options(cfg))
+        compiled[label] = step.lower(state, batch).compile()
         memory = compiled[label].memory_analysis()
         out[label] = dict(
             compile_seconds=time.perf_counter() - tic,
@@ -166,7 +175,7 @@ def build_parser():
     p.add_argument("--budget", choices=["quick", "full"], default="quick")
     p.add_argument("--setting", choices=list(SETTINGS), default="5w1s")
     p.add_argument("--ts", type=int, nargs="+", default=TS, help=f"(default {TS})")
-    p.add_argument("--heads", nargs="+", choices=list(HEADS), default=list(HEADS))
+    p.add_argument("--heads", nargs="+", choices=list(HEADS), default=DEFAULT_HEADS)
     p.add_argument("--split", choices=["hold-out-runs", "random"], default="hold-out-runs")
     # Smaller runs than the budget's (the tests'): every variant gets the same.
     for key in ("meta_steps", "eval_every", "val_episodes", "test_episodes"):
@@ -187,13 +196,15 @@ def main(argv=None) -> dict:
         setattr(args, key, cfg[key])
     cfg["checkpoint_every"] = min(cfg["checkpoint_every"], cfg["meta_steps"])
     args.ts = sorted(set(args.ts))
-    variant_list = variants(args.ts, args.heads)
+    variant_list = variants(args.ts, args.heads, cfg["inner_steps"])
     run = _harness.start(args, x64=False)
     splits, runs = load_splits(args)
     mesh = make_mesh()
     results: dict = {}
     for label, head, T in variant_list:
-        variant_cfg = dict(cfg, head=head, inner_steps=T if head == "linear" else 0)
+        variant_cfg = dict(
+            cfg, head=head, inner_steps=0 if head in ("implicit", "prototypes") else T
+        )
         results[label] = done = run.stage(
             f"{label}_done",
             lambda: train_setting(
