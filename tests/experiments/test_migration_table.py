@@ -380,7 +380,7 @@ def _():
 
     def ours():
         solve = functools.partial(bx.inner_solve, ridge, W0, LAM, DATA, tol=0.0, max_steps=20)
-        accelerated = bx.ProximalGradient(STEP, lambda w, h, s: w)
+        accelerated = bx.ProximalGradient(STEP)
         solver = bx.GradientDescent(STEP)
         return {
             "20 steps": solve(solver=solver).params,
@@ -632,7 +632,7 @@ def _():
 
     def ours():
         fun = lambda w, hparams, data: ridge(w, LAM, data)
-        solvers = [bx.GradientDescent(STEP), bx.ProximalGradient(STEP, lambda w, h, s: w)]
+        solvers = [bx.GradientDescent(STEP), bx.ProximalGradient(STEP)]
         return [
             bx.inner_solve(fun, W0, None, DATA, solver=s, max_steps=20, tol=0.0).params
             for s in solvers
