@@ -1,4 +1,4 @@
-from typing import Literal
+from typing import Any, Literal, cast
 
 import equinox as eqx
 import jax
@@ -236,4 +236,4 @@ def _approximate(
         tol=tol,
         has_aux=has_aux,
     )
-    return (value, hypergrad, info) if has_aux else (value, hypergrad)
+    return cast(Any, (value, hypergrad, info) if has_aux else (value, hypergrad))
