@@ -54,8 +54,10 @@ def linear_solver(name: str, steps: int) -> lx.AbstractLinearSolver:
     if name == "normal_cg":
         return lx.Normal(bx.CG(rtol=0.0, atol=0.0, max_steps=steps))
     if name == "gmres":
-        # One restart cycle of `steps` Krylov vectors: the same budget, `steps` products.
-        return lx.GMRES(rtol=0.0, atol=0.0, max_steps=steps, restart=steps)
+        # One restart cycle of `steps` Krylov vectors: the same budget, `steps` products. A
+        # tolerance of zero would make lineax call an exact solve in fewer steps "stagnation"
+        # (a failure: NaN); 1e-12 is out of float32's reach, so there the budget stops it.
+        return lx.GMRES(rtol=1e-12, atol=1e-12, max_steps=steps, restart=steps)
     raise ValueError(f"`linear_solver` must be one of {LINEAR_SOLVERS}, got {name!r}.")
 
 

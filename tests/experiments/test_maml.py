@@ -1,0 +1,262 @@
+"""`experiments.hyper_representation`'s whole-network heads on a tiny conv net in float64:
+MAML's meta-gradient against central finite differences, first-order MAML against a
+hand-written meta-gradient with the inner Jacobian dropped, iMAML's against a dense solve of
+its implicit formula, the vmapped meta-batch against the per-episode loop, and iMAML's linear
+solvers at an inner iterate where $H + \\lambda I$ is indefinite."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from experiments import hyper_representation as hr
+
+
+N_WAY, SIDE = 3, 4
+
+
+def tiny_net(seed=0, width=2):
+    """One conv block on 4x4 images: 2x2x`width` = 8 features; 49 adapted parameters with
+    the 3-way head."""
+    return hr.HyperRepresentation(width, 1, key=jax.random.key(seed), dtype=jnp.float64)
+
+
+def tiny_batch(meta_batch=2, seed=0, shots=1, queries=2):
+    key_s, key_q = jax.random.split(jax.random.key(seed))
+    support = jax.random.uniform(key_s, (meta_batch, N_WAY * shots, SIDE, SIDE, 1), jnp.float64)
+    query = jax.random.uniform(key_q, (meta_batch, N_WAY * queries, SIDE, SIDE, 1), jnp.float64)
+    labels = lambda m: jnp.tile(jnp.repeat(jnp.arange(N_WAY, dtype=jnp.int32), m), (meta_batch, 1))
+    return hr.Batch(support, labels(shots), query, labels(queries))
+
+
+def cross_entropy(logits, labels):
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1))
+
+
+def theta_of(model):
+    """θ as `_maml.py` builds it: the net and a zero head."""
+    d = 2 * 2 * model.net.blocks[0].weight.shape[-1]
+    z = jnp.zeros
+    return hr.Adapted(model.net, z((d, N_WAY), jnp.float64), z(N_WAY, jnp.float64))
+
+
+def directional(f, x, direction, h=1e-5):
+    shifted = lambda s: jax.tree.map(lambda p, v: p + s * h * v, x, direction)
+    return (f(shifted(1.0)) - f(shifted(-1.0))) / (2 * h)
+
+
+def tree_dot(a, b):
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def random_like(tree, seed):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(
+        treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    )
+
+
+def mean_loss(model, batch, head, adapt=hr.AdaptOptions(), num_steps=3):
+    loss, _ = hr._meta_step.batch_loss(
+        model, batch, n_way=N_WAY, num_steps=num_steps, head=head, adapt=adapt
+    )
+    return loss
+
+
+# -- MAML and first-order MAML -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_maml_meta_gradient_matches_finite_differences():
+    model = tiny_net()
+    batch = tiny_batch()
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    loss = jax.jit(lambda p: mean_loss(eqx.combine(p, static), batch, "maml"))
+    grad = jax.jit(jax.grad(loss))(params)
+    direction = random_like(params, 3)
+    exact = tree_dot(grad, direction)
+    fd = directional(loss, params, direction)
+    assert abs(float(exact)) > 1e-3  # a real signal
+    assert abs(float(fd - exact)) <= 1e-7 * abs(float(exact))
+    # The step size and L2 strength belong to the other heads: no gradient here.
+    assert float(grad.raw_step) == 0.0 and float(grad.raw_l2) == 0.0
+
+
+@pytest.mark.slow
+def test_first_order_maml_is_the_meta_gradient_without_the_inner_jacobian():
+    # By hand: φ_T from T plain SGD steps on the support loss, then ∇L_Q(φ_T) with respect
+    # to φ_T itself (dφ_T/dθ = I). FOMAML's meta-gradient for the net is that; MAML's is not.
+    model = tiny_net(seed=1)
+    support, support_labels, query, query_labels = [x[0] for x in tiny_batch(1, seed=1)]
+    T, lr = 3, 0.4
+    phi = theta_of(model)
+    for _ in range(T):
+        g = jax.grad(lambda p: cross_entropy(p(support), support_labels))(phi)
+        phi = jax.tree.map(lambda x, gx: x - lr * gx, phi, g)
+    want = jax.grad(lambda p: cross_entropy(p(query), query_labels))(phi).net
+
+    def loss(net, head):
+        m = eqx.tree_at(lambda m: m.net, model, net)
+        adapt = hr.AdaptOptions(inner_lr=lr)
+        episode = (support, support_labels, query, query_labels)
+        return hr.episode_loss(m, *episode, n_way=N_WAY, num_steps=T, head=head, adapt=adapt)[0]
+
+    fomaml = eqx.filter_jit(eqx.filter_grad(lambda n: loss(n, "fomaml")))(model.net)
+    for a, b in zip(jax.tree.leaves(fomaml), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    maml = eqx.filter_jit(eqx.filter_grad(lambda n: loss(n, "maml")))(model.net)
+    gap = ravel_pytree(maml)[0] - ravel_pytree(fomaml)[0]
+    assert float(jnp.linalg.norm(gap)) > 1e-3 * float(jnp.linalg.norm(ravel_pytree(maml)[0]))
+
+
+# -- iMAML ---------------------------------------------------------------------------------------
+
+
+def imaml_query_loss(support, support_labels, query, query_labels, *, lam, lr, steps, solver):
+    def loss(theta):
+        phi = hr.imaml_adapt(
+            theta, support, support_labels, lam=lam, inner_lr=lr, num_steps=steps, solver=solver
+        )
+        return cross_entropy(phi(query), query_labels)
+
+    return loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solver", ["gmres", "normal_cg"])
+def test_imaml_meta_gradient_matches_a_dense_solve(solver):
+    # At the inner iterate φ (30 steps on the proximal loss, from θ), the meta-gradient is
+    # (I + H/λ)⁻¹ ∇L_Q(φ), H the support loss's Hessian at φ: built densely here with
+    # jax.hessian on the 49 flattened parameters and solved with numpy. λ = 8 keeps H + λI
+    # positive definite at φ (checked), so normal CG's squared condition number stays small.
+    model = tiny_net(seed=2)
+    support, support_labels, query, query_labels = [x[0] for x in tiny_batch(1, seed=2)]
+    lam, lr, steps = 8.0, 0.05, 30
+    theta = theta_of(model)
+    params, static = eqx.partition(theta, eqx.is_inexact_array)
+    flat, unravel = ravel_pytree(params)
+    assert flat.size == 49
+    linear = hr.linear_solver(solver, 49 if solver == "gmres" else 150)
+    loss = imaml_query_loss(
+        support, support_labels, query, query_labels, lam=lam, lr=lr, steps=steps, solver=linear
+    )
+    grad = jax.jit(jax.grad(lambda f: loss(eqx.combine(unravel(f), static))))(flat)
+
+    # The same iterate by hand: plain gradient descent on the proximal loss.
+    support_loss = lambda f: cross_entropy(eqx.combine(unravel(f), static)(support), support_labels)
+    query_loss = lambda f: cross_entropy(eqx.combine(unravel(f), static)(query), query_labels)
+    phi = flat
+    for _ in range(steps):
+        phi = phi - lr * (jax.grad(support_loss)(phi) + lam * (phi - flat))
+    hessian = jax.hessian(support_loss)(phi)
+    assert float(jnp.linalg.eigvalsh(hessian)[0]) > -lam  # the system is positive definite
+    want = np.linalg.solve(
+        np.eye(49) + np.asarray(hessian) / lam, np.asarray(jax.grad(query_loss)(phi))
+    )
+    assert np.linalg.norm(want) > 1e-3
+    np.testing.assert_allclose(grad, want, rtol=1e-6, atol=1e-9 * np.linalg.norm(want))
+    # Not the first-order answer: the Hessian term is real.
+    assert np.linalg.norm(want - np.asarray(jax.grad(query_loss)(phi))) > 1e-3 * np.linalg.norm(
+        want
+    )
+
+
+@pytest.mark.slow
+def test_imaml_linear_solvers_where_h_plus_lambda_i_is_indefinite():
+    # torchopt's iMAML example's recipe (5 SGD steps, λ = 2), here at inner step 0.4 on a
+    # two-block net of width 8 on 8x8 images (32 features, 845 adapted parameters): at the inner iterate H + λI has a
+    # negative eigenvalue (measured -1.9, -3.0, -1.3 for seeds 0..2). CG breaks down: a NaN
+    # meta-gradient, not a plausible wrong number. Normal-equation CG and GMRES with the same
+    # budget give finite ones, and GMRES with a full budget reaches the dense solve.
+    model = hr.HyperRepresentation(8, 2, key=jax.random.key(0), dtype=jnp.float64)
+    key_s, key_q = jax.random.split(jax.random.key(100))
+    support = jax.random.uniform(key_s, (5, 8, 8, 1), jnp.float64)
+    query = jax.random.uniform(key_q, (10, 8, 8, 1), jnp.float64)
+    support_labels = jnp.arange(5, dtype=jnp.int32)
+    query_labels = jnp.repeat(support_labels, 2)
+    lam, lr, steps = 2.0, 0.4, 5
+    z = jnp.zeros
+    theta = hr.Adapted(model.net, z((32, 5), jnp.float64), z(5, jnp.float64))
+    params, static = eqx.partition(theta, eqx.is_inexact_array)
+    flat, unravel = ravel_pytree(params)
+    n = flat.size
+    support_loss = lambda f: cross_entropy(eqx.combine(unravel(f), static)(support), support_labels)
+    query_loss = lambda f: cross_entropy(eqx.combine(unravel(f), static)(query), query_labels)
+    phi = flat
+    for _ in range(steps):
+        phi = phi - lr * (jax.grad(support_loss)(phi) + lam * (phi - flat))
+    hessian = np.asarray(jax.jit(jax.hessian(support_loss))(phi))
+    assert np.linalg.eigvalsh(hessian + lam * np.eye(n))[0] < -1.0  # indefinite
+    want = np.linalg.solve(np.eye(n) + hessian / lam, np.asarray(jax.grad(query_loss)(phi)))
+
+    def grad(name, iterations):
+        loss = imaml_query_loss(
+            support, support_labels, query, query_labels, lam=lam, lr=lr, steps=steps,
+            solver=hr.linear_solver(name, iterations),
+        )  # fmt: skip
+        return jax.jit(jax.grad(lambda f: loss(eqx.combine(unravel(f), static))))(flat)
+
+    assert bool(jnp.all(jnp.isnan(grad("cg", 5))))
+    for name in ("normal_cg", "gmres"):
+        assert bool(jnp.all(jnp.isfinite(grad(name, 5))))
+    np.testing.assert_allclose(grad("gmres", n), want, rtol=1e-6, atol=1e-8 * np.linalg.norm(want))
+
+
+# -- the meta-batch, bad input ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["maml", "imaml"])
+def test_vmapped_meta_batch_equals_the_per_episode_loop(head):
+    model = tiny_net(seed=3)
+    batch = tiny_batch(meta_batch=3, seed=3)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    adapt = hr.AdaptOptions(inner_lr=0.1, imaml_solver="gmres", imaml_cg_steps=10)
+
+    def loop(p):
+        losses = [
+            hr.episode_loss(eqx.combine(p, static), *e, n_way=N_WAY, num_steps=3, head=head,
+                            adapt=adapt)[0]
+            for e in zip(*batch)
+        ]  # fmt: skip
+        return sum(losses) / len(losses)
+
+    want = jax.jit(jax.value_and_grad(loop))(params)
+    for episode_map in ("vmap", "map"):
+        options = eqx.tree_at(lambda a: a.episode_map, adapt, episode_map)
+        got = jax.jit(
+            jax.value_and_grad(lambda p: mean_loss(eqx.combine(p, static), batch, head, options))
+        )(params)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+        for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-13)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="imaml_solver"):
+        hr.AdaptOptions(imaml_solver="lu")
+    with pytest.raises(ValueError, match="inner_lr"):
+        hr.AdaptOptions(inner_lr=0.0)
+    with pytest.raises(ValueError, match="episode_map"):
+        hr.AdaptOptions(episode_map="pmap")
+    with pytest.raises(ValueError, match="`--head` must be one of"):
+        hr.main(["--head", "reptile", "--out", "/nonexistent/never-created"])
+    with pytest.raises(ValueError, match="imaml_solver"):
+        hr.main(["--head", "imaml", "--imaml-solver", "lu", "--out", "/nonexistent/never"])
+
+
+@pytest.mark.slow
+def test_nan_support_gives_nan_meta_gradients():
+    model = tiny_net()
+    batch = tiny_batch(meta_batch=1)
+    batch = batch._replace(support=batch.support.at[0, 0, 0, 0, 0].set(jnp.nan))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    for head in ("maml", "imaml"):
+        loss, grad = jax.jit(
+            jax.value_and_grad(lambda p: mean_loss(eqx.combine(p, static), batch, head))
+        )(params)
+        assert bool(jnp.isnan(loss))
+        assert all(bool(jnp.all(jnp.isnan(g))) for g in jax.tree.leaves(grad.net))
