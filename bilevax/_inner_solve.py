@@ -54,7 +54,10 @@ def inner_solve(
     - `tol`: stop once the 2-norm of the gradient (all leaves together) is at most this; for
         [`bilevax.ProximalGradient`][] and [`bilevax.ProjectedGradient`][], the 2-norm of the
         gradient mapping $(w - \operatorname{prox}_{\eta g}(w - \eta \nabla L))/\eta$.
-    - `adjoint`: how to differentiate the solution.
+    - `adjoint`: how to differentiate the solution: [`bilevax.ImplicitAdjoint`][] (the
+        default), [`bilevax.UnrolledAdjoint`][], or an approximate one
+        ([`bilevax.OneStepAdjoint`][], [`bilevax.FiniteDifferenceAdjoint`][],
+        [`bilevax.SAMAAdjoint`][]; see "Approximate adjoints" in the docs).
     - `throw`: raise (through `eqx.error_if`) when the result is not successful.
     - `solver_state`: the `state` of an earlier solution with the same solver and parameter
         structure, to resume from: typically the previous outer step's, in a loop that
@@ -81,7 +84,8 @@ def inner_solve(
         "adjoint",
         adjoint,
         AbstractAdjoint,
-        "`bx.ImplicitAdjoint(...)` or `bx.UnrolledAdjoint(...)`",
+        "`bx.ImplicitAdjoint(...)`, `bx.UnrolledAdjoint(...)` or an approximate adjoint "
+        "(`bx.OneStepAdjoint()`, `bx.FiniteDifferenceAdjoint()`, `bx.SAMAAdjoint(...)`)",
     )
     check_bool("throw", throw)
     float_init, static_init = split_params(init, "init")
