@@ -259,4 +259,12 @@ def test_nan_support_gives_nan_meta_gradients():
             jax.value_and_grad(lambda p: mean_loss(eqx.combine(p, static), batch, head))
         )(params)
         assert bool(jnp.isnan(loss))
-        assert all(bool(jnp.all(jnp.isnan(g))) for g in jax.tree.leaves(grad.net))
+        nan = [bool(jnp.all(jnp.isnan(g))) for g in jax.tree.leaves(grad.net)]
+        if head == "imaml":
+            # The implicit adjoint NaNs every derivative of a non-finite system.
+            assert all(nan)
+        else:
+            # Through the unrolled steps JAX's own rules apply: the convolution's and batch
+            # norm scale's gradients are NaN; the last offset's is not (ReLU's derivative at
+            # NaN is 0), but the Adam step on the others makes the model NaN all the same.
+            assert nan[0] and nan[1]
