@@ -1,0 +1,54 @@
+"""bilevax's solver in benchopt's `benchmark_bilevel` (experiments/benchmarks/benchopt/) runs
+under benchopt at a tiny size and makes the benchmark's objective fall. benchopt and the
+benchmark are not dependencies: the test needs `benchopt` installed and `BENCHMARK_BILEVEL`
+naming a checkout of https://github.com/benchopt/benchmark_bilevel."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+SOLVERS = pathlib.Path(__file__).parents[2] / "experiments" / "benchmarks" / "benchopt" / "solvers"
+
+
+@pytest.mark.slow
+def test_the_bilevax_solver_runs_in_benchopt_and_lowers_the_objective(tmp_path):
+    pytest.importorskip("benchopt", reason="benchopt is not installed (pip install benchopt)")
+    pd = pytest.importorskip("pandas")
+    source = os.environ.get("BENCHMARK_BILEVEL")
+    if not source or not pathlib.Path(source, "objective.py").is_file():
+        pytest.skip("set BENCHMARK_BILEVEL to a checkout of benchopt/benchmark_bilevel")
+    benchmark = tmp_path / "benchmark_bilevel"
+    shutil.copytree(source, benchmark, ignore=shutil.ignore_patterns("outputs", "__pycache__"))
+    for solver in SOLVERS.glob("*.py"):
+        shutil.copy(solver, benchmark / "solvers")
+    benchopt = pathlib.Path(sys.executable).parent / "benchopt"
+    command = [
+        str(benchopt),
+        "run",
+        str(benchmark),
+        "-s",
+        "bilevax_implicit[step_size_outer=0.1]",
+        "-d",
+        "simulated[dim_inner=10,dim_outer=5,n_samples_inner=64,n_samples_outer=64]",
+        "-n",
+        "8",
+        "-r",
+        "1",
+        "--timeout",
+        "120",
+        "--no-plot",
+        "--output",
+        "tiny",
+    ]
+    subprocess.run(command, check=True, cwd=benchmark, capture_output=True)
+    results = pd.read_parquet(benchmark / "outputs" / "tiny.parquet")
+    for _, run in results.groupby("solver_name"):
+        values = run.sort_values("stop_val")["objective_value"].to_numpy()
+        assert len(values) >= 5
+        assert all(v == v for v in values)  # no NaN
+        assert values[-1] < values[0]  # the benchmark's objective fell
