@@ -167,8 +167,8 @@ def test_imaml_meta_gradient_matches_a_dense_solve(solver):
 @pytest.mark.slow
 def test_imaml_linear_solvers_where_h_plus_lambda_i_is_indefinite():
     # torchopt's iMAML example's recipe (5 SGD steps, λ = 2), here at inner step 0.4 on a
-    # two-block net of width 8 on 8x8 images (32 features, 845 adapted parameters): at the inner iterate H + λI has a
-    # negative eigenvalue (measured -1.9, -3.0, -1.3 for seeds 0..2). CG breaks down: a NaN
+    # two-block net of width 8 on 8x8 images (32 features, 845 adapted parameters): at the
+    # inner iterate H + λI has a negative eigenvalue (measured -1.9, -3.0, -1.3 for seeds 0..2). CG breaks down: a NaN
     # meta-gradient, not a plausible wrong number. Normal-equation CG and GMRES with the same
     # budget give finite ones, and GMRES with a full budget reaches the dense solve.
     model = hr.HyperRepresentation(8, 2, key=jax.random.key(0), dtype=jnp.float64)
@@ -268,3 +268,13 @@ def test_nan_support_gives_nan_meta_gradients():
             # norm scale's gradients are NaN; the last offset's is not (ReLU's derivative at
             # NaN is 0), but the Adam step on the others makes the model NaN all the same.
             assert nan[0] and nan[1]
+
+
+def test_the_t_study_adds_the_whole_network_heads_only_when_asked():
+    from experiments.hyper_representation import unrolled_vs_implicit as study
+
+    default = study.variants([1, 5], study.DEFAULT_HEADS, 5)
+    assert [label for label, _, _ in default] == ["T=1", "T=5", "implicit", "ProtoNet"]
+    asked = study.variants([1], ["linear", "maml", "fomaml", "imaml"], 7)
+    assert asked == [("T=1", "linear", 1), ("MAML", "maml", 7), ("FOMAML", "fomaml", 7),
+                     ("iMAML", "imaml", 7)]  # fmt: skip
