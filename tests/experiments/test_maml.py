@@ -168,9 +168,10 @@ def test_imaml_meta_gradient_matches_a_dense_solve(solver):
 def test_imaml_linear_solvers_where_h_plus_lambda_i_is_indefinite():
     # torchopt's iMAML example's recipe (5 SGD steps, λ = 2), here at inner step 0.4 on a
     # two-block net of width 8 on 8x8 images (32 features, 845 adapted parameters): at the
-    # inner iterate H + λI has a negative eigenvalue (measured -1.9, -3.0, -1.3 for seeds 0..2). CG breaks down: a NaN
-    # meta-gradient, not a plausible wrong number. Normal-equation CG and GMRES with the same
-    # budget give finite ones, and GMRES with a full budget reaches the dense solve.
+    # inner iterate H + λI has a negative eigenvalue (measured -1.9, -3.0, -1.3 for seeds
+    # 0..2). CG breaks down: a NaN meta-gradient, not a plausible wrong number. Normal-equation
+    # CG and GMRES with the same budget give finite ones, and GMRES with a full budget reaches
+    # the dense solve.
     model = hr.HyperRepresentation(8, 2, key=jax.random.key(0), dtype=jnp.float64)
     key_s, key_q = jax.random.split(jax.random.key(100))
     support = jax.random.uniform(key_s, (5, 8, 8, 1), jnp.float64)
