@@ -16,7 +16,11 @@ SOLVERS = pathlib.Path(__file__).parents[2] / "experiments" / "benchmarks" / "be
 
 
 @pytest.mark.slow
-def test_the_bilevax_solver_runs_in_benchopt_and_lowers_the_objective(tmp_path):
+@pytest.mark.parametrize(
+    "solver",
+    ["bilevax_implicit[step_size_outer=0.1]", "bilevax_stochastic[eval_freq=16,batch_size=8]"],
+)
+def test_the_bilevax_solvers_run_in_benchopt_and_lower_the_objective(solver, tmp_path):
     pytest.importorskip("benchopt", reason="benchopt is not installed (pip install benchopt)")
     pd = pytest.importorskip("pandas")
     source = os.environ.get("BENCHMARK_BILEVEL")
@@ -24,15 +28,15 @@ def test_the_bilevax_solver_runs_in_benchopt_and_lowers_the_objective(tmp_path):
         pytest.skip("set BENCHMARK_BILEVEL to a checkout of benchopt/benchmark_bilevel")
     benchmark = tmp_path / "benchmark_bilevel"
     shutil.copytree(source, benchmark, ignore=shutil.ignore_patterns("outputs", "__pycache__"))
-    for solver in SOLVERS.glob("*.py"):
-        shutil.copy(solver, benchmark / "solvers")
+    for path in SOLVERS.glob("*.py"):
+        shutil.copy(path, benchmark / "solvers")
     benchopt = pathlib.Path(sys.executable).parent / "benchopt"
     command = [
         str(benchopt),
         "run",
         str(benchmark),
         "-s",
-        "bilevax_implicit[step_size_outer=0.1]",
+        solver,
         "-d",
         "simulated[dim_inner=10,dim_outer=5,n_samples_inner=64,n_samples_outer=64]",
         "-n",
@@ -47,6 +51,7 @@ def test_the_bilevax_solver_runs_in_benchopt_and_lowers_the_objective(tmp_path):
     ]
     subprocess.run(command, check=True, cwd=benchmark, capture_output=True)
     results = pd.read_parquet(benchmark / "outputs" / "tiny.parquet")
+    assert results["solver_name"].nunique() == (3 if "stochastic" in solver else 2)
     for _, run in results.groupby("solver_name"):
         values = run.sort_values("stop_val")["objective_value"].to_numpy()
         assert len(values) >= 5
