@@ -98,7 +98,8 @@ def test_time_to_target_times_a_prefix_of_the_loop():
     assert ho_loop.steps_to_target(losses, losses.min() - 1.0) is None
 
 
-@pytest.mark.parametrize("tol", [pytest.param(1e-4, marks=pytest.mark.slow), 1e-8])
+@pytest.mark.slow
+@pytest.mark.parametrize("tol", [1e-4, 1e-8])
 def test_the_mixed_precision_hypergradient_is_as_accurate_as_float64(tol):
     # (e) solves in float32 and refines in float64; its hypergradient must be as accurate as
     # (c)'s at the same tolerance: within ~tol of the exact one (a dense Hessian solve at an
