@@ -162,16 +162,7 @@ def measure(zoo, name: str, seed: int, quick: bool) -> list[dict]:
             fn = _hypergrad_fn(problem, params, state, method)
             hgrad, info = fn(problem.hparams)
             times[method] = _wall_time(fn, problem.hparams, 5 if quick else 30)
-            diagnostics = bx.diagnostics.hypergrad_info(
-                problem.outer,
-                problem.inner,
-                params,
-                problem.hparams,
-                problem.inner_data,
-                problem.outer_data,
-                info,
-                hypergrad=hgrad,
-            )
+            diagnostics = problems.diagnose(problem, params, info, hypergrad=hgrad)
             error = float(jnp.linalg.norm(jnp.ravel(hgrad - reference)))
             estimate = float(diagnostics.error_estimate)
             bound = float(diagnostics.error_bound)

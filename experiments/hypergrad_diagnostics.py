@@ -43,16 +43,7 @@ def _diagnosed(zoo, problem, params, *, tol=1e-6, **kwargs):
     """`(hypergrad, info, diagnostics)`: the implicit hypergradient at `params` with its info,
     and `bx.diagnostics.hypergrad_info` (Lanczos, the error estimate and bound) from it."""
     _, hgrad, info = zoo.implicit(problem, params, has_aux=True, tol=tol, **kwargs)
-    diagnostics = bx.diagnostics.hypergrad_info(
-        problem.outer,
-        problem.inner,
-        params,
-        problem.hparams,
-        problem.inner_data,
-        problem.outer_data,
-        info,
-    )
-    return hgrad, info, diagnostics
+    return hgrad, info, zoo.diagnose(problem, params, info)
 
 
 def error_estimate(zoo, seed: int, quick: bool) -> dict:

@@ -351,3 +351,18 @@ def implicit(problem: Problem, params_star, **kwargs):
 
 
 ALL = [ridge, logistic, quadratic, mlp]
+
+
+def diagnose(problem: Problem, params, info, **kwargs):
+    """`bx.diagnostics.hypergrad_info` on a zoo problem at `params`, from the
+    [`bilevax.HypergradInfo`][] `info` of a hypergradient there."""
+    return bx.diagnostics.hypergrad_info(
+        problem.outer,
+        problem.inner,
+        params,
+        problem.hparams,
+        problem.inner_data,
+        problem.outer_data,
+        info,
+        **kwargs,
+    )

@@ -14,6 +14,7 @@ import optimistix as optx
 import pytest
 from helpers import (
     biased_ridge,
+    diagnose,
     implicit,
     logistic,
     mlp,
@@ -237,17 +238,7 @@ def _estimate(problem, params, method, **kwargs):
     """`(hypergrad, diagnostics)` of an approximate adjoint at `params`."""
     adjoint, solver = METHODS[method](problem)
     _, hgrad, info = _approximate(problem, params, adjoint, solver, has_aux=True, tol=1.0)
-    diagnostics = bx.diagnostics.hypergrad_info(
-        problem.outer,
-        problem.inner,
-        params,
-        problem.hparams,
-        problem.inner_data,
-        problem.outer_data,
-        info,
-        hypergrad=hgrad,
-        **kwargs,
-    )
+    diagnostics = diagnose(problem, params, info, hypergrad=hgrad, **kwargs)
     return hgrad, diagnostics
 
 
@@ -333,16 +324,7 @@ def test_reverse_only_and_bad_arguments():
         implicit(problem, params, adjoint=bx.ImplicitAdjoint())
     _, hgrad, info = _approximate(problem, params, bx.OneStepAdjoint(), gd, has_aux=True)
     with pytest.raises(ValueError, match="`hypergrad`"):
-        bx.diagnostics.hypergrad_info(
-            problem.outer,
-            problem.inner,
-            params,
-            problem.hparams,
-            problem.inner_data,
-            problem.outer_data,
-            info,
-            hypergrad={"a": hgrad},
-        )
+        diagnose(problem, params, info, hypergrad={"a": hgrad})
 
 
 @pytest.mark.slow

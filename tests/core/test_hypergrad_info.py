@@ -8,27 +8,13 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 import pytest
-from helpers import implicit, logistic, reference_solution, relerr, ridge
+from helpers import diagnose, implicit, logistic, reference_solution, relerr, ridge
 
 import bilevax as bx
 
 
 INNER_TOLS = [1e-2, 1e-4, 1e-6, 1e-8, 1e-10]
 Result = bx.RESULTS
-
-
-def _diagnose(problem, params, aux, **kwargs):
-    """`bx.diagnostics.hypergrad_info` at `params` from the info `aux`."""
-    return bx.diagnostics.hypergrad_info(
-        problem.outer,
-        problem.inner,
-        params,
-        problem.hparams,
-        problem.inner_data,
-        problem.outer_data,
-        aux,
-        **kwargs,
-    )
 
 
 def _ridge_hypergrad_at_tol(problem):
@@ -47,7 +33,7 @@ def _ridge_hypergrad_at_tol(problem):
         _, hgrad, aux = implicit(
             problem, sol.params, linear_solver=linear_solver, has_aux=True, tol=tol
         )
-        info = _diagnose(problem, sol.params, aux)
+        info = diagnose(problem, sol.params, aux)
         # The same point against the default stationarity test (1e-6).
         strict = implicit(problem, sol.params, linear_solver=linear_solver, has_aux=True)[2]
         return hgrad, aux, info, strict.result
@@ -96,7 +82,7 @@ def test_error_estimate_and_bound_track_the_linear_solve_error():
             linear_solver=lx.CG(rtol=linear_tol, atol=linear_tol),
             has_aux=True,
         )
-        return hgrad, _diagnose(problem, w_star, aux)
+        return hgrad, diagnose(problem, w_star, aux)
 
     for linear_tol in [1e-2, 1e-4, 1e-6]:
         hgrad, info = run(linear_tol)
@@ -119,7 +105,7 @@ def test_info_reports_what_it_says():
     value_aux, hgrad_aux, aux = jax.jit(
         lambda w: implicit(problem, w, linear_solver=solver, has_aux=True)
     )(w)
-    info = jax.jit(lambda w, aux: _diagnose(problem, w, aux))(w, aux)
+    info = jax.jit(lambda w, aux: diagnose(problem, w, aux))(w, aux)
     # The explicit adjoint path computes the same hypergradient as the custom-JVP path.
     assert float(value_aux) == pytest.approx(float(value), rel=1e-14)
     assert float(value_fwd) == pytest.approx(float(value), rel=1e-14)
@@ -156,7 +142,7 @@ def test_info_without_estimates_is_cheap_and_nan():
     # The core's info holds only what the hypergradient had at hand.
     for name in ("error_estimate", "error_bound", "hessian_min", "hessian_max", "mixed_norm"):
         assert not hasattr(aux, name), name
-    info = _diagnose(problem, w_star, aux, lanczos_steps=0, estimate_error=False)
+    info = diagnose(problem, w_star, aux, lanczos_steps=0, estimate_error=False)
     assert np.isnan(float(info.error_estimate)) and np.isnan(float(info.hessian_min))
     assert info.result == Result.successful
 
