@@ -260,7 +260,8 @@ def test_error_estimate_at_a_solution(make, method):
     assert diagnostics.result == bx.RESULTS.successful
 
 
-@pytest.mark.parametrize("make", [pytest.param(m, marks=pytest.mark.slow) for m in CONVEX])
+@pytest.mark.slow
+@pytest.mark.parametrize("make", CONVEX)
 def test_error_estimate_at_an_approximate_solution(make):
     """At a point solved to ‖∇_wL‖ ≈ 1e-3 only, the error against h*(w*) has a first-order
     part from the inner error as well: the estimate stays within 5% of it, the bound above."""
