@@ -55,7 +55,10 @@ def _pytest(session: nox.Session, *args: str) -> None:
     """pytest on every core (pytest-xdist), in the shared environment, with one persistent
     compilation cache that every session, worker and test subprocess shares: tests that build
     the same problem compile it once, and `nox -s slow` reuses what `nox -s tests` compiled.
-    The cache is keyed by the program and the versions, so it is never stale."""
+    The cache is keyed by the program and the versions, so it is never stale. A test that
+    hangs fails after `--timeout` seconds (pytest-timeout), with its traceback, instead of
+    stalling the session; `tests/conftest.py` keeps each worker under Linux's limit of memory
+    maps, which a long session once reached (the worker died inside XLA)."""
     env = dict(
         _shared_env(session),
         **CPU_ENV,
@@ -82,7 +85,9 @@ def tests(session: nox.Session) -> None:
     """The default test suite (`tests/core`, the library's; `tests/experiments`, the
     experiments' and the documentation's) and the shared contract tests (`../shared/contract`)."""
     # The slowest tests are printed, so that a slow one is seen and marked `slow`.
-    _pytest(session, "-q", "-ra", "--durations=15", *_with_contract(session, "tests"))
+    _pytest(
+        session, "-q", "-ra", "--durations=15", "--timeout=300", *_with_contract(session, "tests")
+    )
 
 
 @nox.session(python="3.11")
@@ -108,14 +113,16 @@ def slow(session: nox.Session) -> None:
     """Tests marked `@pytest.mark.slow`: the experiments' `--quick` runs with accuracy targets,
     multi-device runs and the slowest variants of the library's tests. CI runs them
     (`.ci/run`); their twenty slowest are printed."""
-    _pytest(session, "-q", "-ra", "-m", "slow and not long", "--durations=20", "tests")
+    _pytest(
+        session, "-q", "-ra", "-m", "slow and not long", "--durations=20", "--timeout=900", "tests"
+    )
 
 
 @nox.session(venv_backend="none")
 def long(session: nox.Session) -> None:
     """Tests marked `@pytest.mark.long`, too long for CI: the experiments' runs that take
     minutes each. Run them before a release, or after changing what they cover."""
-    _pytest(session, "-q", "-ra", "-m", "long", "--durations=20", "tests")
+    _pytest(session, "-q", "-ra", "-m", "long", "--durations=20", "--timeout=1800", "tests")
 
 
 @nox.session
