@@ -16,6 +16,7 @@ BENCHMARKS = [
     "implicit_vs_jaxopt",
     "compile_time",
     "ho_loop",  # whole outer loops, jaxopt against bilevax: ~2 min with --quick on 2 cores
+    "krylov_recycling",  # a bound for ho_loop's adjoint solves: ~1 min
     "unrolled_memory",
     "forward_vs_reverse",
     "against_torch",
