@@ -57,3 +57,28 @@ def test_the_bilevax_solvers_run_in_benchopt_and_lower_the_objective(solver, tmp
         assert len(values) >= 5
         assert all(v == v for v in values)  # no NaN
         assert values[-1] < values[0]  # the benchmark's objective fell
+
+
+def test_the_fair_clock_patch_waits_at_the_end_of_each_jax_loop(tmp_path):
+    # `fair_clock.py` charges each step's work to the step: the wait must be the last line of
+    # each patched `while callback():` body (not after it, where it would wait once), and the
+    # patched files must still compile.
+    source = os.environ.get("BENCHMARK_BILEVEL")
+    if not source or not pathlib.Path(source, "objective.py").is_file():
+        pytest.skip("set BENCHMARK_BILEVEL to a checkout of benchopt/benchmark_bilevel")
+    sys.path.insert(0, str(SOLVERS.parent))
+    try:
+        import fair_clock
+    finally:
+        sys.path.remove(str(SOLVERS.parent))
+    benchmark = tmp_path / "benchmark_bilevel"
+    shutil.copytree(source, benchmark, ignore=shutil.ignore_patterns("outputs", "__pycache__"))
+    fair_clock.patch(benchmark)
+    for name in fair_clock.PATCHED:
+        text = (benchmark / name).read_text()
+        compile(text, name, "exec")
+        body = text[text.index(fair_clock.LOOP) + len(fair_clock.LOOP) :].splitlines()
+        loop = body[: body.index(fair_clock.WAIT.rstrip("\n")) + 1]
+        assert all(line.startswith(" " * 12) for line in loop), name  # inside the loop
+        following = next(line for line in body[len(loop) :] if line.strip())
+        assert not following.startswith(" " * 12), name  # and its last line
