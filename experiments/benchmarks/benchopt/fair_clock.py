@@ -98,6 +98,13 @@ def run(benchmark: pathlib.Path, name: str, solvers: list[str], callbacks: int) 
     return benchmark / "outputs" / f"{name}.parquet"
 
 
+def _short(solver: str) -> str:
+    """A solver's name with only the parameters that tell `RUNS`' solvers apart."""
+    name, _, rest = solver.partition("[")
+    keep = [p for p in rest.rstrip("]").split(",") if p.split("=")[0] in ("hoag", "method")]
+    return f"{name}[{','.join(keep)}]" if keep else name
+
+
 def summarise(results, out: pathlib.Path, name: str) -> list[dict]:
     """Per solver: the time of its last callback, and its objective and hypergradient norm
     there and at the time the fastest solver finished; plots both curves against time."""
@@ -114,8 +121,8 @@ def summarise(results, out: pathlib.Path, name: str) -> list[dict]:
         time = curve["time"].to_numpy()
         func = curve["objective_func"].to_numpy()
         grad_norm = curve["objective_value"].to_numpy() ** 0.5  # the metric is ‖∇h‖²
-        axes[0].plot(time, func, marker=".", label=solver)
-        axes[1].plot(time, grad_norm, marker=".", label=solver)
+        axes[0].plot(time, func, marker=".", label=_short(solver))
+        axes[1].plot(time, grad_norm, marker=".", label=_short(solver))
         at = max(int((time <= horizon).sum()) - 1, 0)
         rows.append(
             {
@@ -129,13 +136,14 @@ def summarise(results, out: pathlib.Path, name: str) -> list[dict]:
                 "hypergrad_norm_at_horizon": float(grad_norm[at]),
             }
         )
-    for ax, label in zip(axes, ["objective (outer loss at the exact inner solution)", "‖∇h‖"]):
+    # The outer objective can be negative: a linear axis; the hypergradient norm on a log one.
+    for ax, label, scale in zip(axes, ["outer objective at the inner solution", "‖∇h‖"], "lL"):
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        ax.set_yscale("log" if scale == "L" else "linear")
         ax.set_xlabel("time (s), fair clock")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=8)
     fig.suptitle(f"benchmark_bilevel, {DATASET} ({name})", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / f"{name}.png", dpi=120)
