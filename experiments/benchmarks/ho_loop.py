@@ -320,6 +320,47 @@ def _best_solver(d: int):
     return _lbfgs()
 
 
+def _warm_inner_solve(loss, solver, w, lam, train, tol, solver_state):
+    """(c)'s inner solve: from the last solution `w`, resuming the last solve's state."""
+    return bx.inner_solve(
+        loss,
+        w,
+        lam,
+        train,
+        solver=solver,
+        tol=tol,
+        max_steps=INNER_MAX_STEPS,
+        solver_state=solver_state,
+    )
+
+
+def _best_hypergrad(loss, solver, sol, state, lam, train, val, tol, start, counter):
+    """(c)'s hypergradient at the solution `sol`: `(value, hypergrad, info)`, the adjoint by
+    `bx.CG` from `start` on HOAG's rule, ‖Hv − ∇_w E‖ ≤ tol·max(1, ‖∇_w E‖) (as
+    `bx.contrib.HOAG` stops), preconditioned by a dense BFGS's inverse Hessian in `state`;
+    L-BFGS's ten pairs precondition nothing measurable (docs/performance.md, section 6)."""
+    linear_solver = _counted_solver(bx.CG(rtol=tol, atol=tol), counter)
+    if isinstance(solver, optx.BFGS):
+        linear_solver = bx.Preconditioned(
+            linear_solver, bx.QuasiNewtonPreconditioner(solver, state)
+        )
+    value, hypergrad, info = bx.implicit_hypergrad(
+        outer_loss,
+        loss,
+        sol.params,
+        lam,
+        train,
+        val,
+        linear_solver=linear_solver,
+        adjoint_init=start,
+        has_aux=True,
+        tol=tol,
+    )
+    if counter is not None:  # the info's residual ‖H v − ∇_w E‖: one more HVP
+        jax.debug.callback(counter.add_hvps, 1)
+    return value, hypergrad, info
+
+
 def best_loop(num_steps: int, counter: Counter | None = None):
     """(c): warm starts of the solution, of the quasi-Newton state (`solver_state`) and of
     the adjoint, HOAG's tolerances, `bx.CG`, preconditioned by BFGS's inverse Hessian."""
@@ -329,40 +370,14 @@ def best_loop(num_steps: int, counter: Counter | None = None):
 
     def loop(lam, train, val):
         solver = _best_solver(train[0].shape[1])
-        dense = isinstance(solver, optx.BFGS)
 
         def step(carry, k):
             lam, opt_state, w, v, solver_state = carry
             tol = schedule.tolerance(k.astype(lam.dtype))  # a float power, for strict promotion
-            sol = bx.inner_solve(
-                loss,
-                w,
-                lam,
-                train,
-                solver=solver,
-                tol=tol,
-                max_steps=INNER_MAX_STEPS,
-                solver_state=solver_state,
+            sol = _warm_inner_solve(loss, solver, w, lam, train, tol, solver_state)
+            value, hypergrad, info = _best_hypergrad(
+                loss, solver, sol, sol.state, lam, train, val, tol, v, counter
             )
-            # HOAG's rule: ‖Hv − ∇_w E‖ ≤ tol·max(1, ‖∇_w E‖), as `bx.contrib.HOAG` stops.
-            linear_solver = _counted_solver(bx.CG(rtol=tol, atol=tol), counter)
-            if dense:  # L-BFGS's ten pairs precondition nothing measurable (section 6)
-                preconditioner = bx.QuasiNewtonPreconditioner(solver, sol.state)
-                linear_solver = bx.Preconditioned(linear_solver, preconditioner)
-            value, hypergrad, info = bx.implicit_hypergrad(
-                outer_loss,
-                loss,
-                sol.params,
-                lam,
-                train,
-                val,
-                linear_solver=linear_solver,
-                adjoint_init=v,
-                has_aux=True,
-                tol=tol,
-            )
-            if counter is not None:  # the info's residual ‖H v − ∇_w E‖: one more HVP
-                jax.debug.callback(counter.add_hvps, 1)
             lam, opt_state = _adam_step(optimizer, hypergrad, opt_state, lam)
             carry = (lam, opt_state, sol.params, info.adjoint, sol.state)
             return carry, (value, sol.stats["num_steps"], lam)
@@ -559,10 +574,10 @@ def mixed_hypergrad(lam, train, val, carry, tol, counter: Counter | None = None)
     return value, hypergrad, carry, sol.stats["num_steps"] + sol32.stats["num_steps"]
 
 
-def mixed_loop(num_steps: int, counter: Counter | None = None):
-    """(e): (c) with the bulk of both solves in float32, refined in float64 (see
-    `mixed_hypergrad`): each pass over the training matrix in float32 moves half the bytes.
-    """
+def _scheduled_loop(num_steps: int, init, hypergrad):
+    """The outer loop of (e) and (f): Adam on λ, each step's tolerance on HOAG's schedule,
+    with `init(lam, train)` the first carry of the solves and `hypergrad(lam, train, val,
+    solves, tol)` returning `(value, hypergrad, solves, inner_steps)`."""
     optimizer = optax.adam(OUTER_LR)
     schedule = _hoag()
 
@@ -570,15 +585,26 @@ def mixed_loop(num_steps: int, counter: Counter | None = None):
         def step(carry, k):
             lam, opt_state, solves = carry
             tol = schedule.tolerance(k.astype(lam.dtype))
-            value, hypergrad, solves, steps = mixed_hypergrad(lam, train, val, solves, tol, counter)
-            lam, opt_state = _adam_step(optimizer, hypergrad, opt_state, lam)
+            value, grad, solves, steps = hypergrad(lam, train, val, solves, tol)
+            lam, opt_state = _adam_step(optimizer, grad, opt_state, lam)
             return (lam, opt_state, solves), (value, steps, lam)
 
-        carry = (lam, optimizer.init(lam), mixed_init(lam, train, counter))
+        carry = (lam, optimizer.init(lam), init(lam, train))
         (lam, *_), trajectory = jax.lax.scan(step, carry, jnp.arange(num_steps))
         return lam, *trajectory
 
     return loop
+
+
+def mixed_loop(num_steps: int, counter: Counter | None = None):
+    """(e): (c) with the bulk of both solves in float32, refined in float64 (see
+    `mixed_hypergrad`): each pass over the training matrix in float32 moves half the bytes.
+    """
+    return _scheduled_loop(
+        num_steps,
+        lambda lam, train: mixed_init(lam, train, counter),
+        lambda *args: mixed_hypergrad(*args, counter),
+    )
 
 
 # -- (f) SHINE with OPA ----------------------------------------------------------------------
@@ -641,16 +667,7 @@ def shine_hypergrad(
     w, v, solver_state = carry
     loss = _counted_loss(counter)
     solver = _best_solver(train[0].shape[1])
-    sol = bx.inner_solve(
-        loss,
-        w,
-        lam,
-        train,
-        solver=solver,
-        tol=tol,
-        max_steps=INNER_MAX_STEPS,
-        solver_state=solver_state,
-    )
+    sol = _warm_inner_solve(loss, solver, w, lam, train, tol, solver_state)
     outer_grad = jax.grad(outer_loss)(sol.params, lam, val)
     state = sol.state
     hvp = jax.linearize(lambda u: jax.grad(loss)(u, lam, train), sol.params)[1]
@@ -667,24 +684,9 @@ def shine_hypergrad(
         _, inner_vjp = jax.vjp(lambda lam: jax.grad(loss)(sol.params, lam, train), lam)
         hypergrad = outer_vjp(jnp.ones_like(value))[1] - inner_vjp(start)[0]
         return value, hypergrad, (sol.params, start, state), sol.stats["num_steps"]
-    linear_solver = _counted_solver(bx.CG(rtol=tol, atol=tol), counter)
-    if isinstance(solver, optx.BFGS):  # as (c)
-        preconditioner = bx.QuasiNewtonPreconditioner(solver, state)
-        linear_solver = bx.Preconditioned(linear_solver, preconditioner)
-    value, hypergrad, info = bx.implicit_hypergrad(
-        outer_loss,
-        loss,
-        sol.params,
-        lam,
-        train,
-        val,
-        linear_solver=linear_solver,
-        adjoint_init=start,
-        has_aux=True,
-        tol=tol,
+    value, hypergrad, info = _best_hypergrad(  # (c)'s, with the pair in `state`
+        loss, solver, sol, state, lam, train, val, tol, start, counter
     )
-    if counter is not None:  # the info's residual, as (c)
-        jax.debug.callback(counter.add_hvps, 1)
     carry = (sol.params, info.adjoint, state)
     return value, hypergrad, carry, sol.stats["num_steps"]
 
@@ -693,28 +695,19 @@ def shine_loop(
     num_steps: int, counter: Counter | None = None, *, opa=True, warm=False, inexact=False
 ):
     """(f): (c) with the adjoint started at SHINE's `B⁻¹ ∇_w E` after an OPA pair (see
-    `shine_hypergrad`, and there `opa` and `warm`)."""
-    optimizer = optax.adam(OUTER_LR)
-    schedule = _hoag()
+    `shine_hypergrad`, and there `opa`, `warm` and `inexact`)."""
 
-    def loop(lam, train, val):
-        def step(carry, k):
-            lam, opt_state, solves = carry
-            tol = schedule.tolerance(k.astype(lam.dtype))
-            value, hypergrad, solves, steps = shine_hypergrad(
-                lam, train, val, solves, tol, counter, opa=opa, warm=warm, inexact=inexact
-            )
-            lam, opt_state = _adam_step(optimizer, hypergrad, opt_state, lam)
-            return (lam, opt_state, solves), (value, steps, lam)
-
+    def init(lam, train):
         zeros = jnp.zeros(train[0].shape[1], lam.dtype)
         solver = _best_solver(train[0].shape[1])
         state0 = bx.inner_solve(inner_loss, zeros, lam, train, solver=solver, max_steps=0).state
-        carry = (lam, optimizer.init(lam), (zeros, zeros, state0))
-        (lam, *_), trajectory = jax.lax.scan(step, carry, jnp.arange(num_steps))
-        return lam, *trajectory
+        return zeros, zeros, state0
 
-    return loop
+    return _scheduled_loop(
+        num_steps,
+        init,
+        lambda *args: shine_hypergrad(*args, counter, opa=opa, warm=warm, inexact=inexact),
+    )
 
 
 LOOPS = {
