@@ -28,7 +28,7 @@ from ._meta_step import (
     replicate,
     shard_batch,
 )
-from ._model import HyperRepresentation
+from ._model import CONV_LOWERINGS, HyperRepresentation
 
 
 DESCRIPTION = "Hyper-representation few-shot learning on Omniglot (Franceschi et al. 2018)."
@@ -48,6 +48,7 @@ FULL = dict(
     imaml_solver="normal_cg",
     imaml_cg_steps=5,
     episode_map="vmap",  # or "map": the meta-batch's episodes one after another
+    conv="xla",  # or "matmul": the same convolutions, faster on CPU for MAML and iMAML
     l2=0.1,  # the implicit head's initial L2 strength (learned)
     lr=1e-3,
     warmup=0,
@@ -154,6 +155,7 @@ def train_setting(
             max_step_size=cfg["max_step_size"],
             l2=cfg["l2"],
             key=jax.random.key(args.seed),
+            conv=cfg["conv"],
         )
         return dict(
             train_state=init_state(model, optimizer),
@@ -336,6 +338,8 @@ def main(argv=None) -> dict:
         setattr(args, key, cfg[key])  # resolved: the run's configuration
     if cfg["head"] not in HEADS:
         raise ValueError(f"`--head` must be one of {HEADS}, got {cfg['head']!r}.")
+    if cfg["conv"] not in CONV_LOWERINGS:
+        raise ValueError(f"`--conv` must be one of {CONV_LOWERINGS}, got {cfg['conv']!r}.")
     adapt_options(cfg)  # bad options raise here, before the data loads
     # Each setting is trained on its own; the test sets are drawn after training.
     run = _harness.start(
