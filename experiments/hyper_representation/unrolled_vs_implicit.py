@@ -18,7 +18,11 @@ memory for one meta-step, and plots accuracy and time against $T$.
 
     python -m experiments.hyper_representation.unrolled_vs_implicit [--budget quick|full]
         [--ts 1 3 5] [--heads linear implicit prototypes maml fomaml imaml] [--out DIR] [--seed S]
-        [--resume | --overwrite]
+        [--conv xla|matmul] [--episode-map vmap|map] [--resume | --overwrite]
+
+`--conv` and `--episode-map` apply to the whole-network heads only (on a CPU, `matmul` and
+`map` run them 3-6x faster, docs/hyper-representation.md); the heads on fixed features keep the
+lowering and the vmap they are fastest with.
 """
 
 import statistics
@@ -38,7 +42,7 @@ from ._meta_step import (
     shard_batch,
     to_batch,
 )
-from ._model import HyperRepresentation
+from ._model import CONV_LOWERINGS, HyperRepresentation
 from ._run import FULL, QUICK, SETTINGS, adapt_options, load_splits, train_setting
 
 
@@ -65,6 +69,15 @@ def variants(ts, heads, whole_network_steps: int = 5) -> list[tuple[str, str, in
     return out
 
 
+def variant_config(cfg: dict, head: str, T: int) -> dict:
+    """The run configuration of one variant: the study's, with the head and its T, and the
+    study's `conv` and `episode_map` only for the whole-network heads."""
+    out = dict(cfg, head=head, inner_steps=0 if head in ("implicit", "prototypes") else T)
+    if head not in WHOLE_NETWORK:
+        out.update(conv=FULL["conv"], episode_map=FULL["episode_map"])
+    return out
+
+
 def time_meta_steps(cfg, variant_list, splits, mesh, seed: int) -> dict:
     """Compile time, compiled scratch memory and the median time of one meta-step of every
     variant on the same meta-batch, from the same initial model, the calls interleaved."""
@@ -76,19 +89,31 @@ def time_meta_steps(cfg, variant_list, splits, mesh, seed: int) -> dict:
         batch = shard_batch(to_batch(next(stream)), mesh)
     finally:
         stream.close()
-    model = HyperRepresentation(
-        cfg["width"],
-        step_size=cfg["step_size"],
-        max_step_size=cfg["max_step_size"],
-        l2=cfg["l2"],
-        key=jax.random.key(seed),
-    )
     optimizer = make_optimizer(cfg["lr"], cfg["meta_steps"], warmup=cfg["warmup"])
-    state = replicate(init_state(model, optimizer), mesh)
-    compiled, out = {}, {}
+    # One initial state per lowering of the convolutions (the same parameters).
+    states = {
+        conv: replicate(
+            init_state(
+                HyperRepresentation(
+                    cfg["width"],
+                    step_size=cfg["step_size"],
+                    max_step_size=cfg["max_step_size"],
+                    l2=cfg["l2"],
+                    key=jax.random.key(seed),
+                    conv=conv,
+                ),
+                optimizer,
+            ),
+            mesh,
+        )
+        for conv in {variant_config(cfg, head, T)["conv"] for _, head, T in variant_list}
+    }
+    compiled, state_of, out = {}, {}, {}
     for label, head, T in variant_list:
         tic = time.perf_counter()
-        step = make_meta_step(optimizer, n_way, T, head, adapt_options(cfg))
+        variant_cfg = variant_config(cfg, head, T)
+        state_of[label] = state = states[variant_cfg["conv"]]
+        step = make_meta_step(optimizer, n_way, T, head, adapt_options(variant_cfg))
         compiled[label] = step.lower(state, batch).compile()
         memory = compiled[label].memory_analysis()
         out[label] = dict(
@@ -100,7 +125,7 @@ def time_meta_steps(cfg, variant_list, splits, mesh, seed: int) -> dict:
     for _ in range(TIMING_ROUNDS):
         for label in compiled:
             tic = time.perf_counter()
-            jax.block_until_ready(compiled[label](state, batch))
+            jax.block_until_ready(compiled[label](state_of[label], batch))
             out[label]["times"].append(time.perf_counter() - tic)
     for timing in out.values():
         timing["ms_per_step"] = 1e3 * statistics.median(timing.pop("times"))
@@ -180,6 +205,9 @@ def build_parser():
     # Smaller runs than the budget's (the tests'): every variant gets the same.
     for key in ("meta_steps", "eval_every", "val_episodes", "test_episodes"):
         p.add_argument("--" + key.replace("_", "-"), type=int, default=None)
+    whole_network = "(the whole-network heads only; default %(default)s)"
+    p.add_argument("--conv", choices=list(CONV_LOWERINGS), default="xla", help=whole_network)
+    p.add_argument("--episode-map", choices=["vmap", "map"], default="vmap", help=whole_network)
     return p
 
 
@@ -189,7 +217,12 @@ def main(argv=None) -> dict:
         args.budget = "quick"
     if any(T < 1 for T in args.ts):
         raise ValueError(f"`--ts` must be positive integers; got {args.ts}.")
-    cfg = dict(QUICK if args.budget == "quick" else FULL, setting=args.setting)
+    cfg = dict(
+        QUICK if args.budget == "quick" else FULL,
+        setting=args.setting,
+        conv=args.conv,
+        episode_map=args.episode_map,
+    )
     for key in ("meta_steps", "eval_every", "val_episodes", "test_episodes"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
@@ -202,9 +235,7 @@ def main(argv=None) -> dict:
     mesh = make_mesh()
     results: dict = {}
     for label, head, T in variant_list:
-        variant_cfg = dict(
-            cfg, head=head, inner_steps=0 if head in ("implicit", "prototypes") else T
-        )
+        variant_cfg = variant_config(cfg, head, T)
         results[label] = done = run.stage(
             f"{label}_done",
             lambda: train_setting(

@@ -321,3 +321,18 @@ def test_the_t_study_adds_the_whole_network_heads_only_when_asked():
     asked = study.variants([1], ["linear", "maml", "fomaml", "imaml"], 7)
     assert asked == [("T=1", "linear", 1), ("MAML", "maml", 7), ("FOMAML", "fomaml", 7),
                      ("iMAML", "imaml", 7)]  # fmt: skip
+
+
+def test_the_t_study_lowers_only_the_whole_network_heads_as_asked():
+    """`--conv matmul --episode-map map` reach MAML and iMAML, not the heads on fixed features
+    (where the matmul lowering is slower)."""
+    from experiments.hyper_representation import unrolled_vs_implicit as study
+
+    cfg = dict(study.QUICK, conv="matmul", episode_map="map")
+    for head, T in [("linear", 3), ("implicit", 5), ("prototypes", 5)]:
+        variant = study.variant_config(cfg, head, T)
+        assert (variant["conv"], variant["episode_map"], variant["head"]) == ("xla", "vmap", head)
+    for head in study.WHOLE_NETWORK:
+        variant = study.variant_config(cfg, head, 5)
+        assert (variant["conv"], variant["episode_map"]) == ("matmul", "map")
+        assert variant["inner_steps"] == 5
