@@ -256,27 +256,41 @@ def test_bad_options_are_refused():
 # -- The "matmul" lowering of the convolutions ---------------------------------------------------
 
 
+@pytest.mark.slow  # 10 s of compiling
 def test_matmul_lowering_is_the_same_block_to_second_order():
-    """Patches times a matrix and reshape-max pooling against XLA's convolution and
-    `reduce_window`, on an odd image side (7: the pooling drops a row and a column): the
-    values, the gradient and a Hessian-vector product (what MAML differentiates)."""
+    """Patches times a matrix against XLA's convolution, on an odd image side (5: the pooling
+    drops a row and a column): the values, the gradient and a Hessian-vector product (what
+    MAML differentiates), jitted; and under `jit` of `vmap` over per-episode weights (what
+    MAML and iMAML run) against a loop of the XLA lowering."""
     key_x, key_b, key_v = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(key_x, (3, 7, 7, 4), jnp.float64)
-    xla = hr.ConvBlock(4, 5, key=key_b, dtype=jnp.float64)
-    matmul = hr.ConvBlock(4, 5, key=key_b, dtype=jnp.float64, conv="matmul")
-    np.testing.assert_allclose(matmul(x), xla(x), rtol=1e-12, atol=1e-12)
+    x = jax.random.normal(key_x, (2, 3, 5, 5, 2), jnp.float64)
+    keys = jax.random.split(key_b)
+    blocks = {
+        conv: [hr.ConvBlock(2, 3, key=k, dtype=jnp.float64, conv=conv) for k in keys]
+        for conv in ("xla", "matmul")
+    }
+    loss = lambda block, x: jnp.sum(jnp.sin(block(x)))
+    grad = eqx.filter_grad(lambda block_and_x: loss(*block_and_x))
 
-    def grad_and_hvp(block):
+    @eqx.filter_jit
+    def value_grad_hvp(block, x):
         params, static = eqx.partition(block, eqx.is_inexact_array)
-        loss = lambda p, x: jnp.sum(jnp.sin(eqx.combine(p, static)(x)))
-        grad = jax.grad(loss, argnums=(0, 1))
+        g = lambda p, x: grad((eqx.combine(p, static), x))
         direction = (random_like(params, 1), jax.random.normal(key_v, x.shape, jnp.float64))
-        return jax.jvp(grad, (params, x), direction)
+        return loss(block, x), jax.jvp(g, (params, x), direction)
 
-    for a, b in zip(jax.tree.leaves(grad_and_hvp(matmul)), jax.tree.leaves(grad_and_hvp(xla))):
+    out = [value_grad_hvp(blocks[conv][0], x[0]) for conv in ("matmul", "xla")]
+    for a, b in zip(*map(jax.tree.leaves, out)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *blocks["matmul"])
+    vmapped = eqx.filter_jit(eqx.filter_vmap(lambda block, x: grad((block, x))))(stacked, x)
+    loop = [eqx.filter_jit(grad)((blocks["xla"][i], x[i])) for i in range(2)]
+    for a, *b in zip(*map(jax.tree.leaves, [vmapped, *loop])):
+        np.testing.assert_allclose(a, np.stack(b), rtol=1e-10, atol=1e-12)
 
+
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["maml", "imaml"])
 def test_matmul_lowering_gives_the_same_meta_gradient(head):
     """Two conv blocks (the second has input channels, so the patches path runs), the
