@@ -18,16 +18,21 @@ from experiments.benchmarks import ho_loop, krylov_recycling  # noqa: E402
 from experiments.benchmarks._problems import dense_reference  # noqa: E402
 
 
-def test_the_loops_reach_the_same_hyperparameters():
+CORE_LOOPS = ("jaxopt", "obvious", "warm", "best", "hoag")
+
+
+# (e) and (f) add a third of the default run's time here; the slow session runs them.
+@pytest.mark.parametrize(
+    "contenders",
+    [CORE_LOOPS, pytest.param((*CORE_LOOPS, "mixed", "shine"), marks=pytest.mark.slow)],
+)
+def test_the_loops_reach_the_same_hyperparameters(contenders):
     (X_train, y_train), (X_val, y_val) = ho_loop.synthetic(60, 40, 20)
     train = (jnp.asarray(X_train), jnp.asarray(y_train))
     val = (jnp.asarray(X_val), jnp.asarray(y_val))
     lam0 = jnp.asarray(np.log(1e-2) + np.random.default_rng(1).uniform(-1.0, 1.0, 20))
     num_steps = 20
-    runs = {
-        name: ho_loop.counted_run(name, num_steps, lam0, train, val)
-        for name in ("jaxopt", "obvious", "warm", "best", "hoag", "mixed", "shine")
-    }
+    runs = {name: ho_loop.counted_run(name, num_steps, lam0, train, val) for name in contenders}
     lams = {name: lam for name, (lam, _) in runs.items()}
     # Raises unless the validation losses at the final λ agree to `LOSS_RTOL`.
     ho_loop.check_same_result("tiny", lams, train, val)
@@ -35,8 +40,9 @@ def test_the_loops_reach_the_same_hyperparameters():
     assert relerr(lams["warm"], lams["jaxopt"]) <= 1e-6
     # HOAG's looser early tolerances move the path a little.
     assert relerr(lams["best"], lams["jaxopt"]) <= 1e-4
-    assert relerr(lams["mixed"], lams["best"]) <= 1e-4  # (c)'s tolerances, other solves
-    assert relerr(lams["shine"], lams["best"]) <= 1e-4  # (c)'s solves, other adjoint starts
+    if "mixed" in lams:
+        assert relerr(lams["mixed"], lams["best"]) <= 1e-4  # (c)'s tolerances, other solves
+        assert relerr(lams["shine"], lams["best"]) <= 1e-4  # (c)'s solves, other adjoint starts
     assert relerr(lams["best"], lam0) > 1e-2  # the loop moved λ at all
     # (d) is (c) in one class, `bx.contrib.HOAG`: the same solves, step for step. It skips
     # only (c)'s diagnostic residual, one HVP and the info's loss evaluations per outer step.
@@ -44,7 +50,8 @@ def test_the_loops_reach_the_same_hyperparameters():
     assert runs["hoag"][1]["inner_iters"] == runs["best"][1]["inner_iters"]
     assert runs["hoag"][1]["hvps"] == runs["best"][1]["hvps"] - num_steps
     # (e)'s float32 work is counted apart, and only (e) has any.
-    assert {"f32_loss_evals", "f32_hvps"} <= runs["mixed"][1].keys()
+    if "mixed" in runs:
+        assert {"f32_loss_evals", "f32_hvps"} <= runs["mixed"][1].keys()
     assert all("f32_hvps" not in counts for name, (_, counts) in runs.items() if name != "mixed")
     for name, (_, counts) in runs.items():
         for key, count in counts.items():
