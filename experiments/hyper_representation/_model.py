@@ -10,7 +10,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 
 BN_EPS = 1e-5
-# How a block's convolution and pooling are lowered; the same function either way.
+# How a block's convolution is lowered; the same function either way.
 CONV_LOWERINGS = ("xla", "matmul")
 
 
@@ -25,11 +25,12 @@ class ConvBlock(eqx.Module):
       batch (the unrolled, implicit and ProtoNet heads).
     - `"matmul"`: the 3x3 patches of the image times the weight reshaped to a matrix. With one
       net per episode (MAML, iMAML), `jax.vmap` turns it into a batched matrix product, where
-      XLA's CPU backend runs the vmapped convolution as a grouped convolution: 3x faster on
-      CPU there (docs/hyper-representation.md), and slower for shared weights.
+      XLA's CPU backend runs the vmapped convolution as a slow grouped convolution: 1.6-2.5x
+      faster on CPU there, 4-5x with `lax.map` over the episodes, and 4.6x slower for shared
+      weights (docs/hyper-representation.md).
 
     (The pooling stays `lax.reduce_window` in both. A reshape and `jnp.max` was 12% faster
-    still on CPU, but under `jit` of `vmap` its input gradient came out wrong (off by 1.2
+    still on CPU, but under `jit` of `vmap` its input gradient came out wrong (off by over 1
     against the per-episode loop, float64, JAX 0.10.2 on CPU), and MAML's adapted weights
     with it; the tests compare the lowerings under `vmap` and `lax.scan` for this reason.)
     """
