@@ -350,3 +350,21 @@ def test_the_t_study_lowers_only_the_whole_network_heads_as_asked():
         variant = study.variant_config(cfg, head, 5)
         assert (variant["conv"], variant["episode_map"]) == ("matmul", "map")
         assert variant["inner_steps"] == 5
+
+
+def test_matmul_lowering_runs_a_matrix_product_not_a_convolution_of_the_weight():
+    """The equality tests above would pass if `conv="matmul"` silently fell back to XLA's
+    convolution: the traced block must hold a matrix product with the weight, and the XLA
+    lowering none."""
+    x = jnp.zeros((3, 5, 5, 2), jnp.float64)
+
+    def primitives(conv):
+        block = hr.ConvBlock(2, 3, key=jax.random.key(0), dtype=jnp.float64, conv=conv)
+        return [e.primitive.name for e in jax.make_jaxpr(block)(x).jaxpr.eqns]
+
+    assert "dot_general" in primitives("matmul")
+    assert "dot_general" not in primitives("xla")
+    # The first block (one input channel) stays a convolution in both.
+    first = hr.ConvBlock(1, 3, key=jax.random.key(0), dtype=jnp.float64, conv="matmul")
+    eqns = jax.make_jaxpr(first)(jnp.zeros((3, 5, 5, 1), jnp.float64)).jaxpr.eqns
+    assert "dot_general" not in [e.primitive.name for e in eqns]
